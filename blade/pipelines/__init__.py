@@ -1,0 +1,1 @@
+"""blade.pipelines."""
