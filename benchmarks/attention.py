@@ -1,0 +1,353 @@
+"""Attention kernel benchmark on one GPU (H100): dense SDPA (cuDNN, FlashAttention-2), FlexAttention and BLADE's
+Triton block-sparse kernel at several kept fractions, forward and forward+backward, plus the ASA overhead
+(prober + Gilbert reorder + mask -> kernel lists) as a share of the dense cuDNN forward.
+
+    python benchmarks/attention.py                      # all shapes, all densities (< 5 min on an H100)
+    python benchmarks/attention.py --quick --out attn.json
+    python benchmarks/attention.py --shapes wan --densities 0.1 0.5
+
+FLOPs: forward 4*B*H*Lq*Lk*D, forward+backward 3.5x that; "eff." TFLOP/s multiply by the kept block fraction.
+Every variant is fail-soft: an error is printed and recorded, the rest still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = {
+    # name: ([B, H, L, D], latent grid (F, H, W) of the video tokens, text tokens at the tail)
+    "wan": ((1, 12, 32760, 128), (21, 30, 52), 0),
+    "cog": ((1, 48, 17776, 64), (13, 30, 45), 226),
+    "cog2": ((2, 48, 17776, 64), (13, 30, 45), 226),
+}
+BLOCK = 128
+DEVICE = "cuda"
+TIME_BUDGET_S = 280.0
+
+
+class Bench:
+    """Collects rows, prints them as they come, keeps going after failures."""
+
+    def __init__(self, budget_s: float):
+        self.rows: list[dict] = []
+        self.checks: list[dict] = []
+        self.start = time.time()
+        self.budget_s = budget_s
+
+    def over_budget(self) -> bool:
+        return time.time() - self.start > self.budget_s
+
+    def time_ms(self, fn) -> float:
+        import triton
+
+        fn()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+    def record(self, shape: str, mode: str, density: float, backend: str, fn, flops: float, ref_ms=None) -> None:
+        row = dict(shape=shape, mode=mode, density=density, backend=backend)
+        if self.over_budget():
+            row["error"] = "skipped: time budget exhausted"
+            print(f"  [skip] {shape} {mode} {density:.0%} {backend}: time budget exhausted", flush=True)
+            self.rows.append(row)
+            return
+        try:
+            ms = self.time_ms(fn)
+            row.update(ms=ms, tflops=flops / ms * 1e-9)
+            if ref_ms:
+                row["speedup_vs_cudnn_dense"] = ref_ms / ms
+            print(f"  {shape:5s} {mode:7s} {density:5.0%} {backend:18s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s"
+                  + (f"  x{row['speedup_vs_cudnn_dense']:.2f} vs cuDNN dense" if ref_ms else ""), flush=True)
+        except Exception as err:  # noqa: BLE001 - fail soft, keep benchmarking
+            row["error"] = f"{type(err).__name__}: {err}"
+            print(f"  [FAIL] {shape} {mode} {density:.0%} {backend}: {row['error'][:500]}", flush=True)
+            traceback.print_exc(limit=3)
+        finally:
+            torch.cuda.empty_cache()
+        self.rows.append(row)
+
+    def check(self, name: str, fn) -> None:
+        entry = dict(check=name)
+        try:
+            entry.update(fn())
+            worst = max((v for k, v in entry.items() if k.startswith("rel_")), default=0.0)
+            entry["ok"] = bool(worst < 2e-2)
+            print(f"  check {name}: " + ", ".join(f"{k}={v:.2e}" for k, v in entry.items() if isinstance(v, float))
+                  + ("  OK" if entry["ok"] else "  MISMATCH"), flush=True)
+        except Exception as err:  # noqa: BLE001
+            entry.update(ok=False, error=f"{type(err).__name__}: {err}")
+            print(f"  [FAIL] check {name}: {entry['error'][:500]}", flush=True)
+            traceback.print_exc(limit=3)
+        self.checks.append(entry)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def random_block_mask(batch: int, heads: int, n_q: int, n_k: int, density: float, device) -> torch.Tensor:
+    """Exactly round(density * n_k) random kept kv blocks per query block (at least one)."""
+    keep = max(1, round(density * n_k))
+    if keep >= n_k:
+        return torch.ones(batch, heads, n_q, n_k, dtype=torch.bool, device=device)
+    ranks = torch.rand(batch, heads, n_q, n_k, device=device).argsort(-1).argsort(-1)
+    return ranks < keep
+
+
+def sdpa_fn(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def flex_fn():
+    try:
+        from blade.attention import block_sparse_attention
+
+        return lambda q, k, v, mask, **kw: block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="flex",
+                                                                  **kw)
+    except Exception:  # the project's flex backend is missing: a private compiled flex
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(q, k, v, mask, **kw):
+            if kw:
+                raise NotImplementedError("private flex fallback has no global tokens")
+            num = mask.sum(-1, dtype=torch.int32)
+            idx = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+            bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=BLOCK, seq_lengths=(q.shape[2], k.shape[2]))
+            return compiled(q, k, v, block_mask=bm)
+
+        return run
+
+
+def ours_fn():
+    from blade.attention.kernels.triton_bsa import triton_block_sparse_attention
+
+    return lambda q, k, v, mask, **kw: triton_block_sparse_attention(q, k, v, mask, block_size=BLOCK, **kw)
+
+
+def fwd_bwd(attn, q, k, v, do, *args, **kw):
+    """A closure running forward + backward (autograd.grad: no .grad accumulation between runs)."""
+    leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    return lambda: torch.autograd.grad(attn(q, k, v, *args, **kw), leaves, do)
+
+
+def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -> None:
+    (batch, heads, seq, head_dim), grid, n_text = SHAPES[name]
+    dev = DEVICE
+    print(f"\n## {name} [{batch}, {heads}, {seq}, {head_dim}] bf16", flush=True)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    do = torch.randn_like(q)
+    n_blocks = math.ceil(seq / BLOCK)
+    dense_flops = 4.0 * batch * heads * seq * seq * head_dim
+    cudnn, fa2, flex, ours = sdpa_fn("CUDNN_ATTENTION"), sdpa_fn("FLASH_ATTENTION"), flex_fn(), ours_fn()
+    full = torch.ones(1, 1, n_blocks, n_blocks, dtype=torch.bool, device=dev)
+    mask20 = random_block_mask(batch, heads, n_blocks, n_blocks, 0.2, dev)
+
+    # Correctness first: a wrong kernel's timings are worthless.
+    def check_dense():
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, k, v)
+            out = ours(q, k, v, full)
+        return dict(rel_out=rel_err(out, ref), max_abs=float((out.float() - ref.float()).abs().max()))
+
+    def check_flex20():
+        out = ours(qg, kg, vg, mask20)
+        ref = flex(qg, kg, vg, mask20)
+        grads = torch.autograd.grad(out, (qg, kg, vg), do) if with_bwd else ()
+        ref_grads = torch.autograd.grad(ref, (qg, kg, vg), do) if with_bwd else ()
+        res = dict(rel_out=rel_err(out, ref))
+        for gname, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+            res[f"rel_{gname}"] = rel_err(a, b)
+        return res
+
+    def check_flex20_global():
+        n_global = seq // BLOCK
+        gk, gv = (torch.randn(batch, heads, n_global, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        bias = torch.full((n_global,), math.log(BLOCK), device=dev)
+        with torch.no_grad():
+            out = ours(q, k, v, mask20, global_k=gk, global_v=gv, global_bias=bias)
+            ref = flex(q, k, v, mask20, global_k=gk, global_v=gv, global_bias=bias)
+        return dict(rel_out=rel_err(out, ref))
+
+    bench.check(f"{name}: ours vs SDPA at 100%", check_dense)
+    bench.check(f"{name}: ours vs flex at 20% (fwd+bwd)", check_flex20)
+    bench.check(f"{name}: ours vs flex at 20% with {seq // BLOCK} global tokens", check_flex20_global)
+
+    # Dense baselines.
+    ref_fwd = None
+    for label, fn in (("cudnn_sdpa", cudnn), ("fa2_sdpa", fa2)):
+        with torch.no_grad():
+            bench.record(name, "fwd", 1.0, label, lambda fn=fn: fn(q, k, v), dense_flops)
+        if label == "cudnn_sdpa" and "ms" in bench.rows[-1]:
+            ref_fwd = bench.rows[-1]["ms"]
+    ref_bwd = None
+    if with_bwd:
+        for label, fn in (("cudnn_sdpa", cudnn), ("fa2_sdpa", fa2)):
+            bench.record(name, "fwd+bwd", 1.0, label, fwd_bwd(fn, qg, kg, vg, do), 3.5 * dense_flops)
+            if label == "cudnn_sdpa" and "ms" in bench.rows[-1]:
+                ref_bwd = bench.rows[-1]["ms"]
+
+    # Block-sparse backends.
+    from blade.attention.kernels.triton_bsa import _forward, build_kv_block_index
+
+    for density in densities:
+        mask = random_block_mask(batch, heads, n_blocks, n_blocks, density, dev)
+        kept = float(mask.float().mean())
+        with torch.no_grad():
+            for label, fn in (("flex", flex), ("ours", ours)):
+                bench.record(name, "fwd", density, label, lambda fn=fn, mask=mask: fn(q, k, v, mask),
+                             kept * dense_flops,
+                             ref_fwd)
+            lists = build_kv_block_index(mask)
+            bench.record(name, "fwd", density, "ours_kernel_only",
+                         lambda lists=lists: _forward(q, k, v, *lists, None, None, None, BLOCK, head_dim**-0.5),
+                         kept * dense_flops, ref_fwd)
+        if with_bwd:
+            for label, fn in (("flex", flex), ("ours", ours)):
+                bench.record(name, "fwd+bwd", density, label, fwd_bwd(fn, qg, kg, vg, do, mask),
+                             3.5 * kept * dense_flops, ref_bwd)
+    # Ours with ASA's pooled global tokens (G = L / 128, bias ln 128) at 20%.
+    n_global = seq // BLOCK
+    gk, gv = (torch.randn(batch, heads, n_global, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.full((n_global,), math.log(BLOCK), device=dev)
+    kept20 = float(mask20.float().mean())
+    with torch.no_grad():
+        bench.record(name, "fwd", 0.2, f"ours+{n_global}global",
+                     lambda: ours(q, k, v, mask20, global_k=gk, global_v=gv, global_bias=bias),
+                     (kept20 + n_global / seq) * dense_flops, ref_fwd)
+
+    asa_overhead(bench, name, q, k, v, grid, n_text, ref_fwd)
+
+
+def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, ref_fwd) -> None:
+    """Prober + Gilbert reorder + mask -> kernel lists, each as ms and % of the dense cuDNN forward."""
+    try:
+        from blade.attention import estimate_block_mask, gilbert_permutation
+        from blade.attention.kernels.triton_bsa import build_kv_block_index
+    except Exception as err:  # noqa: BLE001
+        print(f"  [FAIL] ASA overhead imports: {err!r}", flush=True)
+        bench.rows.append(dict(shape=name, mode="overhead", error=repr(err)))
+        return
+    perm = gilbert_permutation(*grid).to(q.device)
+    n_video = perm.numel()
+    index = torch.cat([perm, torch.arange(n_video, n_video + n_text, device=q.device)])
+
+    def reorder():
+        return tuple(t.index_select(2, index) for t in (q, k, v))
+
+    def prober():
+        return estimate_block_mask(q, k, block_size=BLOCK)
+
+    mask = estimate_block_mask(q, k, block_size=BLOCK)
+    print(f"  prober mask kept fraction: {float(mask.float().mean()):.3f}", flush=True)
+
+    def lists_fwd():
+        return build_kv_block_index(mask)
+
+    def lists_bwd():
+        return build_kv_block_index(mask), build_kv_block_index(mask.transpose(-1, -2))
+
+    with torch.no_grad():
+        for label, fn in (("prober", prober), ("gilbert_reorder_qkv", reorder), ("mask_to_lists_fwd", lists_fwd),
+                          ("mask_to_lists_fwd+bwd", lists_bwd)):
+            bench.record(name, "overhead", 0.0, label, fn, 0.0)
+            row = bench.rows[-1]
+            if "ms" in row and ref_fwd:
+                row["pct_of_cudnn_dense_fwd"] = 100.0 * row["ms"] / ref_fwd
+                print(f"    -> {row['pct_of_cudnn_dense_fwd']:.2f}% of the dense cuDNN forward", flush=True)
+
+
+def markdown(bench: Bench) -> str:
+    lines = ["| shape | mode | kept | backend | ms | TFLOP/s (eff.) | vs cuDNN dense |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in bench.rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r.get('density', 0):.0%} | {r.get('backend', '')} | "
+                         f"error: {r['error'][:80]} | | |")
+            continue
+        extra = f"{r['speedup_vs_cudnn_dense']:.2f}x" if "speedup_vs_cudnn_dense" in r else ""
+        if "pct_of_cudnn_dense_fwd" in r:
+            extra = f"{r['pct_of_cudnn_dense_fwd']:.2f}% of fwd"
+        tf = f"{r['tflops']:.0f}" if r["tflops"] else ""
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['density']:.0%} | {r['backend']} | {r['ms']:.3f} | {tf} | "
+                     f"{extra} |")
+    return "\n".join(lines)
+
+
+def tuned_configs() -> dict:
+    """The configs the autotuner picked (for the report)."""
+    try:
+        from blade.attention.kernels import triton_bsa
+
+        return {f"{k[0]}/bs{k[1]}": str(getattr(t, "best_config", None)) for k, t in triton_bsa._TUNED.items()}
+    except Exception as err:  # noqa: BLE001
+        return {"error": repr(err)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES), help="default: all")
+    parser.add_argument("--densities", nargs="+", type=float, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer points: wan + cog, kept 10%% and 50%%")
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="stop timing new points after this")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    shapes = args.shapes or (["wan", "cog"] if args.quick else list(SHAPES))
+    densities = args.densities or ([0.1, 0.5] if args.quick else [0.05, 0.1, 0.2, 0.5, 1.0])
+    import triton
+
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    bench = Bench(args.budget_s)
+    for name in shapes:
+        try:
+            run_shape(bench, name, densities, with_bwd=not args.no_backward)
+        except Exception as err:  # noqa: BLE001
+            print(f"[FAIL] shape {name}: {err!r}", flush=True)
+            traceback.print_exc()
+            bench.rows.append(dict(shape=name, mode="all", density=0.0, backend="", error=repr(err)))
+        torch.cuda.empty_cache()
+
+    print("\n" + markdown(bench))
+    configs = tuned_configs()
+    print("\nautotuned configs:", json.dumps(configs, indent=1))
+    failed = [c["check"] for c in bench.checks if not c.get("ok")]
+    print(f"\ncorrectness checks: {len(bench.checks) - len(failed)}/{len(bench.checks)} OK" +
+          (f"; FAILED: {failed}" if failed else ""))
+    print(f"total wall time: {time.time() - bench.start:.1f} s")
+    if args.out:
+        payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=bench.rows, checks=bench.checks, autotuned=configs)
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

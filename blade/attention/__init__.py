@@ -1,0 +1,18 @@
+"""Adaptive block-sparse attention: Gilbert token order, the sampled-importance prober, kernels and the ASA module."""
+
+from .asa import AdaptiveBlockSparseAttention, ASAConfig, mean_pool_tokens
+from .gilbert import gilbert_permutation, inverse_permutation
+from .kernels import BACKENDS, block_sparse_attention, resolve_backend
+from .prober import estimate_block_mask
+
+__all__ = [
+    "ASAConfig",
+    "AdaptiveBlockSparseAttention",
+    "BACKENDS",
+    "block_sparse_attention",
+    "estimate_block_mask",
+    "gilbert_permutation",
+    "inverse_permutation",
+    "mean_pool_tokens",
+    "resolve_backend",
+]

@@ -1,0 +1,257 @@
+"""Adaptive Block-Sparse Attention (ASA): Gilbert reorder -> prober mask -> block-sparse kernel -> restore order.
+
+With ``pool_size`` set this is ASA_GT: mean-pooled keys/values over windows of the reordered sequence are appended
+as always-visible global tokens with a ``ln(window size)`` logit bias, so each pooled token weighs like the tokens it
+summarises. Kept blocks and global tokens share one exact softmax (autograd through it is exact, unlike an LSE merge
+of two kernel calls whose LSE gradient is dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gilbert import gilbert_permutation, inverse_permutation
+from .kernels import BACKENDS, block_sparse_attention
+from .prober import estimate_block_mask
+
+
+@dataclass
+class ASAConfig:
+    """Settings of adaptive block-sparse attention (JSON-serialisable; stored in a BLADE LoRA's config)."""
+
+    block_size: int = 128
+    samples_per_block: int = 16
+    threshold: float = 0.95
+    min_keep: float = 0.05
+    max_keep: float = 0.17
+    pool_size: int | None = None
+    dense_tail_tokens: int = 0
+    backend: str = "auto"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 16 != 0:
+            raise ValueError(f"ASAConfig.block_size must be a positive multiple of 16, got {self.block_size!r}")
+        if not isinstance(self.samples_per_block, int) or self.samples_per_block < 1:
+            raise ValueError(f"ASAConfig.samples_per_block must be an int >= 1, got {self.samples_per_block!r}")
+        if not 0.0 < float(self.threshold) <= 1.0:
+            raise ValueError(f"ASAConfig.threshold must be in (0, 1], got {self.threshold!r}")
+        if not 0.0 <= float(self.min_keep) <= float(self.max_keep) <= 1.0:
+            raise ValueError(
+                f"ASAConfig needs 0 <= min_keep <= max_keep <= 1, got min_keep={self.min_keep!r}, "
+                f"max_keep={self.max_keep!r}"
+            )
+        if self.pool_size is not None and (not isinstance(self.pool_size, int) or self.pool_size < 1):
+            raise ValueError(f"ASAConfig.pool_size must be None or an int >= 1, got {self.pool_size!r}")
+        if not isinstance(self.dense_tail_tokens, int) or self.dense_tail_tokens < 0:
+            raise ValueError(f"ASAConfig.dense_tail_tokens must be an int >= 0, got {self.dense_tail_tokens!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"ASAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"ASAConfig.seed must be None or an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ASAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ASAConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> ASAConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def mean_pool_tokens(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``x [B, H, L, D]`` over consecutive windows of ``window`` tokens (the last one may be shorter).
+
+    Returns:
+        pooled ``[B, H, ceil(L/window), D]`` and ``counts`` float ``[ceil(L/window)]`` (tokens per window).
+    """
+    length = x.shape[-2]
+    n_windows = math.ceil(length / window)
+    padded = F.pad(x, (0, 0, 0, n_windows * window - length))
+    sums = padded.unflatten(-2, (n_windows, window)).sum(dim=-2)
+    count_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    counts = (length - torch.arange(n_windows, device=x.device) * window).clamp(max=window).to(count_dtype)
+    return sums / counts[:, None].to(x.dtype), counts
+
+
+class AdaptiveBlockSparseAttention(nn.Module):
+    """ASA (ASA_GT with ``config.pool_size``) over ``[B, H, L, D]`` tensors; parameter-free.
+
+    Stats of the realised sparsity are kept on the module: ``last_stats`` (the latest call), ``stats()`` (aggregate
+    since ``reset_stats()``). Counts are accumulated as device tensors and read only when asked for, so a forward
+    does not synchronise with the GPU.
+    """
+
+    def __init__(self, config: ASAConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else ASAConfig()
+        self._generators: dict[str, torch.Generator] = {}
+        self._last: tuple[torch.Tensor, int, float] | None = None
+        self.reset_stats()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """A private generator per device, seeded once, when ``config.seed`` is set; else the global RNG."""
+        if self.config.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.config.seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def _global_tokens(self, k: torch.Tensor, v: torch.Tensor):
+        """Pooled keys/values ``[B, H, ceil(L/n), D]`` and their ``ln(count)`` bias, or Nones without pooling."""
+        if self.config.pool_size is None:
+            return None, None, None
+        global_k, counts = mean_pool_tokens(k, self.config.pool_size)
+        global_v, _ = mean_pool_tokens(v, self.config.pool_size)
+        return global_k, global_v, torch.log(counts)
+
+    def _record(self, kept: torch.Tensor, total: int, pooled_fraction: float) -> None:
+        """Store one call's counts; ``pooled_fraction`` is the 1/n of the paper's sparsity (0 without pooling)."""
+        kept = kept.detach().to(torch.float64)
+        self._last = (kept, total, pooled_fraction)
+        self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept.to(self._kept_sum.device)
+        self._total_sum += total
+        self._pooled_weighted += pooled_fraction * total
+        self._calls += 1
+
+    @staticmethod
+    def _summary(kept: float, total: float, pooled_weighted: float) -> dict:
+        density = kept / total if total else 0.0
+        pooled = pooled_weighted / total if total else 0.0
+        return {
+            "sparsity": 1.0 - density,
+            "sparsity_paper": 1.0 - density - pooled,
+            "kept_blocks": int(round(kept)),
+            "total_blocks": int(total),
+            "density": density,
+        }
+
+    # ------------------------------------------------------------------------------------------------- stats
+    def reset_stats(self) -> None:
+        self._kept_sum: torch.Tensor | None = None
+        self._total_sum = 0
+        self._pooled_weighted = 0.0
+        self._calls = 0
+        self._last = None
+
+    @property
+    def last_stats(self) -> dict | None:
+        """Latest call: ``sparsity``, ``sparsity_paper``, ``kept_blocks``, ``total_blocks``, ``density``."""
+        if self._last is None:
+            return None
+        kept, total, pooled = self._last
+        return self._summary(float(kept), total, pooled * total)
+
+    def stats(self) -> dict:
+        """Aggregate over all calls since the last ``reset_stats()`` (block-count weighted), plus ``calls``."""
+        kept = float(self._kept_sum) if self._kept_sum is not None else 0.0
+        summary = self._summary(kept, self._total_sum, self._pooled_weighted)
+        summary["calls"] = self._calls
+        return summary
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+        """Block-sparse attention with a given mask (+ this config's global tokens), tokens already in block order.
+
+        Args:
+            q, k, v: ``[B, H, L, D]``; block_mask: bool ``[B|1, H|1, Nq, Nk]``.
+        Returns:
+            ``[B, H, L, D]``; records stats.
+        """
+        global_k, global_v, global_bias = self._global_tokens(k, v)
+        out = block_sparse_attention(
+            q,
+            k,
+            v,
+            block_mask,
+            block_size=self.config.block_size,
+            backend=self.config.backend,
+            global_k=global_k,
+            global_v=global_v,
+            global_bias=global_bias,
+        )
+        full = block_mask.expand(q.shape[0], q.shape[1], *block_mask.shape[-2:])
+        pooled_fraction = 1.0 / self.config.pool_size if self.config.pool_size else 0.0
+        self._record(full.sum(), full.numel(), pooled_fraction)
+        return out
+
+    def estimate_mask(self, q: torch.Tensor, k: torch.Tensor, dense_tail_tokens: int | None = None) -> torch.Tensor:
+        """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad)."""
+        cfg = self.config
+        return estimate_block_mask(
+            q,
+            k,
+            block_size=cfg.block_size,
+            samples_per_block=cfg.samples_per_block,
+            threshold=cfg.threshold,
+            min_keep=cfg.min_keep,
+            max_keep=cfg.max_keep,
+            dense_tail_tokens=cfg.dense_tail_tokens if dense_tail_tokens is None else dense_tail_tokens,
+            generator=self._generator(q.device),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid: tuple[int, int, int] | None = None,
+        *,
+        pre_reordered: bool = False,
+        dense: bool = False,
+    ) -> torch.Tensor:
+        """Adaptive block-sparse self-attention.
+
+        Args:
+            q, k, v: ``[B, H, L, D]``. With ``grid=(F, H, W)`` (and ``pre_reordered=False``) the first ``F*H*W``
+                tokens are video tokens in raster order and the rest (e.g. text) a tail that stays dense.
+            pre_reordered: the caller already put the tokens in curve order; ``config.dense_tail_tokens`` tail
+                tokens stay dense.
+            dense: exact dense attention (torch SDPA), recorded as sparsity 0 (dense warm-up steps).
+        Returns:
+            ``[B, H, L, D]`` in the caller's token order.
+        """
+        if dense:
+            out = F.scaled_dot_product_attention(q, k, v)
+            n_blocks = math.ceil(q.shape[-2] / self.config.block_size) * math.ceil(k.shape[-2] / self.config.block_size)
+            total = q.shape[0] * q.shape[1] * n_blocks
+            self._record(torch.tensor(float(total)), total, 0.0)
+            return out
+
+        length = q.shape[-2]
+        dense_tail = self.config.dense_tail_tokens
+        perm = inv = None
+        if grid is not None and not pre_reordered:
+            frames, height, width = (int(x) for x in grid)
+            n_video = frames * height * width
+            if n_video > length or k.shape[-2] != length:
+                raise ValueError(f"grid {tuple(grid)} has {n_video} tokens but q has {length} and k {k.shape[-2]}")
+            video_perm = gilbert_permutation(frames, height, width).to(q.device)
+            perm = torch.cat([video_perm, torch.arange(n_video, length, device=q.device)])
+            inv = inverse_permutation(perm)
+            q, k, v = (x.index_select(-2, perm) for x in (q, k, v))
+            dense_tail = max(dense_tail, length - n_video)
+
+        mask = self.estimate_mask(q, k, dense_tail)
+        out = self.attend(q, k, v, mask)
+        return out.index_select(-2, inv) if inv is not None else out

@@ -1,0 +1,128 @@
+"""FlexAttention backend: a ``BlockMask`` built directly from our bool block mask, run through compiled flex.
+
+The kept kv blocks of each query block become ``kv_indices`` (vectorized: a stable sort puts the kept columns
+first). Global tokens are appended after K/V padded to a block multiple, so they occupy their own kv blocks, which
+are marked visible for every query block; their logit bias is added by ``score_mod`` and padding tokens are hidden
+by ``mask_mod``. Blocks with no padding are passed as "full" blocks so the kernel skips ``mask_mod`` on them.
+
+On CPU, torch's compiled flex runs the forward only (no backward), and compiling takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled flex materialises the full score matrix; compiled flex generates a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def mask_to_kv_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept kv blocks per query block, in the format of ``BlockMask.from_kv_blocks``.
+
+    Args:
+        block_mask: bool ``[B, H, Nq, Nk]``.
+    Returns:
+        ``kv_num_blocks`` int32 ``[B, H, Nq]`` and ``kv_indices`` int32 ``[B, H, Nq, Nk]`` (kept columns first, in
+        increasing order; the tail past ``kv_num_blocks`` is ignored by flex).
+    """
+    num = block_mask.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(block_mask.to(torch.int16), dim=-1, descending=True, stable=True)
+    return num, order.to(torch.int32).contiguous()
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad ``x [B, H, L, D]`` along L to ``length`` tokens."""
+    return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    global_k: torch.Tensor | None = None,
+    global_v: torch.Tensor | None = None,
+    global_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention through compiled FlexAttention; same contract as ``block_sparse_attention``.
+
+    Args:
+        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``.
+        global_k, global_v: optional ``[B, H, G, D]``; global_bias: optional ``[G]``.
+    Returns:
+        ``[B, H, Lq, D]``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, global_k, global_v)
+    )
+    if q.device.type == "cpu" and needs_grad:
+        raise RuntimeError(
+            "backend='flex' has no backward on CPU (torch's FlexAttention supports CPU inference only); "
+            "use backend='reference' on CPU, or run under torch.no_grad()."
+        )
+    q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    n_k_blocks = math.ceil(k_len / block_size)
+    kv_block_mask = block_mask
+
+    mask_mod = None
+    score_mod = None
+    full_mask = None
+    if global_k is not None:
+        # Layout of the kv axis: [K (padded to n_k_blocks*bs) | globals (padded to a block multiple)].
+        n_global = global_k.shape[-2]
+        k_pad = n_k_blocks * block_size
+        n_g_blocks = math.ceil(n_global / block_size)
+        kv_len = k_pad + n_g_blocks * block_size
+        k = torch.cat([_pad_tokens(k, k_pad), _pad_tokens(global_k.to(k.dtype), n_g_blocks * block_size)], dim=-2)
+        v = torch.cat([_pad_tokens(v, k_pad), _pad_tokens(global_v.to(v.dtype), n_g_blocks * block_size)], dim=-2)
+
+        glob = block_mask.new_ones(block_mask.shape[:-1] + (n_g_blocks,))
+        kv_block_mask = torch.cat([block_mask, glob], dim=-1)
+        # Columns whose tokens are all real skip mask_mod ("full" blocks); ragged ones keep it.
+        ragged = torch.zeros(n_k_blocks + n_g_blocks, dtype=torch.bool, device=block_mask.device)
+        ragged[n_k_blocks - 1] = k_len % block_size != 0
+        ragged[-1] = n_global % block_size != 0
+        full_mask = kv_block_mask & ~ragged
+        kv_block_mask = kv_block_mask & ragged
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < k_len) | ((kv_idx >= k_pad) & (kv_idx < k_pad + n_global))
+
+        bias = torch.zeros(max(n_global, 1), device=q.device, dtype=torch.float32)
+        if global_bias is not None:
+            bias[:n_global] = global_bias.detach().to(device=q.device, dtype=torch.float32)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            g_idx = (kv_idx - k_pad).clamp(0, n_global - 1)
+            return torch.where(kv_idx >= k_pad, score + bias[g_idx].to(score.dtype), score)
+    else:
+        kv_len = k_len
+
+    kv_num, kv_idx = mask_to_kv_indices(kv_block_mask)
+    full_num, full_idx = mask_to_kv_indices(full_mask) if full_mask is not None else (None, None)
+    flex_mask = BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+        compute_q_blocks=needs_grad,  # the transposed (backward) indices cost as much as the sparse forward
+    )
+    return _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=flex_mask, scale=scale)

@@ -1,0 +1,1232 @@
+"""Triton block-sparse flash attention that consumes the ASA block mask directly (forward + backward).
+
+Semantics are those of `blade.attention.kernels.reference` (see docs/internals.md): for every query row, one exact
+softmax over the keys of the kept 128-blocks plus the always-visible global tokens (additive bias on the *scaled*
+logits). Ragged last blocks are masked, rows that see nothing get zeros.
+
+Kernel layout (FlashAttention-2 style):
+- forward: one program per (batch*head, query tile); it walks the kept kv blocks of its query block (an index list
+  built from the mask), then the dense global segment, with an online softmax in the exp2 domain. It saves the
+  row log-sum-exp (base 2, fp32) for the backward.
+- backward: `delta = rowsum(dO * O)`, then a dq kernel over the same kv index lists, a dk/dv kernel over the
+  transposed lists (per kv block, the query blocks that use it), and a dense dk/dv kernel for the global tokens
+  whose partial sums over query chunks are reduced in torch.
+
+Programs are launched in order of decreasing work (rows with more kept blocks first), which keeps the tail of the
+launch short when heads have very different densities.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = ["triton_block_sparse_attention", "build_kv_block_index", "is_available", "supports"]
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Query chunk (tokens) handled by one program of the global-token dk/dv kernel.
+_GLOBAL_CHUNK = 4096
+
+
+def is_available() -> bool:
+    """True when triton can be imported."""
+    return triton is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mask -> kernel format
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row lists of kept column blocks, built with vectorized ops (no dense token mask, no Python loop).
+
+    Args:
+        block_mask: bool `[B, H, R, C]` (True = attend).
+
+    Returns:
+        counts `[B*H*R]` int32 (kept blocks per row), index `[B*H*R, C]` int32 (kept column blocks in increasing
+        order, then padding), order `[B*H*R]` int32 (the launch order: heads with more kept blocks first, the
+        rows of one head together so that concurrent programs share that head's K/V in L2).
+    """
+    rows, cols = block_mask.shape[-2], block_mask.shape[-1]
+    flat = block_mask.reshape(-1, cols).to(torch.int8)
+    counts = flat.sum(-1, dtype=torch.int32)
+    # A stable descending sort puts the kept blocks first, in increasing block order.
+    index = torch.sort(flat, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    head_work = counts.view(-1, rows).sum(-1)
+    head_order = torch.sort(head_work, descending=True, stable=True).indices
+    order = head_order[:, None] * rows + torch.arange(rows, device=block_mask.device)
+    return counts, index.contiguous(), order.flatten().to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_tile(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kl,
+        stride_vl,
+        start_n,
+        n_limit,
+        bias_ptr,
+        qk_scale,
+        offs_n,
+        offs_d,
+        MASK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One [BLOCK_M, BLOCK_N] step of the online softmax (exp2 domain)."""
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+        if MASK_N:
+            k = tl.load(k_ptrs, mask=cols[:, None] < n_limit, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < n_limit, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + cols, mask=cols < n_limit, other=0.0)[None, :]
+        if MASK_N:
+            s = tl.where(cols[None, :] < n_limit, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _bsa_fwd_kernel(
+        Q,
+        K,
+        V,
+        OUT,
+        LSE,
+        GK,
+        GV,
+        GBIAS,
+        KV_COUNT,
+        KV_INDEX,
+        ROW_ORDER,
+        sq_b,
+        sq_h,
+        sq_l,
+        sk_b,
+        sk_h,
+        sk_l,
+        sv_b,
+        sv_h,
+        sv_l,
+        so_b,
+        so_h,
+        so_l,
+        sgk_b,
+        sgk_h,
+        sgk_l,
+        sgv_b,
+        sgv_h,
+        sgv_l,
+        num_heads,
+        seq_q,
+        seq_k,
+        num_global,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        MASK_BLOCK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        HAS_GLOBAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
+        SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
+        pid = tl.program_id(0)
+        row = tl.load(ROW_ORDER + pid // SUB_M)
+        bh = row // n_q_blocks
+        q_block = row % n_q_blocks
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+
+        offs_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < seq_q, other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        k_base = K + b * sk_b + h * sk_h
+        v_base = V + b * sv_b + h * sv_h
+        count = tl.load(KV_COUNT + row)
+        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
+        # Only the ragged last kv block needs element masks: peel it off the (sorted) list.
+        n_full = count
+        if not EVEN_K:
+            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            has_tail = (count > 0) & (last == n_k_blocks - 1)
+            n_full = count - has_tail.to(tl.int32)
+        for t in range(0, n_full * SUB_N):
+            k_block = tl.load(idx_ptr + t // SUB_N)
+            start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
+            acc, m_i, l_i = _fwd_tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                k_base,
+                v_base,
+                sk_l,
+                sv_l,
+                start_n,
+                seq_k,
+                GBIAS,
+                qk_scale,
+                offs_n,
+                offs_d,
+                False,
+                False,
+                DOT_PRECISION,
+            )
+        if not EVEN_K:
+            if has_tail:
+                for start_n in range((n_k_blocks - 1) * MASK_BLOCK, seq_k, BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile(
+                        acc,
+                        m_i,
+                        l_i,
+                        q,
+                        k_base,
+                        v_base,
+                        sk_l,
+                        sv_l,
+                        start_n,
+                        seq_k,
+                        GBIAS,
+                        qk_scale,
+                        offs_n,
+                        offs_d,
+                        True,
+                        False,
+                        DOT_PRECISION,
+                    )
+        if HAS_GLOBAL:
+            gk_base = GK + b * sgk_b + h * sgk_h
+            gv_base = GV + b * sgv_b + h * sgv_h
+            for start_n in range(0, num_global, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(
+                    acc,
+                    m_i,
+                    l_i,
+                    q,
+                    gk_base,
+                    gv_base,
+                    sgk_l,
+                    sgv_l,
+                    start_n,
+                    num_global,
+                    GBIAS,
+                    qk_scale,
+                    offs_n,
+                    offs_d,
+                    True,
+                    HAS_BIAS,
+                    DOT_PRECISION,
+                )
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        # +inf LSE makes every probability of an empty row exactly 0 in the backward.
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        o_ptrs = OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
+        tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
+
+    @triton.jit
+    def _bsa_bwd_delta_kernel(
+        OUT,
+        DO,
+        DELTA,
+        so_b,
+        so_h,
+        so_l,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        num_heads,
+        seq_q,
+        lse_stride,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """delta[row] = sum_d O * dO (fp32); zero on padding rows."""
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = offs_m[:, None] < seq_q
+        o = tl.load(
+            OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :], mask=rows, other=0.0
+        )
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + offs_m[:, None].to(tl.int64) * sdo_l + offs_d[None, :], mask=rows, other=0.0
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * lse_stride + offs_m, delta)
+
+    @triton.jit
+    def _dq_tile(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kl,
+        stride_vl,
+        start_n,
+        n_limit,
+        bias_ptr,
+        qk_scale,
+        offs_n,
+        offs_d,
+        MASK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """dq += dS @ K for one kv tile (dS in natural-log units, scale applied by the caller)."""
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
+        if MASK_N:
+            k = tl.load(k_ptrs, mask=cols[:, None] < n_limit, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < n_limit, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + cols, mask=cols < n_limit, other=0.0)[None, :]
+        if MASK_N:
+            s = tl.where(cols[None, :] < n_limit, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        return dq
+
+    @triton.jit
+    def _bsa_bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        DQ,
+        LSE,
+        DELTA,
+        GK,
+        GV,
+        GBIAS,
+        KV_COUNT,
+        KV_INDEX,
+        ROW_ORDER,
+        sq_b,
+        sq_h,
+        sq_l,
+        sk_b,
+        sk_h,
+        sk_l,
+        sv_b,
+        sv_h,
+        sv_l,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        sdq_b,
+        sdq_h,
+        sdq_l,
+        sgk_b,
+        sgk_h,
+        sgk_l,
+        sgv_b,
+        sgv_h,
+        sgv_l,
+        num_heads,
+        seq_q,
+        seq_k,
+        num_global,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        MASK_BLOCK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        HAS_GLOBAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
+        SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
+        pid = tl.program_id(0)
+        row = tl.load(ROW_ORDER + pid // SUB_M)
+        bh = row // n_q_blocks
+        q_block = row % n_q_blocks
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+
+        offs_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = offs_m[:, None] < seq_q
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :], mask=rows, other=0.0
+        )
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + offs_m[:, None].to(tl.int64) * sdo_l + offs_d[None, :], mask=rows, other=0.0
+        )
+        lse = tl.load(LSE + bh.to(tl.int64) * lse_stride + offs_m)
+        delta = tl.load(DELTA + bh.to(tl.int64) * lse_stride + offs_m)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        k_base = K + b * sk_b + h * sk_h
+        v_base = V + b * sv_b + h * sv_h
+        count = tl.load(KV_COUNT + row)
+        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
+        n_full = count
+        if not EVEN_K:
+            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            has_tail = (count > 0) & (last == n_k_blocks - 1)
+            n_full = count - has_tail.to(tl.int32)
+        for t in range(0, n_full * SUB_N):
+            k_block = tl.load(idx_ptr + t // SUB_N)
+            start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
+            dq = _dq_tile(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                k_base,
+                v_base,
+                sk_l,
+                sv_l,
+                start_n,
+                seq_k,
+                GBIAS,
+                qk_scale,
+                offs_n,
+                offs_d,
+                False,
+                False,
+                DOT_PRECISION,
+            )
+        if not EVEN_K:
+            if has_tail:
+                for start_n in range((n_k_blocks - 1) * MASK_BLOCK, seq_k, BLOCK_N):
+                    dq = _dq_tile(
+                        dq,
+                        q,
+                        do,
+                        lse,
+                        delta,
+                        k_base,
+                        v_base,
+                        sk_l,
+                        sv_l,
+                        start_n,
+                        seq_k,
+                        GBIAS,
+                        qk_scale,
+                        offs_n,
+                        offs_d,
+                        True,
+                        False,
+                        DOT_PRECISION,
+                    )
+        if HAS_GLOBAL:
+            gk_base = GK + b * sgk_b + h * sgk_h
+            gv_base = GV + b * sgv_b + h * sgv_h
+            for start_n in range(0, num_global, BLOCK_N):
+                dq = _dq_tile(
+                    dq,
+                    q,
+                    do,
+                    lse,
+                    delta,
+                    gk_base,
+                    gv_base,
+                    sgk_l,
+                    sgv_l,
+                    start_n,
+                    num_global,
+                    GBIAS,
+                    qk_scale,
+                    offs_n,
+                    offs_d,
+                    True,
+                    HAS_BIAS,
+                    DOT_PRECISION,
+                )
+
+        dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None].to(tl.int64) * sdq_l + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
+
+    @triton.jit
+    def _dkdv_tile(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_ql,
+        stride_dol,
+        start_m,
+        seq_q,
+        bias,
+        qk_scale,
+        offs_m,
+        offs_d,
+        MASK_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """dv += P^T dO, dk += dS^T Q for one query tile (kv rows on the M axis of the transposed scores)."""
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dol + offs_d[None, :]
+        if MASK_M:
+            valid = rows < seq_q
+            q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=valid, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=valid, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s_t += bias[:, None]
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _bsa_bwd_dkdv_kernel(
+        Q,
+        K,
+        V,
+        DO,
+        DK,
+        DV,
+        LSE,
+        DELTA,
+        Q_COUNT,
+        Q_INDEX,
+        COL_ORDER,
+        sq_b,
+        sq_h,
+        sq_l,
+        sk_b,
+        sk_h,
+        sk_l,
+        sv_b,
+        sv_h,
+        sv_l,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        sdk_b,
+        sdk_h,
+        sdk_l,
+        sdv_b,
+        sdv_h,
+        sdv_l,
+        num_heads,
+        seq_q,
+        seq_k,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        MASK_BLOCK: tl.constexpr,
+        EVEN_Q: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
+        SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
+        pid = tl.program_id(0)
+        col = tl.load(COL_ORDER + pid // SUB_N)
+        bh = col // n_k_blocks
+        k_block = col % n_k_blocks
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+
+        offs_n = k_block * MASK_BLOCK + (pid % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_rows = offs_n[:, None] < seq_k
+        k = tl.load(
+            K + b * sk_b + h * sk_h + offs_n[:, None].to(tl.int64) * sk_l + offs_d[None, :], mask=kv_rows, other=0.0
+        )
+        v = tl.load(
+            V + b * sv_b + h * sv_h + offs_n[:, None].to(tl.int64) * sv_l + offs_d[None, :], mask=kv_rows, other=0.0
+        )
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+        q_base = Q + b * sq_b + h * sq_h
+        do_base = DO + b * sdo_b + h * sdo_h
+        lse_base = LSE + bh.to(tl.int64) * lse_stride
+        delta_base = DELTA + bh.to(tl.int64) * lse_stride
+        count = tl.load(Q_COUNT + col)
+        idx_ptr = Q_INDEX + col.to(tl.int64) * n_q_blocks
+        n_full = count
+        if not EVEN_Q:
+            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            has_tail = (count > 0) & (last == n_q_blocks - 1)
+            n_full = count - has_tail.to(tl.int32)
+        for t in range(0, n_full * SUB_M):
+            q_block = tl.load(idx_ptr + t // SUB_M)
+            start_m = q_block * MASK_BLOCK + (t % SUB_M) * BLOCK_M
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sq_l,
+                sdo_l,
+                start_m,
+                seq_q,
+                qk_scale,
+                qk_scale,
+                offs_m,
+                offs_d,
+                False,
+                False,
+                DOT_PRECISION,
+            )
+        if not EVEN_Q:
+            if has_tail:
+                for start_m in range((n_q_blocks - 1) * MASK_BLOCK, seq_q, BLOCK_M):
+                    dk, dv = _dkdv_tile(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        sq_l,
+                        sdo_l,
+                        start_m,
+                        seq_q,
+                        qk_scale,
+                        qk_scale,
+                        offs_m,
+                        offs_d,
+                        True,
+                        False,
+                        DOT_PRECISION,
+                    )
+
+        dk_ptrs = DK + b * sdk_b + h * sdk_h + offs_n[:, None].to(tl.int64) * sdk_l + offs_d[None, :]
+        dv_ptrs = DV + b * sdv_b + h * sdv_h + offs_n[:, None].to(tl.int64) * sdv_l + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_rows)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_rows)
+
+    @triton.jit
+    def _bsa_bwd_global_kernel(
+        Q,
+        GK,
+        GV,
+        DO,
+        DGK,
+        DGV,
+        LSE,
+        DELTA,
+        GBIAS,
+        sq_b,
+        sq_h,
+        sq_l,
+        sgk_b,
+        sgk_h,
+        sgk_l,
+        sgv_b,
+        sgv_h,
+        sgv_l,
+        sdo_b,
+        sdo_h,
+        sdo_l,
+        num_heads,
+        seq_q,
+        num_global,
+        lse_stride,
+        chunk_len,
+        qk_scale,
+        sm_scale,
+        HEAD_DIM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Partial dk/dv of the global tokens over one chunk of queries: DGK/DGV are fp32 [chunks, B*H, G, D]."""
+        n_g_tiles = tl.cdiv(num_global, BLOCK_N)
+        pid = tl.program_id(0)
+        g_tile = pid % n_g_tiles
+        chunk = pid // n_g_tiles
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+
+        offs_n = g_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        g_rows = offs_n < num_global
+        gk = tl.load(
+            GK + b * sgk_b + h * sgk_h + offs_n[:, None].to(tl.int64) * sgk_l + offs_d[None, :],
+            mask=g_rows[:, None],
+            other=0.0,
+        )
+        gv = tl.load(
+            GV + b * sgv_b + h * sgv_h + offs_n[:, None].to(tl.int64) * sgv_l + offs_d[None, :],
+            mask=g_rows[:, None],
+            other=0.0,
+        )
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(GBIAS + offs_n, mask=g_rows, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+        q_base = Q + b * sq_b + h * sq_h
+        do_base = DO + b * sdo_b + h * sdo_h
+        lse_base = LSE + bh.to(tl.int64) * lse_stride
+        delta_base = DELTA + bh.to(tl.int64) * lse_stride
+        chunk_start = chunk * chunk_len
+        chunk_end = tl.minimum(chunk_start + chunk_len, seq_q)
+        for start_m in range(chunk_start, chunk_end, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk,
+                dv,
+                gk,
+                gv,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                sq_l,
+                sdo_l,
+                start_m,
+                seq_q,
+                bias,
+                qk_scale,
+                offs_m,
+                offs_d,
+                True,
+                HAS_BIAS,
+                DOT_PRECISION,
+            )
+
+        out_offs = (chunk * tl.num_programs(1) + bh).to(tl.int64) * num_global * HEAD_DIM
+        out_offs += offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DGK + out_offs, dk * sm_scale, mask=g_rows[:, None])
+        tl.store(DGV + out_offs, dv, mask=g_rows[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Small spaces: autotuning must stay within the benchmark's budget.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+# For dk/dv BLOCK_N is the kv tile owned by a program and BLOCK_M the inner query tile.
+_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]
+_GLOBAL_CONFIG = (64, 64, 4, 3)
+_TUNED: dict = {}
+
+
+def _interpreting() -> bool:
+    """True when the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_bsa_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _interpret_tiles(block_size: int) -> tuple[int, int]:
+    # Tiles below the mask block exercise the sub-tiling path even at interpreter sizes.
+    tile = min(block_size, 64)
+    return tile, tile
+
+
+def _autotuned(name: str, kernel, configs, block_size: int):
+    """An autotuner over `configs` restricted to tiles that divide the mask block, cached per (kernel, block)."""
+    key = (name, block_size)
+    if key not in _TUNED:
+        fitting = [c for c in configs if c[0] <= block_size and c[1] <= block_size]
+        if not fitting:
+            fitting = [(min(block_size, c[0]), min(block_size, c[1]), c[2], c[3]) for c in configs[:1]]
+        tconfigs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in fitting
+        ]
+        _TUNED[key] = triton.autotune(configs=tconfigs, key=["HEAD_DIM", "MASK_BLOCK"])(kernel)
+    return _TUNED[key]
+
+
+def _launch(name: str, kernel, configs, block_size: int, grid_fn, args: tuple, meta: dict) -> None:
+    """Launch with a fixed config in the interpreter, an autotuned one on the GPU."""
+    if _interpreting():
+        bm, bn = _interpret_tiles(block_size)
+        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        _autotuned(name, kernel, configs, block_size)[grid_fn](*args, **meta)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: tf32 tensor cores on the GPU, exact fp32 in the CPU interpreter (reference-grade tests).
+    if dtype == torch.float32:
+        return "ieee" if _interpreting() else "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward / backward drivers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _global_args(q: torch.Tensor, global_k, global_v):
+    """Pointers and strides of the global segment (q as a harmless placeholder when absent)."""
+    if global_k is None:
+        return q, q, (0, 0, 0), (0, 0, 0), 0
+    return global_k, global_v, _strides(global_k), _strides(global_v), global_k.shape[2]
+
+
+def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale):
+    """Runs the forward kernel. Returns out [B,H,Lq,D] and the base-2 LSE [B*H, NQ*bs] (fp32)."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    n_q_blocks = triton.cdiv(seq_q, block_size)
+    n_k_blocks = triton.cdiv(seq_k, block_size)
+    lse_stride = n_q_blocks * block_size
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch * heads, lse_stride), dtype=torch.float32, device=q.device)
+    gk, gv, sgk, sgv, num_global = _global_args(q, global_k, global_v)
+    gbias = bias_log2 if bias_log2 is not None else lse
+
+    n_rows = batch * heads * n_q_blocks
+    grid = lambda meta: (n_rows * (block_size // meta["BLOCK_M"]),)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        gk,
+        gv,
+        gbias,
+        kv_count,
+        kv_index,
+        row_order,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        *sgk,
+        *sgv,
+        heads,
+        seq_q,
+        seq_k,
+        num_global,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        scale * _LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=head_dim,
+        MASK_BLOCK=block_size,
+        EVEN_K=seq_k % block_size == 0,
+        HAS_GLOBAL=num_global > 0,
+        HAS_BIAS=bias_log2 is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    _launch("fwd", _bsa_fwd_kernel, _FWD_CONFIGS, block_size, grid, args, meta)
+    return out, lse
+
+
+def _backward(
+    do, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
+):
+    """Runs the backward kernels. Returns dq, dk, dv and (dglobal_k, dglobal_v) or (None, None)."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    n_q_blocks = triton.cdiv(seq_q, block_size)
+    n_k_blocks = triton.cdiv(seq_k, block_size)
+    lse_stride = lse.shape[1]
+    precision = _dot_precision(q.dtype)
+    qk_scale = scale * _LOG2E
+    do = do if do.stride(-1) == 1 else do.contiguous()
+
+    delta = torch.empty_like(lse)
+    # A divisor of the padded row count, so the padded LSE/delta buffers are never overrun.
+    delta_block = min(block_size, 64 if _interpreting() else 128)
+    _bsa_bwd_delta_kernel[(triton.cdiv(lse_stride, delta_block), batch * heads)](
+        out,
+        do,
+        delta,
+        *_strides(out),
+        *_strides(do),
+        heads,
+        seq_q,
+        lse_stride,
+        HEAD_DIM=head_dim,
+        BLOCK=delta_block,
+    )
+
+    gk, gv, sgk, sgv, num_global = _global_args(q, global_k, global_v)
+    gbias = bias_log2 if bias_log2 is not None else lse
+    common_meta = dict(HEAD_DIM=head_dim, MASK_BLOCK=block_size, DOT_PRECISION=precision)
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    n_rows = batch * heads * n_q_blocks
+    dq_args = (
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        gk,
+        gv,
+        gbias,
+        kv_count,
+        kv_index,
+        row_order,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dq),
+        *sgk,
+        *sgv,
+        heads,
+        seq_q,
+        seq_k,
+        num_global,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        scale,
+    )
+    dq_meta = dict(
+        common_meta, EVEN_K=seq_k % block_size == 0, HAS_GLOBAL=num_global > 0, HAS_BIAS=bias_log2 is not None
+    )
+    _launch(
+        "dq",
+        _bsa_bwd_dq_kernel,
+        _DQ_CONFIGS,
+        block_size,
+        lambda meta: (n_rows * (block_size // meta["BLOCK_M"]),),
+        dq_args,
+        dq_meta,
+    )
+
+    # Transposed lists (per kv block, the query blocks that use it): only the backward needs them.
+    q_count, q_index, col_order = build_kv_block_index(block_mask.transpose(-1, -2))
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    n_cols = batch * heads * n_k_blocks
+    dkdv_args = (
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        q_count,
+        q_index,
+        col_order,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dk),
+        *_strides(dv),
+        heads,
+        seq_q,
+        seq_k,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        scale,
+    )
+    dkdv_meta = dict(common_meta, EVEN_Q=seq_q % block_size == 0)
+    _launch(
+        "dkdv",
+        _bsa_bwd_dkdv_kernel,
+        _DKDV_CONFIGS,
+        block_size,
+        lambda meta: (n_cols * (block_size // meta["BLOCK_N"]),),
+        dkdv_args,
+        dkdv_meta,
+    )
+
+    if num_global == 0:
+        return dq, dk, dv, None, None
+    if _interpreting():
+        bm, bn = _interpret_tiles(block_size)
+        warps, stages = 4, 1
+    else:
+        bm, bn, warps, stages = _GLOBAL_CONFIG
+    bn = max(16, min(bn, triton.next_power_of_2(num_global)))
+    chunk_len = triton.cdiv(triton.cdiv(seq_q, triton.cdiv(seq_q, _GLOBAL_CHUNK)), 128) * 128
+    n_chunks = triton.cdiv(seq_q, chunk_len)
+    dgk = torch.empty((n_chunks, batch * heads, num_global, head_dim), dtype=torch.float32, device=q.device)
+    dgv = torch.empty_like(dgk)
+    _bsa_bwd_global_kernel[(n_chunks * triton.cdiv(num_global, bn), batch * heads)](
+        q,
+        gk,
+        gv,
+        do,
+        dgk,
+        dgv,
+        lse,
+        delta,
+        gbias,
+        *_strides(q),
+        *sgk,
+        *sgv,
+        *_strides(do),
+        heads,
+        seq_q,
+        num_global,
+        lse_stride,
+        chunk_len,
+        qk_scale,
+        scale,
+        HEAD_DIM=head_dim,
+        HAS_BIAS=bias_log2 is not None,
+        DOT_PRECISION=precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    shape = (batch, heads, num_global, head_dim)
+    dgk = dgk.sum(0).view(shape).to(global_k.dtype)
+    dgv = dgv.sum(0).view(shape).to(global_v.dtype)
+    return dq, dk, dv, dgk, dgv
+
+
+class _TritonBlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, global_k, global_v, bias_log2, block_size, scale):
+        kv_count, kv_index, row_order = build_kv_block_index(block_mask)
+        out, lse = _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale)
+        ctx.save_for_backward(
+            q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2
+        )
+        ctx.block_size = block_size
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2 = ctx.saved_tensors
+        dq, dk, dv, dgk, dgv = _backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            block_mask,
+            kv_count,
+            kv_index,
+            row_order,
+            global_k,
+            global_v,
+            bias_log2,
+            ctx.block_size,
+            ctx.scale,
+        )
+        return dq, dk, dv, None, dgk, dgv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias) -> None:
+    """Raises ValueError for configurations this kernel does not handle (the dispatcher then falls back)."""
+    if triton is None:
+        raise ValueError(f"triton is not importable: {_TRITON_IMPORT_ERROR}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, H, L, D]")
+    batch, heads, seq_q, head_dim = q.shape
+    if k.shape[:2] != (batch, heads) or v.shape != k.shape or k.shape[-1] != head_dim:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} not supported by the triton kernel (supported: {_SUPPORTED_HEAD_DIMS})")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"unsupported dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if seq_q == 0 or k.shape[2] == 0:
+        raise ValueError("empty sequences are not supported by the triton kernel")
+    n_q_blocks, n_k_blocks = -(-seq_q // block_size), -(-k.shape[2] // block_size)
+    if block_mask.dim() != 4 or block_mask.shape[-2:] != (n_q_blocks, n_k_blocks):
+        raise ValueError(f"block_mask must be [B, H, {n_q_blocks}, {n_k_blocks}], got {tuple(block_mask.shape)}")
+    if block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads):
+        raise ValueError(f"block_mask batch/head dims {tuple(block_mask.shape[:2])} do not broadcast to {batch, heads}")
+    if (global_k is None) != (global_v is None):
+        raise ValueError("global_k and global_v must be given together")
+    if global_k is not None:
+        if global_k.dim() != 4 or global_k.shape[:2] != (batch, heads) or global_k.shape[-1] != head_dim:
+            raise ValueError(f"global_k must be [B, H, G, D], got {tuple(global_k.shape)}")
+        if global_v.shape != global_k.shape or global_k.dtype != q.dtype or global_v.dtype != q.dtype:
+            raise ValueError("global_v must match global_k in shape and q in dtype")
+        if global_bias is not None and global_bias.shape != (global_k.shape[2],):
+            raise ValueError(f"global_bias must be [G], got {tuple(global_bias.shape)}")
+    elif global_bias is not None:
+        raise ValueError("global_bias given without global tokens")
+
+
+def supports(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the kernel takes inputs like `q` [B, H, L, D] with this mask block size (the dispatcher asks)."""
+    return (
+        triton is not None
+        and (q.is_cuda or _interpreting())
+        and q.dtype in _SUPPORTED_DTYPES
+        and q.shape[-1] in _SUPPORTED_HEAD_DIMS
+        and block_size >= 16
+        and block_size & (block_size - 1) == 0
+    )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def triton_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: Optional[float] = None,
+    global_k: Optional[torch.Tensor] = None,
+    global_v: Optional[torch.Tensor] = None,
+    global_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Exact attention over the kept blocks of `block_mask` plus optional global tokens, differentiable.
+
+    Args:
+        q: `[B, H, Lq, D]`, k, v: `[B, H, Lk, D]` (fp16/bf16, or fp32 computed in tf32 on the GPU).
+        block_mask: bool `[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]`, True = attend.
+        block_size: tokens per mask block (power of two).
+        scale: logit scale, default `1/sqrt(D)`.
+        global_k, global_v: `[B, H, G, D]` tokens visible to every query.
+        global_bias: `[G]` additive bias on their scaled logits (no gradient flows into it).
+
+    Returns:
+        `[B, H, Lq, D]` in q's dtype.
+
+    Raises:
+        ValueError: for configurations the kernel does not support.
+    """
+    _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias)
+    batch, heads = q.shape[:2]
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = block_mask.to(device=q.device, dtype=torch.bool).expand(batch, heads, -1, -1)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    if _interpreting() and q.dtype == torch.bfloat16:
+        # The CPU interpreter's tl.dot mishandles bf16 operands: emulate in fp32 (GPU runs use bf16 tensor cores).
+        to32 = lambda t: None if t is None else t.float()
+        out = triton_block_sparse_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            block_mask,
+            block_size=block_size,
+            scale=scale,
+            global_k=to32(global_k),
+            global_v=to32(global_v),
+            global_bias=global_bias,
+        )
+        return out.to(torch.bfloat16)
+    bias_log2 = None
+    if global_k is not None:
+        global_k, global_v = global_k.contiguous(), global_v.contiguous()
+        if global_bias is not None:
+            bias_log2 = (global_bias.detach().to(device=q.device, dtype=torch.float32) * _LOG2E).contiguous()
+    return _TritonBlockSparseAttention.apply(q, k, v, mask, global_k, global_v, bias_log2, block_size, scale)

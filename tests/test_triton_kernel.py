@@ -1,0 +1,228 @@
+"""Triton block-sparse attention kernel vs a float64 dense masked reference.
+
+On a CPU-only machine the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton is
+imported). Tests marked `gpu` run the real kernel at full size on the accelerator (`pytest -m gpu`).
+"""
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+_ON_CUDA = torch.cuda.is_available()
+if not _ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton", reason="triton is not importable")
+
+from blade.attention.kernels import triton_bsa  # noqa: E402
+
+if not _ON_CUDA and not triton_bsa._interpreting():
+    # Another module imported the kernels before TRITON_INTERPRET was set: rebuild them in interpreter mode.
+    triton_bsa = importlib.reload(triton_bsa)
+if not _ON_CUDA and not triton_bsa._interpreting():
+    pytest.skip("the Triton interpreter could not be enabled", allow_module_level=True)
+
+DEVICE = "cuda" if _ON_CUDA else "cpu"
+
+
+def dense_reference(q, k, v, block_mask, block_size, scale=None, global_k=None, global_v=None, global_bias=None):
+    """Float64 masked attention with an explicit token mask: [B, H, Lq, D]. Differentiable."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    token_mask = block_mask.expand(batch, heads, -1, -1)
+    token_mask = token_mask.repeat_interleave(block_size, 2).repeat_interleave(block_size, 3)[:, :, :q_len, :k_len]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~token_mask, float("-inf"))
+    values = v
+    if global_k is not None:
+        g_scores = q @ global_k.double().transpose(-1, -2) * scale
+        if global_bias is not None:
+            g_scores = g_scores + global_bias.double()
+        scores = torch.cat([scores, g_scores], dim=-1)
+        values = torch.cat([v, global_v.double()], dim=2)
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return probs @ values
+
+
+def _random_case(batch, heads, q_len, k_len, head_dim, block_size, num_global, with_bias, mask_batch, mask_heads,
+                 keep, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+    q, k, v = rand(batch, heads, q_len, head_dim), rand(batch, heads, k_len, head_dim), rand(batch, heads, k_len,
+                                                                                                   head_dim)
+    n_q, n_k = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
+    mask = (torch.rand(mask_batch, mask_heads, n_q, n_k, generator=gen) < keep).to(DEVICE)
+    globals_ = {}
+    if num_global:
+        globals_ = dict(global_k=rand(batch, heads, num_global, head_dim), global_v=rand(batch, heads, num_global,
+                                                                                      head_dim))
+        if with_bias:
+            globals_["global_bias"] = torch.rand(num_global, generator=gen).to(DEVICE) * 2.0
+    return q, k, v, mask, globals_
+
+
+def _tolerance(dtype):
+    if dtype == torch.float32:
+        return 2e-3 if _ON_CUDA else 1e-5  # tf32 on the GPU, exact fp32 in the interpreter
+    return 3e-2
+
+
+def _assert_close(actual, expected, tol, what):
+    err = (actual.double() - expected).abs().max().item()
+    ref = expected.abs().max().item() + 1e-12
+    assert err <= tol * max(ref, 1.0), f"{what}: max abs err {err:.3e} (ref max {ref:.3e})"
+
+
+# (B, H, Lq, Lk, D, block, G, bias, mask B, mask H, keep, seed)
+CASES = {
+    "ragged_perhead": (2, 2, 170, 170, 32, 32, 0, False, 2, 2, 0.4, 0),
+    "lq_ne_lk_global_bias_bcast_batch": (2, 2, 90, 120, 16, 16, 5, True, 1, 2, 0.35, 1),
+    "subtiles_block128_two_global_tiles": (2, 2, 260, 260, 64, 128, 70, True, 2, 1, 0.5, 2),
+    "even_lengths": (2, 2, 256, 192, 64, 64, 0, False, 2, 2, 0.5, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients_match_float64_reference(name):
+    q, k, v, mask, globals_ = _random_case(*CASES[name])
+    block_size = CASES[name][5]
+    if name == "ragged_perhead":
+        mask[0, 1, 2, :] = False  # a query block that sees nothing: zeros, zero grads, no NaN
+    leaves = [q, k, v] + [globals_[n] for n in ("global_k", "global_v") if n in globals_]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_globals = dict(globals_)
+    if "global_k" in globals_:
+        ref_globals.update(global_k=ref_leaves[3], global_v=ref_leaves[4])
+    ref = dense_reference(*ref_leaves[:3], mask, block_size, **ref_globals)
+
+    tol = _tolerance(q.dtype)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    _assert_close(out, ref, tol, "out")
+    if name == "ragged_perhead":
+        assert torch.equal(out[0, 1, 2 * block_size : 3 * block_size], torch.zeros_like(out[0, 1, :block_size]))
+
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    names = ["dq", "dk", "dv", "dglobal_k", "dglobal_v"]
+    for grad, ref_grad, what in zip(grads, ref_grads, names):
+        assert torch.isfinite(grad).all(), what
+        _assert_close(grad, ref_grad, 5 * tol, what)
+
+
+def test_only_global_tokens_and_scale():
+    """A head whose mask is all False still sees the global tokens; a custom scale is honoured."""
+    q, k, v, mask, globals_ = _random_case(1, 2, 100, 130, 32, 32, 3, False, 1, 2, 0.5, 4)
+    mask[0, 0] = False
+    out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=32, scale=0.3, **globals_)
+    ref = dense_reference(q, k, v, mask, 32, scale=0.3, **globals_)
+    _assert_close(out, ref, _tolerance(q.dtype), "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward(dtype):
+    q, k, v, mask, globals_ = _random_case(2, 2, 130, 130, 32, 32, 4, True, 2, 2, 0.5, 5, dtype=dtype)
+    out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=32, **globals_)
+    assert out.dtype == dtype
+    _assert_close(out, dense_reference(q, k, v, mask, 32, **globals_), 2e-2, f"out {dtype}")
+
+
+def test_kv_block_index_lists_kept_blocks_in_order():
+    mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(6)) < 0.4
+    counts, index, order = triton_bsa.build_kv_block_index(mask)
+    rows = mask.reshape(-1, 7)
+    for r in range(rows.shape[0]):
+        kept = torch.nonzero(rows[r]).flatten().tolist()
+        assert counts[r].item() == len(kept)
+        assert index[r, : len(kept)].tolist() == kept
+    assert sorted(order.tolist()) == list(range(rows.shape[0]))
+    # Launch order: whole heads (rows of one head contiguous, in order), heads by decreasing kept-block total.
+    by_head = order.long().view(6, 5)
+    assert bool((by_head - by_head[:, :1] == torch.arange(5)).all()) and bool((by_head[:, 0] % 5 == 0).all())
+    head_totals = mask.reshape(6, -1).sum(-1)[by_head[:, 0] // 5]
+    assert bool((head_totals[:-1] >= head_totals[1:]).all())
+
+
+def test_unsupported_configurations_raise_value_error():
+    q = torch.randn(1, 1, 64, 48, device=DEVICE)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        triton_bsa.triton_block_sparse_attention(q, q, q, mask, block_size=32)
+    q = torch.randn(1, 1, 64, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_mask"):
+        triton_bsa.triton_block_sparse_attention(q, q, q, mask[..., :1], block_size=32)
+    with pytest.raises(ValueError, match="together"):
+        triton_bsa.triton_block_sparse_attention(q, q, q, mask, block_size=32, global_k=q[:, :, :2])
+    with pytest.raises(ValueError, match="block_size"):
+        triton_bsa.triton_block_sparse_attention(q, q, q, mask, block_size=24)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full size, on the accelerator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sampled_rows_reference(q, k, v, mask, block_size, q_blocks, global_k=None, global_v=None, global_bias=None):
+    """fp32 reference for a few query blocks only (full-size shapes would not fit a dense float64 pass)."""
+    rows = torch.cat([torch.arange(b * block_size, min((b + 1) * block_size, q.shape[2])) for b in q_blocks])
+    sub_mask = mask[:, :, q_blocks]
+    out = dense_reference(q[:, :, rows].float(), k.float(), v.float(), sub_mask, block_size,
+                          global_k=global_k, global_v=global_v, global_bias=global_bias)
+    return rows, out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 12, 32760, 128), (2, 48, 17776, 64)])
+def test_gpu_full_size_forward_bf16(shape):
+    batch, heads, seq, head_dim = shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    n = math.ceil(seq / 128)
+    mask = torch.rand(batch, heads, n, n, device="cuda") < 0.2
+    gk, gv = (torch.randn(batch, heads, 256, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.full((256,), math.log(128.0), device="cuda")
+    out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
+    q_blocks = [0, 7, n // 2, n - 1]
+    rows, ref = _sampled_rows_reference(q, k, v, mask, 128, q_blocks, gk, gv, bias)
+    _assert_close(out[:, :, rows], ref, 2e-2, "out")
+
+    dense = torch.ones(1, 1, n, n, dtype=torch.bool, device="cuda")
+    out = triton_bsa.triton_block_sparse_attention(q, k, v, dense)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    _assert_close(out, sdpa.double(), 2e-2, "dense vs sdpa")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_gradients_bf16(head_dim):
+    shape = (1, 4, 4096 + 77, head_dim)
+    torch.manual_seed(1)
+    leaves = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    gk, gv = (torch.randn(1, 4, 40, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for _ in range(2))
+    bias = torch.rand(40, device="cuda")
+    n = math.ceil(shape[2] / 128)
+    mask = torch.rand(1, 4, n, n, device="cuda") < 0.3
+    out = triton_bsa.triton_block_sparse_attention(*leaves, mask, global_k=gk, global_v=gv, global_bias=bias)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + [gk, gv], grad_out)
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves + [gk, gv]]
+    ref = dense_reference(*ref_leaves[:3], mask, 128, global_k=ref_leaves[3], global_v=ref_leaves[4],
+                          global_bias=bias)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
+    _assert_close(out, ref, 2e-2, "out")
+    for grad, ref_grad, what in zip(grads, ref_grads, ["dq", "dk", "dv", "dgk", "dgv"]):
+        _assert_close(grad, ref_grad, 3e-2, what)
