@@ -1,0 +1,405 @@
+"""Shared machinery that plugs adaptive block-sparse attention (ASA) into a diffusers video transformer.
+
+``install_asa`` swaps every block's ``attn1`` processor for an ASA subclass of the stock one and adds hooks:
+
+- a forward pre-hook on the transformer binds its (positional or keyword) arguments, reads the latent token grid
+  ``(F, H, W)`` and the timestep, advances the step counter (``dense_steps``) and opens a ``ForwardContext``;
+- the video tokens are permuted along the Gilbert curve once per forward, before the first block, and restored
+  after the last one (norms, modulation, FFN and Wan's text cross-attention are token-wise, so only the RoPE tables
+  have to follow: Wan's ``rope`` output is permuted by a forward hook, CogVideoX's ``image_rotary_emb`` argument in
+  the transformer pre-hook);
+- every block's pre-hook makes its forward's context current for the processors. The context travels on the
+  ``temb`` tensor that the transformer hands to every block, so a gradient-checkpointing recomputation during
+  backward sees the permutation and mode of its own forward even if the model ran other inputs in between.
+
+One ``AdaptiveBlockSparseAttention`` instance is shared by all layers (it is parameter-free) and aggregates stats.
+The hooks are bound methods of ``ASAState`` (no closures), so ``copy.deepcopy`` of a patched transformer (e.g. the
+TDM fake score) yields an independent, consistently patched copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_permutation, inverse_permutation
+
+Grid = tuple[int, int, int]
+
+# Attribute of a transformer that holds its ASAHandle, and of the per-forward `temb` tensor that holds its context.
+HANDLE_ATTR = "_blade_asa_handle"
+_CONTEXT_ATTR = "_blade_asa_context"
+
+MODE_OFF = "off"  # stock attention, no reordering (ASA disabled, or no grid)
+MODE_DENSE = "dense"  # dense warm-up step through the ASA module (counted as sparsity 0), no reordering
+MODE_SPARSE = "sparse"  # Gilbert-ordered tokens, block-sparse attention
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What one transformer forward needs in its hooks and attention processors (immutable, cached per grid/mode:
+    reusing one object keeps ``torch.compile`` guards on it stable across forwards)."""
+
+    grid: Grid
+    mode: str
+    perm: torch.Tensor | None = None  # [F*H*W] Gilbert order of the raster video tokens (sparse mode)
+    inv: torch.Tensor | None = None  # its inverse
+
+    @property
+    def sparse(self) -> bool:
+        return self.mode == MODE_SPARSE
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Bind a call's positional and keyword arguments to ``signature`` (defaults not applied)."""
+    return signature.bind(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _ArgSlot:
+    """Where a named parameter sits in a call: its keyword name and its position (resolved once, at install time;
+    plain lookups keep the block hooks cheap and traceable by ``torch.compile``)."""
+
+    name: str
+    position: int
+
+    @classmethod
+    def of(cls, signature: inspect.Signature, name: str) -> _ArgSlot:
+        names = [p.name for p in signature.parameters.values()]
+        if name not in names:
+            raise ValueError(f"the block's forward has no `{name}` parameter (parameters: {names})")
+        return cls(name, names.index(name))
+
+    def get(self, args: tuple, kwargs: dict) -> Any:
+        if self.name in kwargs:
+            return kwargs[self.name]
+        return args[self.position] if self.position < len(args) else None
+
+    def replace(self, args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
+        if self.name in kwargs:
+            return args, {**kwargs, self.name: value}
+        return (*args[: self.position], value, *args[self.position + 1 :]), kwargs
+
+
+def permute_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with its token axis ``dim`` re-indexed by ``index`` (a permutation of that axis)."""
+    return x.index_select(dim, index.to(x.device))
+
+
+class ModelFamily:
+    """How one transformer family exposes what the ASA hooks need. Subclassed in ``wan.py`` / ``cogvideox.py``."""
+
+    #: Name of the block argument that carries the per-forward conditioning tensor (context courier).
+    temb_arg = "temb"
+    #: Name of the transformer forward argument with the RoPE tables to permute (None: use ``rope_module``).
+    rope_arg: str | None = None
+
+    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def grid(self, transformer: nn.Module, arguments: dict[str, Any]) -> Grid:
+        """The latent token grid ``(F, H, W)`` of a forward call's bound arguments."""
+        raise NotImplementedError
+
+    def timestep(self, arguments: dict[str, Any]) -> float | None:
+        t = arguments.get("timestep")
+        if t is None:
+            return None
+        return float(t.max()) if torch.is_tensor(t) else float(t)
+
+    def rope_module(self, transformer: nn.Module) -> nn.Module | None:
+        """A submodule whose output ``(cos, sin)`` ``[1, S, 1, d]`` holds per-token RoPE tables to permute."""
+        return None
+
+    def make_processor(self, original: Any, state: ASAState) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class _StepTracker:
+    """Sampling step from the timestep sequence: same t = same step (CFG), lower t = next step, higher t = new run."""
+
+    step: int = 0
+    last_t: float | None = None
+
+    def advance(self, t: float | None) -> int:
+        if t is None:
+            return self.step
+        if self.last_t is None or t > self.last_t:
+            self.step = 0
+        elif t < self.last_t:
+            self.step += 1
+        self.last_t = t
+        return self.step
+
+    def reset(self) -> None:
+        self.step, self.last_t = 0, None
+
+
+@dataclass
+class ASAState:
+    """Shared state of one patched transformer: the ASA module, the switches, the step tracker, the hooks."""
+
+    family: ModelFamily
+    asa: AdaptiveBlockSparseAttention
+    dense_steps: int = 0
+    enabled: bool = True
+    tracker: _StepTracker = field(default_factory=_StepTracker)
+    current: ForwardContext | None = None
+    forward_signature: inspect.Signature | None = None
+    hidden_slot: _ArgSlot | None = None
+    temb_slot: _ArgSlot | None = None
+    _contexts: dict = field(default_factory=dict)
+
+    # --------------------------------------------------------------------------------------------- contexts
+    def _context(self, grid: Grid, mode: str, device: torch.device) -> ForwardContext:
+        key = (grid, mode, str(device))
+        if key not in self._contexts:
+            perm = inv = None
+            if mode == MODE_SPARSE:
+                perm = gilbert_permutation(*grid).to(device)
+                inv = inverse_permutation(perm)
+            self._contexts[key] = ForwardContext(grid=grid, mode=mode, perm=perm, inv=inv)
+        return self._contexts[key]
+
+    def open_context(self, grid: Grid, t: float | None, device: torch.device) -> ForwardContext:
+        step = self.tracker.advance(t)
+        if not self.enabled:
+            mode = MODE_OFF
+        elif step < self.dense_steps:
+            mode = MODE_DENSE
+        else:
+            mode = MODE_SPARSE
+        self.current = self._context(grid, mode, device)
+        return self.current
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def transformer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        bound = bind_arguments(self.forward_signature, args, kwargs)
+        arguments = bound.arguments
+        hidden_states = arguments["hidden_states"]
+        grid = self.family.grid(module, arguments)
+        ctx = self.open_context(grid, self.family.timestep(arguments), hidden_states.device)
+        rope_arg = self.family.rope_arg
+        if ctx.sparse and rope_arg is not None and arguments.get(rope_arg) is not None:
+            cos, sin = arguments[rope_arg]  # [S, D] each, raster order
+            arguments[rope_arg] = (permute_tokens(cos, ctx.perm, 0), permute_tokens(sin, ctx.perm, 0))
+            return bound.args, bound.kwargs
+        return None
+
+    def rope_forward_hook(self, module: nn.Module, args: tuple, output: Any):
+        ctx = self.current
+        if ctx is None or not ctx.sparse:
+            return None
+        cos, sin = output  # [1, S, 1, d] each
+        return permute_tokens(cos, ctx.perm, 1), permute_tokens(sin, ctx.perm, 1)
+
+    def _block_context(self, args: tuple, kwargs: dict) -> ForwardContext | None:
+        """The context of the forward this block call belongs to, made current for the processors.
+
+        With autograd on, a gradient-checkpointed block may be recomputed during backward, after other forwards:
+        the context rides on the block's ``temb`` (one tensor per forward, passed to every block).
+        """
+        if not torch.is_grad_enabled():  # no recomputation can follow: the transformer pre-hook's context holds
+            return self.current
+        temb = self.temb_slot.get(args, kwargs)
+        ctx = getattr(temb, _CONTEXT_ATTR, None) if torch.is_tensor(temb) else None
+        if ctx is None:
+            ctx = self.current
+            if torch.is_tensor(temb):
+                setattr(temb, _CONTEXT_ATTR, ctx)
+        self.current = ctx
+        return ctx
+
+    def block_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._block_context(args, kwargs)
+        return None
+
+    def first_block_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        ctx = self._block_context(args, kwargs)
+        if ctx is None or not ctx.sparse:
+            return None
+        hidden_states = self.hidden_slot.get(args, kwargs)  # [B, L_video, C] raster order
+        _check_video_length(hidden_states, ctx)
+        return self.hidden_slot.replace(args, kwargs, permute_tokens(hidden_states, ctx.perm, 1))
+
+    def last_block_forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        ctx = self._block_context(args, kwargs)
+        if ctx is None or not ctx.sparse:
+            return None
+        if isinstance(output, tuple):  # CogVideoX: (video, text)
+            return (permute_tokens(output[0], ctx.inv, 1), *output[1:])
+        return permute_tokens(output, ctx.inv, 1)
+
+    # -------------------------------------------------------------------------------------------- attention
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense_tail_tokens: int) -> torch.Tensor:
+        """ASA over ``[B, H, L, D]`` tokens (video already Gilbert-ordered, ``dense_tail_tokens`` dense at the tail)."""
+        ctx = self.current
+        if ctx is not None and ctx.mode == MODE_DENSE:
+            return self.asa(q, k, v, dense=True)
+        mask = self.asa.estimate_mask(q, k, dense_tail_tokens)
+        return self.asa.attend(q, k, v, mask)
+
+    def processor_mode(self) -> str:
+        """Mode of the running forward for an attention processor (``off`` without a context)."""
+        ctx = self.current
+        return ctx.mode if ctx is not None else MODE_OFF
+
+
+def _check_video_length(hidden_states: torch.Tensor, ctx: ForwardContext) -> None:
+    if hidden_states.shape[1] != ctx.num_video_tokens:
+        raise ValueError(
+            f"the first block got {hidden_states.shape[1]} tokens but the latent grid {ctx.grid} has "
+            f"{ctx.num_video_tokens}; ASA only supports transformers whose blocks see the raster video tokens"
+        )
+
+
+class ASAHandle:
+    """Returned by ``apply_asa``: switch ASA on/off, read its stats, start a new run, or remove it."""
+
+    def __init__(self, transformer: nn.Module, state: ASAState, hooks: list, originals: list):
+        self._transformer = transformer
+        self._state = state
+        self._hooks = hooks
+        self._originals = originals
+        self.removed = False
+
+    @property
+    def asa(self) -> AdaptiveBlockSparseAttention:
+        """The shared attention module (config, ``last_stats``)."""
+        return self._state.asa
+
+    @property
+    def config(self) -> ASAConfig:
+        return self._state.asa.config
+
+    @property
+    def dense_steps(self) -> int:
+        return self._state.dense_steps
+
+    @dense_steps.setter
+    def dense_steps(self, value: int) -> None:
+        self._state.dense_steps = int(value)
+
+    @property
+    def enabled(self) -> bool:
+        """False: the patched processors run stock dense attention (no reordering) until switched back on."""
+        return self._state.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._state.enabled = bool(value)
+
+    @property
+    def step(self) -> int:
+        """The sampling step of the latest forward (0-based, within the current run)."""
+        return self._state.tracker.step
+
+    def stats(self) -> dict:
+        """Realised sparsity aggregated over all ASA calls since the last ``reset()`` (see ASA ``stats()``)."""
+        return self._state.asa.stats()
+
+    def reset(self) -> None:
+        """Start a new sampling run: the step counter restarts (dense steps apply again) and the stats are cleared."""
+        self._state.tracker.reset()
+        self._state.asa.reset_stats()
+        self._state.current = None
+
+    def remove(self) -> None:
+        """Restore the stock processors and remove every hook (idempotent)."""
+        if self.removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        for attn, processor in self._originals:
+            attn.set_processor(processor)
+        if getattr(self._transformer, HANDLE_ATTR, None) is self:
+            delattr(self._transformer, HANDLE_ATTR)
+        self.removed = True
+
+
+def install_asa(
+    transformer: nn.Module,
+    family: ModelFamily,
+    config: ASAConfig,
+    *,
+    dense_steps: int = 0,
+) -> ASAHandle:
+    """Patch every block's ``attn1`` with ``family``'s ASA processor and install the reorder / step hooks."""
+    existing = getattr(transformer, HANDLE_ATTR, None)
+    if existing is not None and not existing.removed:
+        raise RuntimeError("this transformer already has ASA applied; call handle.remove() (or unset_...) first")
+    if dense_steps < 0:
+        raise ValueError(f"dense_steps must be >= 0, got {dense_steps}")
+    blocks = family.blocks(transformer)
+    if len(blocks) == 0:
+        raise ValueError("the transformer has no blocks to patch")
+
+    state = ASAState(family=family, asa=AdaptiveBlockSparseAttention(config), dense_steps=int(dense_steps))
+    state.forward_signature = inspect.signature(transformer.forward)
+    block_signature = inspect.signature(blocks[0].forward)
+    state.hidden_slot = _ArgSlot.of(block_signature, "hidden_states")
+    state.temb_slot = _ArgSlot.of(block_signature, family.temb_arg)
+
+    originals = []
+    for block in blocks:
+        originals.append((block.attn1, block.attn1.processor))
+        block.attn1.set_processor(family.make_processor(block.attn1.processor, state))
+
+    hooks = [transformer.register_forward_pre_hook(state.transformer_pre_hook, with_kwargs=True)]
+    rope = family.rope_module(transformer)
+    if rope is not None:
+        hooks.append(rope.register_forward_hook(state.rope_forward_hook))
+    hooks.append(blocks[0].register_forward_pre_hook(state.first_block_pre_hook, with_kwargs=True))
+    for block in blocks[1:]:
+        hooks.append(block.register_forward_pre_hook(state.block_pre_hook, with_kwargs=True))
+    hooks.append(blocks[-1].register_forward_hook(state.last_block_forward_hook, with_kwargs=True))
+
+    handle = ASAHandle(transformer, state, hooks, originals)
+    setattr(transformer, HANDLE_ATTR, handle)
+    return handle
+
+
+def remove_asa(transformer: nn.Module) -> bool:
+    """Remove ASA from a transformer patched by ``apply_asa``; returns False when it was not patched."""
+    handle = getattr(transformer, HANDLE_ATTR, None)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def get_asa_handle(transformer: nn.Module) -> ASAHandle | None:
+    return getattr(transformer, HANDLE_ATTR, None)
+
+
+def resolve_config(config: ASAConfig | dict | None, default: Callable[[], ASAConfig]) -> ASAConfig:
+    """An ``ASAConfig`` from a config, a dict of its fields (e.g. from ``blade_config.json``) or None (default)."""
+    if config is None:
+        return default()
+    if isinstance(config, ASAConfig):
+        return config
+    if isinstance(config, dict):
+        return ASAConfig.from_dict(config)
+    raise TypeError(f"config must be an ASAConfig, a dict or None, got {type(config).__name__}")
+
+
+__all__: Sequence[str] = (
+    "ASAHandle",
+    "ASAState",
+    "ForwardContext",
+    "ModelFamily",
+    "get_asa_handle",
+    "install_asa",
+    "remove_asa",
+    "resolve_config",
+)
