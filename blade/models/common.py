@@ -158,6 +158,9 @@ class ASAState:
     forward_signature: inspect.Signature | None = None
     hidden_slot: _ArgSlot | None = None
     temb_slot: _ArgSlot | None = None
+    # Optional fixed-mask source replacing the prober (training-free baselines: static window, random blocks):
+    # ``(q, k, grid, dense_tail_tokens) -> bool [B|1, H|1, Nq, Nk]``.
+    mask_provider: Callable | None = None
     _contexts: dict = field(default_factory=dict)
 
     # --------------------------------------------------------------------------------------------- contexts
@@ -246,7 +249,10 @@ class ASAState:
         ctx = self.current
         if ctx is not None and ctx.mode == MODE_DENSE:
             return self.asa(q, k, v, dense=True)
-        mask = self.asa.estimate_mask(q, k, dense_tail_tokens)
+        if self.mask_provider is not None and ctx is not None:
+            mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
+        else:
+            mask = self.asa.estimate_mask(q, k, dense_tail_tokens)
         return self.asa.attend(q, k, v, mask)
 
     def processor_mode(self) -> str:
@@ -303,6 +309,15 @@ class ASAHandle:
     def step(self) -> int:
         """The sampling step of the latest forward (0-based, within the current run)."""
         return self._state.tracker.step
+
+    @property
+    def mask_provider(self) -> Callable | None:
+        """A callable ``(q, k, grid, dense_tail_tokens) -> block mask`` used instead of the prober, or None."""
+        return self._state.mask_provider
+
+    @mask_provider.setter
+    def mask_provider(self, provider: Callable | None) -> None:
+        self._state.mask_provider = provider
 
     def stats(self) -> dict:
         """Realised sparsity aggregated over all ASA calls since the last ``reset()`` (see ASA ``stats()``)."""
