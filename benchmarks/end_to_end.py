@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -430,6 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    diffusers.utils.logging.set_verbosity_error()  # e.g. the "keep in float32" notice of `vae.to(bf16)`
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     families = ["wan", "cogvideox"] if args.family == "both" else [args.family]
     log(

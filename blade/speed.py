@@ -1,0 +1,251 @@
+"""Standard inference speed-ups for a diffusers video pipeline that leave what the model computes unchanged.
+
+Everything here is a well-kept, general means (regional `torch.compile`, a lower-precision VAE, cuDNN autotuning,
+channels-last 3D convolutions, fused QKV projections): none changes the math beyond floating-point rounding, and
+none depends on BLADE. They are applied after `apply_asa` and after any LoRA is fused, and they keep working with
+the ASA attention processors patched in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Errors of torch.compile itself (a graph break under `fullgraph=True`, a backend that cannot lower an op ...), as
+# opposed to errors of the model code, which must propagate.
+try:
+    from torch._dynamo.exc import TorchDynamoException as _CompileError
+except ImportError:  # pragma: no cover - very old torch
+    _CompileError = RuntimeError
+
+# Dynamo recompiles a block when a guarded Python value changes (e.g. a step counter read by a patched processor);
+# the default limit (8) would silently leave the blocks uncompiled after a few sampling steps.
+RECOMPILE_LIMIT = 64
+
+
+def _pipeline_device(pipe) -> torch.device:
+    for name in ("transformer", "vae", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            param = next(module.parameters(), None)
+            if param is not None:
+                return param.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regional compilation of the transformer blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's repeated blocks: the classes its `_repeated_blocks` names (diffusers' own list, e.g. Wan),
+    else the modules of its `transformer_blocks` / `blocks` list (e.g. CogVideoX, which has no such list)."""
+    names = getattr(transformer, "_repeated_blocks", None)
+    if names:
+        return [m for m in transformer.modules() if m.__class__.__name__ in names]
+    for attr in ("transformer_blocks", "blocks"):
+        blocks = getattr(transformer, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return list(blocks)
+    raise ValueError(f"Cannot find the repeated blocks of {transformer.__class__.__name__}.")
+
+
+def compile_transformer_blocks(transformer: torch.nn.Module, report: dict[str, Any] | None = None, **kwargs) -> dict:
+    """Regional compilation: `torch.compile` each repeated transformer block (the recipe of diffusers'
+    `compile_repeated_blocks`), trying `fullgraph=True` first and falling back to `fullgraph=False` on a graph
+    break, and to the eager blocks if compilation fails altogether. `kwargs` go to `torch.compile` (e.g. `backend`,
+    `mode`). Returns `report`, updated in place on fallback (`transformer_compile_mode`, `..._compile_errors`)."""
+    report = {} if report is None else report
+    blocks = repeated_blocks(transformer)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    _BlockCompiler(transformer, blocks, report, **kwargs)
+    report["transformer_compiled_blocks"] = len(blocks)
+    return report
+
+
+class _BlockCompiler:
+    """Compile each block, trying in turn `fullgraph=True`, `fullgraph=False`, and no compile at all; move one rung
+    down (for every block, recording why in `report`) when torch.compile fails.
+
+    Whether a block compiles is only known at its first call (e.g. when the ASA processor runs data-dependent
+    code), so each block's compiled callable (`nn.Module.compile` stores it in `_compiled_call_impl`) is wrapped:
+    the wrapper costs one Python call on the normal path.
+    """
+
+    LADDER = ("fullgraph", "graph_breaks", "eager")
+
+    def __init__(self, transformer, blocks: list[torch.nn.Module], report: dict[str, Any], **compile_kwargs):
+        self.transformer = transformer
+        self.blocks = blocks
+        self.report = report
+        self.compile_kwargs = compile_kwargs
+        self.rung = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        mode = self.LADDER[self.rung]
+        self.report["transformer_fullgraph"] = mode == "fullgraph"
+        self.report["transformer_compile_mode"] = mode
+        if mode == "eager":
+            for block in self.blocks:
+                block._compiled_call_impl = None  # back to the plain module call
+            return
+        fullgraph = mode == "fullgraph"
+        if getattr(self.transformer, "_repeated_blocks", None) and hasattr(self.transformer, "compile_repeated_blocks"):
+            self.transformer.compile_repeated_blocks(fullgraph=fullgraph, **self.compile_kwargs)  # diffusers' API
+        else:
+            for block in self.blocks:
+                block.compile(fullgraph=fullgraph, **self.compile_kwargs)
+        for block in self.blocks:
+            block._compiled_call_impl = self._with_fallback(block, block._compiled_call_impl)
+
+    def _with_fallback(self, block: torch.nn.Module, compiled_call):
+        rung = self.rung
+
+        def call(*args, **kwargs):
+            try:
+                return compiled_call(*args, **kwargs)
+            except _CompileError as err:
+                if self.rung != rung:  # another block already moved down; this is not a compile problem
+                    raise
+                message = str(err).strip()
+                summary = f"{type(err).__name__}: {message.splitlines()[0][:300] if message else ''}"
+                self.report.setdefault("transformer_compile_errors", []).append(f"{self.LADDER[rung]}: {summary}")
+                logger.warning("torch.compile (%s) failed, falling back: %s", self.LADDER[rung], message)
+                self.rung += 1
+                torch._dynamo.reset()
+                self._apply()
+                return block(*args, **kwargs)
+
+        return call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VAE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cast_latents_on_decode(vae: torch.nn.Module) -> None:
+    """Make `vae.decode` cast its input latents to the VAE's dtype.
+
+    `WanPipeline` already casts the latents to `vae.dtype` before decoding; `CogVideoXPipeline.decode_latents` does
+    not (it passes the transformer-dtype latents), so a VAE in another dtype than the transformer needs this.
+    """
+    if getattr(vae, "_blade_casts_latents", False):
+        return
+    decode = vae.decode
+
+    def decode_in_vae_dtype(z: torch.Tensor, *args, **kwargs):
+        return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_vae_dtype
+    vae._blade_casts_latents = True
+
+
+@torch.no_grad()
+def conv3d_channels_last_(module: torch.nn.Module) -> int:
+    """Store the weights of every `nn.Conv3d` in `module` channels-last-3D (NDHWC), so cuDNN picks its NDHWC kernels.
+    Only the layout changes; returns the number of convolutions converted. (`module.to(memory_format=...)` would
+    also try to convert other 4D/5D parameters, e.g. the Wan VAE's RMS-norm gains, and fail.)"""
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv3d)]
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return len(convs)
+
+
+def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
+    """`torch.compile` the VAE decoder module. The causal VAEs decode frame by frame with a feature cache, so expect
+    a long first call and a few recompilations (the first frame differs from the rest)."""
+    vae.decoder.compile(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused projections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fuse_qkv_projections(transformer: torch.nn.Module) -> str:
+    """Fuse the Q/K/V projections (one matmul instead of three). Returns what was done.
+
+    Wan's attention modules fuse in place and its processors (stock or ASA, a subclass) read the fused weights.
+    CogVideoX's model-level fusion swaps in `FusedCogVideoXAttnProcessor2_0`, which would silently drop patched
+    (ASA) processors, so it is only used when every processor is the stock one.
+    """
+    attention_modules = [m for m in transformer.modules() if hasattr(m, "fuse_projections") and hasattr(m, "to_q")]
+    processors = getattr(transformer, "attn_processors", {})
+    if processors and all(type(p).__module__.startswith("diffusers.") for p in processors.values()):
+        if hasattr(transformer, "fuse_qkv_projections"):
+            transformer.fuse_qkv_projections()
+            return "fused (diffusers fuse_qkv_projections)"
+    if transformer.__class__.__name__.startswith("Wan"):
+        for module in attention_modules:
+            module.fuse_projections()
+        return f"fused in {len(attention_modules)} attention modules"
+    return "skipped: patched processors do not read fused projections for this model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def speed_up_pipeline(
+    pipe,
+    *,
+    compile_transformer: bool = False,
+    vae_dtype: torch.dtype | None = None,
+    compile_vae: bool = False,
+    channels_last: bool = False,
+    cudnn_benchmark: bool = True,
+    fuse_qkv: bool = False,
+    compile_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled.
+
+    Args:
+        compile_transformer: regional `torch.compile` of the repeated transformer blocks (fullgraph if possible;
+            the returned dict's `transformer_fullgraph` turns False, with the reason, if a graph break forced the
+            fallback at the first call).
+        vae_dtype: run the VAE in this dtype (e.g. bf16); the latents are cast to it before decoding.
+        compile_vae: `torch.compile` the VAE decoder (long first call).
+        channels_last: channels-last-3D memory format for the VAE's 5D convolution weights (cuDNN NDHWC kernels).
+        cudnn_benchmark: let cuDNN autotune convolution algorithms (CUDA only; a no-op elsewhere).
+        fuse_qkv: fuse the self-attention Q/K/V projections.
+        compile_kwargs: extra `torch.compile` arguments (e.g. `{"backend": "aot_eager"}` in tests).
+    """
+    report: dict[str, Any] = {}
+    compile_kwargs = compile_kwargs or {}
+    on_cuda = _pipeline_device(pipe).type == "cuda"
+
+    if cudnn_benchmark and on_cuda:
+        torch.backends.cudnn.benchmark = True
+    report["cudnn_benchmark"] = bool(cudnn_benchmark and on_cuda)
+
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and vae_dtype is not None:
+        vae.to(dtype=vae_dtype)
+        cast_latents_on_decode(vae)
+    report["vae_dtype"] = str(vae.dtype).replace("torch.", "") if vae is not None else None
+
+    if vae is not None and channels_last:
+        conv3d_channels_last_(vae)
+    report["vae_channels_last"] = bool(vae is not None and channels_last)
+
+    if fuse_qkv:
+        report["fuse_qkv"] = fuse_qkv_projections(pipe.transformer)
+
+    if compile_transformer:
+        compile_transformer_blocks(pipe.transformer, report, **compile_kwargs)
+    else:
+        report["transformer_fullgraph"] = None
+    report["compile_transformer"] = bool(compile_transformer)
+
+    if vae is not None and compile_vae:
+        compile_vae_decoder(vae, **compile_kwargs)
+    report["compile_vae"] = bool(vae is not None and compile_vae)
+    return report

@@ -1,0 +1,161 @@
+"""Speed-ups that must not change what the pipeline computes (CPU), and the end-to-end benchmark's smoke run."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from blade.pipelines.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
+from blade.speed import compile_transformer_blocks, repeated_blocks, speed_up_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _video(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red ball rolls left", height=32, width=32, num_frames=9, num_inference_steps=2,
+                guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    args.update(kwargs)
+    return pipe(**args).frames
+
+
+def _benchmark_module():
+    if "end_to_end" not in sys.modules:  # dataclasses need their module registered
+        spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["end_to_end"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["end_to_end"]
+
+
+def _transformer_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 4, 4, generator=g)
+    text = torch.randn(1, 8, 32, generator=g)
+    return dict(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)
+
+
+@pytest.mark.parametrize("builder", [build_tiny_wan_pipeline, build_tiny_cogvideox_pipeline])
+def test_bf16_vae_and_channels_last_keep_the_output(builder):
+    small = dict(height=16, width=16, num_frames=5, num_inference_steps=1)
+    reference = _video(builder(seed=0), **small)
+    pipe = builder(seed=0)
+    report = speed_up_pipeline(pipe, vae_dtype=torch.bfloat16, channels_last=True)
+    assert pipe.vae.dtype == torch.bfloat16 and report["vae_dtype"] == "bfloat16"
+    assert report["cudnn_benchmark"] is False  # CPU: a no-op
+    assert report["compile_transformer"] is False and report["vae_channels_last"] is True
+    video = _video(pipe, **small)
+    assert video.shape == reference.shape and np.isfinite(video).all()
+    # bf16 has an 8-bit mantissa (~0.4% rounding per op); pixels live in [0, 1]. The tiny Wan VAE normalises over
+    # 3 channels, which amplifies rounding at a few pixels, so compare the mean error (max is ~0.2 there).
+    other_seed = _video(builder(seed=0), generator=torch.Generator().manual_seed(1), **small)
+    error = np.abs(video - reference).mean()
+    assert 0 < error < 1e-2  # > 0: the VAE really ran in bf16
+    assert error < 0.25 * np.abs(other_seed - reference).mean()  # still the same video
+
+
+def test_cogvideox_decode_needs_and_gets_the_latent_cast():
+    # CogVideoXPipeline hands transformer-dtype latents to the VAE: without the cast a bf16 VAE fails on fp32 latents
+    pipe = build_tiny_cogvideox_pipeline(seed=0)
+    pipe.vae.to(torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        _video(pipe, num_inference_steps=1)
+
+
+def test_compiled_blocks_match_eager_aot_eager_backend():
+    model = tiny_wan_transformer(seed=0)
+    inputs = _transformer_inputs()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = compile_transformer_blocks(model, backend="aot_eager")
+        out = model(**inputs)[0]
+    assert report["transformer_fullgraph"] is True and report["transformer_compiled_blocks"] == 2
+    assert all(block._compiled_call_impl is not None for block in repeated_blocks(model))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_inductor():
+    model = tiny_wan_transformer(seed=0)
+    inputs = _transformer_inputs()
+    pipe = type("P", (), {"transformer": model, "vae": None})()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = speed_up_pipeline(pipe, compile_transformer=True)
+        out = model(**inputs)[0]
+    assert report["transformer_fullgraph"] is True
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    torch._dynamo.reset()
+
+
+class _GraphBreakingProcessor(WanAttnProcessor):
+    """The stock processor plus a deliberate graph break (as data-dependent Python code would cause)."""
+
+    def __call__(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return super().__call__(*args, **kwargs)
+
+
+def test_graph_break_falls_back_to_non_fullgraph_and_reports_it():
+    model = tiny_wan_transformer(seed=0)
+    for block in model.blocks:
+        block.attn1.set_processor(_GraphBreakingProcessor())
+    inputs = _transformer_inputs(1)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = compile_transformer_blocks(model, backend="eager")
+        assert report["transformer_fullgraph"] is True  # decided at the first call, not before
+        out = model(**inputs)[0]
+        again = model(**inputs)[0]
+    assert report["transformer_fullgraph"] is False and report["transformer_compile_mode"] == "graph_breaks"
+    assert len(report["transformer_compile_errors"]) == 1
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, reference, atol=1e-5, rtol=0)
+    torch._dynamo.reset()
+
+
+def test_fused_qkv_keeps_the_wan_output():
+    model = tiny_wan_transformer(seed=0)
+    inputs = _transformer_inputs(2)
+    pipe = type("P", (), {"transformer": model, "vae": None})()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = speed_up_pipeline(pipe, fuse_qkv=True)
+        out = model(**inputs)[0]
+    assert model.blocks[0].attn1.fused_projections and "fused" in report["fuse_qkv"]
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_end_to_end_benchmark_tiny_smoke(tmp_path):
+    module = _benchmark_module()
+    out = tmp_path / "e2e.json"
+    report = module.main(["--family", "wan", "--tiny", "--no_compile", "--out", str(out)])
+    results = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"baseline", "blade", "dense"}
+    for arm, r in results.items():
+        assert "error" not in r, (arm, r.get("error"))
+        stages = r["stages"]
+        parts = stages["text_encoding_s"] + stages["denoising_s"] + stages["vae_decode_s"] + stages["postprocess_s"]
+        assert parts == pytest.approx(stages["total_s"], rel=1e-6)
+        assert min(stages.values()) >= 0
+    assert results["baseline"]["guidance_scale"] == 5.0 and results["blade"]["guidance_scale"] == 1.0
+    assert results["blade"]["lora_layers_fused"] > 0 and "asa_stats" in results["blade"]
+    assert "asa_stats" not in results["dense"]
+    assert results["blade"]["speedup_total"] == pytest.approx(
+        results["baseline"]["stages"]["total_s"] / results["blade"]["stages"]["total_s"]
+    )
+    assert "| wan | blade |" in report["table"]
+
+
+def test_extrapolation_scales_only_the_denoising_stage():
+    module = _benchmark_module()
+    stages = dict(text_encoding_s=1.0, denoising_s=5.0, vae_decode_s=3.0, postprocess_s=0.5, total_s=9.5)
+    out = module._extrapolate(stages, measured_steps=5, steps=50)
+    assert out["denoising_s"] == pytest.approx(50.0) and out["total_s"] == pytest.approx(54.5)
+    assert out["vae_decode_s"] == 3.0 and module._extrapolate(stages, 50, 50) == stages
