@@ -1,0 +1,291 @@
+"""The short Python API on top of a stock diffusers pipeline.
+
+```python
+from diffusers import WanPipeline
+from blade.api import generate, load_blade_lora
+
+pipe = WanPipeline.from_pretrained("./Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16).to("cuda")
+config = load_blade_lora(pipe, "./blade_wan_lora")  # LoRA + 8-step student sampler + ASA, from blade_config.json
+frames, info = generate(pipe, "a cat walks on the grass", seed=0, steps=8, guidance_scale=1.0,
+                        num_frames=81, height=480, width=832)
+```
+
+`generate` runs the pipeline's own `__call__`; it only times the stages (text encoding, denoising, VAE decode) by
+wrapping `pipe.encode_prompt`, the transformer's forward and `pipe.vae.decode` for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from blade.pipelines.loading import family_of_transformer, load_blade_lora_weights, resolve_lora
+
+__all__ = ["disable_asa", "enable_asa", "generate", "load_blade_lora", "asa_handle"]
+
+_HANDLE_ATTR = "_blade_asa_handle"
+_ADAPTER_NAME = "blade"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ASA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _family_module(family: str):
+    """`blade.models.wan` or `blade.models.cogvideox` (imported lazily: they pull in the attention kernels)."""
+    return importlib.import_module(f"blade.models.{family}")
+
+
+def asa_handle(pipe):
+    """The `ASAHandle` installed by `enable_asa`, or None."""
+    return getattr(pipe, _HANDLE_ATTR, None)
+
+
+def enable_asa(pipe, config: Any = None, dense_steps: int = 0):
+    """Patch the pipeline's transformer with adaptive block-sparse attention (ASA) in every self-attention.
+
+    Args:
+        pipe: a `WanPipeline` or `CogVideoXPipeline` (the family is read from the transformer's class).
+        config: an `ASAConfig`, a dict of its fields, or None for the family's default configuration.
+        dense_steps: the first `dense_steps` sampling steps run dense attention.
+
+    Returns:
+        The `ASAHandle` (`.stats()`, `.reset()`, `.enabled`, `.remove()`). A previous handle is removed first.
+    """
+    disable_asa(pipe)
+    family = family_of_transformer(pipe.transformer)
+    handle = _family_module(family).apply_asa(pipe.transformer, config=config, dense_steps=dense_steps)
+    setattr(pipe, _HANDLE_ATTR, handle)
+    return handle
+
+
+def disable_asa(pipe) -> None:
+    """Restore the stock attention processors (a no-op when ASA is not enabled)."""
+    handle = asa_handle(pipe)
+    if handle is not None:
+        handle.remove()
+        setattr(pipe, _HANDLE_ATTR, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bool = True) -> dict[str, Any]:
+    """Load a BLADE student LoRA into `pipe` and set the pipeline up to sample as the student was trained.
+
+    Args:
+        pipe: a `WanPipeline` or `CogVideoXPipeline`.
+        path: the LoRA .safetensors file or its folder (with `blade_config.json` beside it).
+        fuse: fuse the LoRA into the base weights (no LoRA overhead at inference) and drop the adapter.
+        asa: enable ASA with the config stored in blade_config.json when it has one (`"asa"` not null).
+
+    Returns:
+        The blade_config.json content (`{}` when the folder has none: the stock scheduler is then kept).
+
+    Raises:
+        LoraNotFoundError, LoraError, LoraMismatchError (from `blade.pipelines.loading`).
+    """
+    weights, config = resolve_lora(path)
+    load_blade_lora_weights(pipe, weights, adapter_name=_ADAPTER_NAME)
+    if fuse:
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[_ADAPTER_NAME])
+        pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
+    if config is None:
+        warnings.warn(f"no blade_config.json beside {weights}: keeping the pipeline's scheduler", stacklevel=2)
+        return {}
+    from blade.distill.sampler import BladeStudentScheduler
+
+    pipe.scheduler = BladeStudentScheduler.from_blade_config(config)
+    if asa and config.get("asa"):
+        enable_asa(pipe, config["asa"], dense_steps=int(config.get("dense_steps", 0)))
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation with per-stage timings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _StageClock:
+    """Accumulates wall time per stage; synchronizes CUDA at every boundary so GPU work lands in its stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.marks: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.calls[stage] = self.calls.get(stage, 0) + 1
+
+    def timed(self, stage: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = self.now()
+            self.marks.setdefault(f"{stage}_first_start", start)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = self.now()
+                self.marks[f"{stage}_last_end"] = end
+                self.add(stage, end - start)
+
+        return wrapper
+
+
+@contextmanager
+def _wrapped_attr(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Replace the bound method `obj.name` by `wrap(obj.name)` on the instance, restoring it exactly afterwards."""
+    had_instance_attr = name in vars(obj)
+    previous = vars(obj).get(name)
+    object.__setattr__(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        if had_instance_attr:
+            object.__setattr__(obj, name, previous)
+        else:
+            object.__delattr__(obj, name)
+
+
+@contextmanager
+def _timed_transformer(transformer: torch.nn.Module, clock: _StageClock) -> Iterator[None]:
+    """Time every transformer forward with hooks (works with compiled blocks; no method replacement)."""
+    starts: list[float] = []
+
+    def pre_hook(module, args, kwargs):
+        starts.append(clock.now())
+
+    def post_hook(module, args, kwargs, output):
+        clock.add("transformer", clock.now() - starts.pop())
+
+    handles = [
+        transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        transformer.register_forward_hook(post_hook, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _pipeline_device(pipe) -> torch.device:
+    return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+
+
+def _seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG for one generation and restore it afterwards.
+
+    Whatever draws from the global RNG during sampling (ASA's block prober when its config has no seed) then
+    repeats for the same seed, without disturbing the caller's random state.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    seed: int,
+    steps: int,
+    guidance_scale: float,
+    num_frames: int,
+    height: int,
+    width: int,
+    negative_prompt: str | None = None,
+    **pipeline_kwargs: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Generate one video with the pipeline's own `__call__`, timing each stage.
+
+    Args:
+        pipe: a (possibly ASA-patched, LoRA-loaded) `WanPipeline` or `CogVideoXPipeline`.
+        prompt, negative_prompt: the text prompts.
+        seed: seeds the initial noise (a `torch.Generator` on the pipeline's device), the student sampler's
+            re-noising draws and, for the duration of the call, torch's global RNG (ASA's prober draws from it), so
+            the same seed gives the same video.
+        steps, guidance_scale, num_frames, height, width: as in the pipeline (`guidance_scale <= 1`: no CFG).
+        **pipeline_kwargs: passed on to the pipeline (e.g. `max_sequence_length`).
+
+    Returns:
+        `frames`: float32 `[F, H, W, 3]` in [0, 1];
+        `info`: `{"timings": {"text_encoding_s", "denoising_s", "transformer_s", "vae_decode_s", "total_s"},
+        "transformer_calls": int, "sparsity": float | None, "asa_stats": dict | None}`. `denoising_s` runs from
+        the end of text encoding to the start of the VAE decode (transformer calls + scheduler steps).
+    """
+    device = _pipeline_device(pipe)
+    clock = _StageClock(device)
+    generator = _seeded_generator(seed, device)
+    if hasattr(pipe.scheduler, "set_generator"):  # WanPipeline passes no generator to scheduler.step
+        pipe.scheduler.set_generator(_seeded_generator(seed, device))
+    handle = asa_handle(pipe)
+    if handle is not None:
+        handle.reset()
+
+    start = clock.now()
+    with (
+        _seeded_global_rng(seed, device),
+        _wrapped_attr(pipe, "encode_prompt", lambda fn: clock.timed("text_encoding", fn)),
+        _wrapped_attr(pipe.vae, "decode", lambda fn: clock.timed("vae_decode", fn)),
+        _timed_transformer(pipe.transformer, clock),
+    ):
+        output = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            generator=generator,
+            output_type="np",
+            **pipeline_kwargs,
+        )
+    total = clock.now() - start
+
+    frames = np.asarray(output.frames[0], dtype=np.float32)  # [F, H, W, 3]
+    encode_end = clock.marks.get("text_encoding_last_end", start)
+    decode_start = clock.marks.get("vae_decode_first_start", start + total)
+    timings = {
+        "text_encoding_s": clock.seconds.get("text_encoding", 0.0),
+        "denoising_s": max(0.0, decode_start - encode_end),
+        "transformer_s": clock.seconds.get("transformer", 0.0),
+        "vae_decode_s": clock.seconds.get("vae_decode", 0.0),
+        "total_s": total,
+    }
+    info: dict[str, Any] = {
+        "timings": timings,
+        "transformer_calls": clock.calls.get("transformer", 0),
+        "sparsity": None,
+        "asa_stats": None,
+    }
+    if handle is not None and handle.enabled:
+        stats = handle.stats()
+        info["asa_stats"] = stats
+        # No sparse call at all (every step dense, or a video shorter than one block): nothing was skipped.
+        info["sparsity"] = float(stats["sparsity"]) if stats.get("total_blocks") else 0.0
+    return frames, info

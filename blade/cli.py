@@ -1,0 +1,471 @@
+"""The 8-step inference command shared by `wanx/train/inference.py` and `cogvideox/train/inference.py`.
+
+Everything that can be checked without loading weights is checked first (prompts, model folder, sizes, LoRA file,
+its keys against the transformer's config, output files), so a bad input costs seconds, exits with code 2 and
+writes nothing. Then the pipeline loads, the LoRA is applied, and each prompt gives `NNN_slug.mp4` plus a JSON
+sidecar `NNN_slug.json` (settings, realized sparsity, per-stage timings, versions, device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blade.pipelines.loading import (
+    FAMILIES,
+    LoraError,
+    ModelFolderError,
+    check_lora_keys,
+    check_model_folder,
+    empty_transformer,
+    read_lora_state_dict,
+    resolve_lora,
+    video_size_rules,
+)
+
+__all__ = ["CLIError", "ScriptSpec", "build_parser", "main", "read_prompts", "slugify"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HINT_KEYS = ("num_frames", "height", "width", "fps", "max_sequence_length")
+MODEL_HINTS_FILE = "blade_defaults.json"  # optional, in a model folder: defaults for HINT_KEYS
+
+
+class CLIError(ValueError):
+    """A bad command line: reported as `error: ...` with exit code 2."""
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """What a model folder's inference script fixes: the family, its default model and help texts.
+
+    `default_model_hints` (any of HINT_KEYS) apply when the model is `default_model_path`; `default_model_missing`
+    replaces the download hint when that default folder is missing.
+    """
+
+    family: str
+    description: str
+    default_model_path: Path | None = None
+    default_model_hints: dict[str, Any] = field(default_factory=dict)
+    default_model_missing: str | None = None
+    model_help: str = "local diffusers pipeline folder"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
+    family = FAMILIES[spec.family]
+    p = argparse.ArgumentParser(description=spec.description)
+    model_default = str(spec.default_model_path) if spec.default_model_path else None
+    p.add_argument(
+        "--model_path",
+        default=model_default,
+        required=model_default is None,
+        help=f"{spec.model_help}; never downloaded. {family.download_hint()}"
+        + (" (required)" if model_default is None else ""),
+    )
+    p.add_argument(
+        "--lora_path",
+        default=None,
+        help="BLADE student LoRA: the .safetensors file or its folder; a blade_config.json beside it sets the "
+        "sampler (K anchors, eta) and the ASA config. Default: none (the base model with its own scheduler).",
+    )
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="the text prompt (one of --prompt / --prompt_file is required)")
+    prompts.add_argument(
+        "--prompt_file",
+        help="a text file with one prompt a line; blank lines and lines starting with # are skipped (one of "
+        "--prompt / --prompt_file is required)",
+    )
+    p.add_argument(
+        "--negative_prompt",
+        default=None,
+        help="negative prompt, used only when guidance_scale > 1 (default: the pipeline's)",
+    )
+    p.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help=f"frames per video, 4k+1 (default: the model's; {spec.family}: {family.default_num_frames}, "
+        "TinyWorld: 17)",
+    )
+    p.add_argument(
+        "--height", type=int, default=None, help=f"video height (default: the model's; {family.default_height})"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help=f"video width (default: the model's; {family.default_width})"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: the LoRA's k_step from blade_config.json, else 8); a student LoRA only "
+        "runs at the K it was distilled for",
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance; 1 = off, as distilled students run (default: 1)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="random seed; prompt i uses seed + i (default: 42)")
+    p.add_argument(
+        "--attention",
+        choices=("auto", "asa", "dense"),
+        default="auto",
+        help="self-attention: 'asa' (adaptive block-sparse; the LoRA's ASA config, else the family default), "
+        "'dense', or 'auto' = asa when the LoRA's blade_config.json has an ASA config, else dense (default: auto)",
+    )
+    p.add_argument(
+        "--dense_steps",
+        type=int,
+        default=None,
+        help="with ASA, run the first N steps dense (default: the LoRA's dense_steps, else 0)",
+    )
+    p.add_argument(
+        "--gpu", type=int, default=0, help="CUDA device index; -1 (or no CUDA available) runs on the CPU (default: 0)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="weights and compute dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's repeated blocks, via blade.speed (default: off)",
+    )
+    p.add_argument(
+        "--vae_dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="VAE decode dtype, with blade.speed's faster decode (default: the pipeline's dtype, stock decode)",
+    )
+    p.add_argument(
+        "--output_dir", default="outputs", help="folder for the videos and their JSON sidecars (default: outputs)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files instead of stopping (default: off)"
+    )
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts from --prompt or --prompt_file (one a line; blank lines and `#` comments skipped)."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise CLIError("--prompt is empty")
+        return [args.prompt.strip()]
+    path = Path(args.prompt_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"cannot read --prompt_file {path}: {err}") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise CLIError(f"--prompt_file {path} holds no prompt (only blank or # lines)")
+    return prompts
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "video"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation (no weights loaded)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """Everything resolved from the command line before any weight is loaded."""
+
+    family: str
+    model_path: Path
+    prompts: list[str]
+    device: torch.device
+    dtype: torch.dtype
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    steps: int
+    attention: str  # "asa" | "dense"
+    dense_steps: int
+    lora_file: Path | None
+    blade_config: dict[str, Any] | None
+    pipeline_kwargs: dict[str, Any]
+    outputs: list[tuple[Path, Path]]  # (mp4, json) per prompt
+
+
+def _resolve_device(gpu: int) -> torch.device:
+    if gpu < 0 or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        raise CLIError(f"--gpu {gpu}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device("cuda", gpu)
+
+
+def _model_hints(spec: ScriptSpec, model_path: Path) -> dict[str, Any]:
+    """Defaults for sizes / fps / text length: the model folder's blade_defaults.json, or the script's hints."""
+    hints_file = model_path / MODEL_HINTS_FILE
+    if hints_file.is_file():
+        try:
+            return {k: v for k, v in json.loads(hints_file.read_text()).items() if k in HINT_KEYS}
+        except (OSError, ValueError) as err:
+            raise CLIError(f"cannot read {hints_file}: {err}") from None
+    if _is_default_model(spec, model_path):
+        return {k: v for k, v in spec.default_model_hints.items() if k in HINT_KEYS}
+    return {}
+
+
+def _is_default_model(spec: ScriptSpec, model_path: Path) -> bool:
+    return spec.default_model_path is not None and model_path.resolve() == Path(spec.default_model_path).resolve()
+
+
+def _check_size(family: str, model_path: Path, num_frames: int, height: int, width: int) -> None:
+    mult_h, mult_w, frame_step = video_size_rules(family, model_path)
+    problems = []
+    if height <= 0 or height % mult_h:
+        problems.append(f"--height {height} must be a positive multiple of {mult_h}")
+    if width <= 0 or width % mult_w:
+        problems.append(f"--width {width} must be a positive multiple of {mult_w}")
+    if num_frames <= 0 or (num_frames - 1) % frame_step:
+        problems.append(f"--num_frames {num_frames} must be {frame_step}k+1 (e.g. {frame_step * 4 + 1})")
+    if problems:
+        raise CLIError(f"this {family} model cannot take that size: " + "; ".join(problems))
+
+
+def _check_lora(family: str, model_path: Path, lora_path: str) -> tuple[Path, dict[str, Any] | None]:
+    """Resolve the LoRA and check its keys against the transformer built from config.json on the meta device."""
+    lora_file, blade_config = resolve_lora(lora_path)
+    if blade_config is not None and blade_config.get("family") not in (None, family):
+        raise LoraError(f"{lora_file} was trained for {blade_config['family']!r}, not {family!r}")
+    if blade_config is not None:
+        _check_blade_config(blade_config, lora_file)
+    state_dict, _ = read_lora_state_dict(family, lora_file)
+    check_lora_keys(empty_transformer(family, model_path), state_dict)
+    return lora_file, blade_config
+
+
+def _check_blade_config(config: dict[str, Any], lora_file: Path) -> None:
+    """Build the student sampler and the ASA config once, so a bad blade_config.json fails before any weight loads."""
+    from blade.attention.asa import ASAConfig
+    from blade.distill.sampler import BladeStudentScheduler
+
+    try:
+        BladeStudentScheduler.from_blade_config(config)
+        if config.get("asa"):
+            ASAConfig.from_dict(config["asa"])
+    except (TypeError, ValueError) as err:
+        raise LoraError(f"blade_config.json beside {lora_file} is invalid: {err}") from None
+
+
+def _check_speed_flags(args: argparse.Namespace) -> None:
+    if not (args.compile or args.vae_dtype):
+        return
+    try:
+        from blade.speed import speed_up_pipeline  # noqa: F401
+    except ImportError as err:
+        raise CLIError(f"--compile / --vae_dtype need blade.speed, which cannot be imported: {err}") from None
+
+
+def _output_paths(output_dir: Path, prompts: list[str], overwrite: bool) -> list[tuple[Path, Path]]:
+    outputs = []
+    for i, prompt in enumerate(prompts):
+        stem = f"{i:03d}_{slugify(prompt)}"
+        outputs.append((output_dir / f"{stem}.mp4", output_dir / f"{stem}.json"))
+    existing = [str(p) for pair in outputs for p in pair if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise CLIError(f"output exists: {', '.join(existing[:3])}{more} (pass --overwrite or another --output_dir)")
+    return outputs
+
+
+def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
+    """Validate the command line against the model folder and LoRA without loading any weight."""
+    family = FAMILIES[spec.family]
+    prompts = read_prompts(args)
+    model_path = Path(args.model_path)
+    hint = spec.default_model_missing if _is_default_model(spec, model_path) else None
+    check_model_folder(spec.family, model_path, hint=hint)
+    lora_file, blade_config = _check_lora(spec.family, model_path, args.lora_path) if args.lora_path else (None, None)
+    cfg = blade_config or {}
+
+    hints = {**_model_hints(spec, model_path), **{k: cfg[k] for k in HINT_KEYS if k in cfg}}
+    defaults = {"num_frames": family.default_num_frames, "height": family.default_height, "width": family.default_width}
+    num_frames, height, width = (
+        getattr(args, key) if getattr(args, key) is not None else int(hints.get(key, default))
+        for key, default in defaults.items()
+    )
+    _check_size(spec.family, model_path, num_frames, height, width)
+
+    k_step = cfg.get("k_step")
+    steps = args.steps if args.steps is not None else int(k_step or 8)
+    if steps <= 0:
+        raise CLIError(f"--steps must be positive, got {steps}")
+    if k_step is not None and steps != int(k_step):
+        raise CLIError(f"--steps {steps}: this LoRA was distilled for {k_step} steps (its blade_config.json k_step)")
+    attention = args.attention if args.attention != "auto" else ("asa" if cfg.get("asa") else "dense")
+    dense_steps = args.dense_steps if args.dense_steps is not None else int(cfg.get("dense_steps", 0))
+    if dense_steps < 0:
+        raise CLIError(f"--dense_steps must be >= 0, got {dense_steps}")
+    _check_speed_flags(args)
+
+    device = _resolve_device(args.gpu)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    pipeline_kwargs = {}
+    if "max_sequence_length" in hints:  # TinyWorld trains with 32 text tokens, not Wan's 512
+        pipeline_kwargs["max_sequence_length"] = int(hints["max_sequence_length"])
+    return Job(
+        family=spec.family,
+        model_path=model_path,
+        prompts=prompts,
+        device=device,
+        dtype=dtype,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        fps=float(hints.get("fps", family.fps)),
+        steps=steps,
+        attention=attention,
+        dense_steps=dense_steps,
+        lora_file=lora_file,
+        blade_config=blade_config,
+        pipeline_kwargs=pipeline_kwargs,
+        outputs=_output_paths(Path(args.output_dir), prompts, args.overwrite),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """Load the pipeline, apply the LoRA (+ student sampler), ASA and the optional speed-ups.
+
+    Returns:
+        The pipeline and blade.speed's report of what it enabled (None without --compile / --vae_dtype).
+    """
+    from blade.api import enable_asa, load_blade_lora
+    from blade.pipelines.loading import load_pipeline
+
+    pipe = load_pipeline(job.family, job.model_path, dtype=job.dtype, device=job.device)
+    if job.lora_file is not None:
+        load_blade_lora(pipe, job.lora_file, fuse=True, asa=False)  # ASA below, with the CLI's dense_steps
+    if job.attention == "asa":
+        enable_asa(pipe, (job.blade_config or {}).get("asa"), dense_steps=job.dense_steps)
+    speed_report = None
+    if args.compile or args.vae_dtype:
+        from blade.speed import speed_up_pipeline
+
+        vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
+        speed_report = speed_up_pipeline(pipe, compile_transformer=args.compile, vae_dtype=vae_dtype)
+    return pipe, speed_report
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import blade
+
+    out = {"python": platform.python_version(), "blade": blade.__version__}
+    for name in ("torch", "diffusers", "transformers", "peft"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
+def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    from blade.video import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run(job: Job, args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from blade.api import generate
+    from blade.video import export_mp4
+
+    pipe, speed_report = build_pipeline(job, args)
+    versions, device_name = _versions(), _device_name(job.device)
+    for i, (prompt, (video_path, sidecar_path)) in enumerate(
+        tqdm(list(zip(job.prompts, job.outputs)), desc="prompts", unit="video")
+    ):
+        seed = args.seed + i
+        frames, info = generate(
+            pipe,
+            prompt,
+            seed=seed,
+            steps=job.steps,
+            guidance_scale=args.guidance_scale,
+            num_frames=job.num_frames,
+            height=job.height,
+            width=job.width,
+            negative_prompt=args.negative_prompt,
+            **job.pipeline_kwargs,
+        )
+        export_mp4(frames, video_path, fps=job.fps)
+        sidecar = {
+            "video": video_path.name,
+            "prompt": prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": seed,
+            "steps": job.steps,
+            "guidance_scale": args.guidance_scale,
+            "num_frames": int(frames.shape[0]),
+            "height": int(frames.shape[1]),
+            "width": int(frames.shape[2]),
+            "fps": job.fps,
+            "attention": job.attention,
+            "dense_steps": job.dense_steps if job.attention == "asa" else None,
+            "sparsity": info["sparsity"],
+            "asa_stats": info["asa_stats"],
+            "timings": info["timings"],
+            "transformer_calls": info["transformer_calls"],
+            "family": job.family,
+            "model_path": str(job.model_path),
+            "lora_path": str(job.lora_file) if job.lora_file else None,
+            "blade_config": job.blade_config,
+            "scheduler": type(pipe.scheduler).__name__,
+            "dtype": str(job.dtype).removeprefix("torch."),
+            "speed": speed_report,
+            "device": device_name,
+            "versions": versions,
+        }
+        _write_json_atomic(sidecar, sidecar_path)
+        tqdm.write(f"wrote {video_path} ({info['timings']['total_s']:.1f} s)")
+
+
+def main(spec: ScriptSpec, argv: Sequence[str] | None = None) -> int:
+    """Parse, validate (exit code 2 on a bad input, nothing written), then generate. Returns the exit code."""
+    args = build_parser(spec).parse_args(argv)
+    try:
+        job = prepare_job(spec, args)
+        run(job, args)
+    except (CLIError, ModelFolderError, LoraError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

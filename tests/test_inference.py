@@ -1,0 +1,327 @@
+"""The inference scripts and the Python API on tiny pipelines saved to disk (offline, CPU).
+
+Two end-to-end runs go through the real scripts as subprocesses; the bad-input cases call the same `main` in
+process (they stop before any weight is loaded, so they are cheap).
+"""
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from blade.api import enable_asa, generate, load_blade_lora
+from blade.distill.sampler import BladeStudentScheduler
+from blade.pipelines.loading import LoraMismatchError, load_pipeline
+from blade.pipelines.tiny import (
+    build_tiny_cogvideox_pipeline,
+    build_tiny_wan_pipeline,
+    tiny_cogvideox_transformer,
+    tiny_wan_transformer,
+)
+from blade.video import read_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+WAN_SCRIPT = REPO / "wanx" / "train" / "inference.py"
+COG_SCRIPT = REPO / "cogvideox" / "train" / "inference.py"
+
+# Small enough for a CPU, large enough for ASA to have several 16-token blocks (9x64x64 -> 3x4x4 = 48 Wan tokens).
+WAN_SIZE = ["--num_frames", "9", "--height", "64", "--width", "64"]
+COG_SIZE = ["--num_frames", "9", "--height", "32", "--width", "32"]
+ASA = {"block_size": 16, "pool_size": 4, "min_keep": 0.3, "max_keep": 0.6, "threshold": 0.9}
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"script_{path.parent.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_lora_one_step(transformer: torch.nn.Module, inputs: dict, rank: int = 4) -> dict:
+    """Add a LoRA to every attention projection and take one Adam step on a toy loss; returns its state dict."""
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    out = transformer(**inputs, return_dict=False)[0]
+    out.pow(2).mean().backward()
+    optimizer.step()
+    return get_peft_model_state_dict(transformer)
+
+
+def _save_lora(pipeline_cls, state_dict: dict, folder: Path, blade_config: dict | None) -> Path:
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state_dict)
+    if blade_config is not None:
+        (folder / "blade_config.json").write_text(json.dumps(blade_config))
+    return folder
+
+
+def _blade_config(family: str, asa: dict | None) -> dict:
+    return {
+        "family": family,
+        "k_step": 2,
+        "anchors": [999, 499],
+        "eta": 0.9,
+        "prediction_type": "flow" if family == "wan" else "v_prediction",
+        "shift": 1.0,
+        "asa": asa,
+        "dense_steps": 0,
+        "lora_rank": 4,
+        "lora_alpha": 4,
+    }
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny Wan / CogVideoX pipeline folders and LoRAs: matching ones (with blade_config.json) and a mismatched one."""
+    root = tmp_path_factory.mktemp("inference")
+    wan, cog = build_tiny_wan_pipeline(seed=0), build_tiny_cogvideox_pipeline(seed=0)
+    wan.save_pretrained(root / "wan")
+    cog.save_pretrained(root / "cogvideox")
+
+    wan_inputs = dict(
+        hidden_states=torch.randn(1, 16, 3, 8, 8),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 8, 32),
+    )
+    wan_lora = _train_lora_one_step(tiny_wan_transformer(seed=0), wan_inputs)
+    cog_inputs = dict(
+        hidden_states=torch.randn(1, 3, 4, 4, 4),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 16, 32),
+    )
+    cog_lora = _train_lora_one_step(tiny_cogvideox_transformer(seed=0), cog_inputs)
+    wider = tiny_wan_transformer(seed=0, attention_head_dim=32)  # another model size: every projection differs
+    wider_lora = _train_lora_one_step(wider, dict(wan_inputs))
+    return {
+        "root": root,
+        "wan": root / "wan",
+        "cogvideox": root / "cogvideox",
+        "wan_lora": _save_lora(type(wan), wan_lora, root / "wan_lora", _blade_config("wan", ASA)),
+        "cog_lora": _save_lora(type(cog), cog_lora, root / "cog_lora", _blade_config("cogvideox", ASA)),
+        "wider_lora": _save_lora(type(wan), wider_lora, root / "wider_lora", None),
+    }
+
+
+def _run_script(script: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def _check_outputs(out_dir: Path, prompts: list[str], shape: tuple[int, ...]) -> list[dict]:
+    videos = sorted(out_dir.glob("*.mp4"))
+    assert [v.name[:4] for v in videos] == [f"{i:03d}_" for i in range(len(prompts))]
+    sidecars = []
+    for video, prompt in zip(videos, prompts):
+        assert read_mp4(video).shape == shape
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["prompt"] == prompt and sidecar["video"] == video.name
+        assert (sidecar["num_frames"], sidecar["height"], sidecar["width"]) == shape[:3]
+        assert set(sidecar["timings"]) == {"text_encoding_s", "denoising_s", "transformer_s", "vae_decode_s", "total_s"}
+        assert all(v >= 0 for v in sidecar["timings"].values())
+        assert sidecar["timings"]["total_s"] >= sidecar["timings"]["vae_decode_s"] > 0
+        assert sidecar["versions"]["torch"] == importlib.metadata.version("torch")
+        sidecars.append(sidecar)
+    return sidecars
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def test_wan_script_with_asa_lora_end_to_end(assets, tmp_path):
+    prompts = ["a red ball moves left", "a blue cube jumps"]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"# two prompts\n{prompts[0]}\n\n   \n{prompts[1]}\n")
+    out_dir = tmp_path / "out"
+    args = [
+        "--model_path",
+        str(assets["wan"]),
+        "--lora_path",
+        str(assets["wan_lora"]),
+        "--prompt_file",
+        str(prompt_file),
+    ]
+    result = _run_script(WAN_SCRIPT, [*args, *WAN_SIZE, "--seed", "7", "--output_dir", str(out_dir)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    sidecars = _check_outputs(out_dir, prompts, (9, 64, 64, 3))
+    for i, sidecar in enumerate(sidecars):
+        assert sidecar["seed"] == 7 + i
+        assert sidecar["steps"] == 2  # the LoRA's k_step
+        assert sidecar["attention"] == "asa"  # auto: the LoRA's blade_config has an ASA config
+        assert 0.0 <= sidecar["sparsity"] <= 1.0
+        assert sidecar["asa_stats"]["total_blocks"] > 0
+        assert sidecar["scheduler"] == "BladeStudentScheduler"
+        assert sidecar["fps"] == 16 and sidecar["device"] == "cpu" and sidecar["dtype"] == "float32"
+        assert Path(sidecar["lora_path"]).name == "pytorch_lora_weights.safetensors"
+
+    # The video holds what the API generates for the same settings (up to the codec).
+    pipe = load_pipeline("wan", assets["wan"])
+    load_blade_lora(pipe, assets["wan_lora"])
+    frames, info = generate(pipe, prompts[1], seed=8, steps=2, guidance_scale=1.0, num_frames=9, height=64, width=64)
+    assert info["sparsity"] == pytest.approx(sidecars[1]["sparsity"])
+    expected = np.round(frames * 255).astype(np.uint8)
+    assert _psnr(read_mp4(out_dir / sidecars[1]["video"]), expected) > 30
+
+
+def test_cogvideox_script_end_to_end(assets, tmp_path):
+    out_dir = tmp_path / "out"
+    lora_file = assets["cog_lora"] / "pytorch_lora_weights.safetensors"
+    args = ["--model_path", str(assets["cogvideox"]), "--lora_path", str(lora_file), "--prompt", "a cat runs"]
+    result = _run_script(COG_SCRIPT, [*args, *COG_SIZE, "--output_dir", str(out_dir)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sidecar,) = _check_outputs(out_dir, ["a cat runs"], (9, 32, 32, 3))
+    assert sidecar["attention"] == "asa" and 0.0 <= sidecar["sparsity"] <= 1.0
+    assert sidecar["fps"] == 8 and sidecar["seed"] == 42 and sidecar["steps"] == 2
+    assert sidecar["transformer_calls"] == 2  # guidance 1: no CFG pass
+
+
+@pytest.fixture(scope="module")
+def wan_pipe(assets):
+    pipe = load_pipeline("wan", assets["wan"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, seed: int, size: int = 64) -> np.ndarray:
+    frames, _ = generate(
+        pipe, "a red ball", seed=seed, steps=2, guidance_scale=1.0, num_frames=9, height=size, width=size
+    )
+    return frames
+
+
+def test_seeds_reproduce_with_asa(wan_pipe):
+    handle = enable_asa(wan_pipe, ASA)
+    try:
+        first, again, other = _generate(wan_pipe, 3), _generate(wan_pipe, 3), _generate(wan_pipe, 4)
+        assert handle.stats()["total_blocks"] > 0  # ASA did run
+    finally:
+        handle.remove()
+    assert first.shape == (9, 64, 64, 3) and first.dtype == np.float32
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 1e-3
+
+
+def test_lora_file_and_folder_load_the_same_and_change_the_output(assets):
+    def student(lora_path):
+        pipe = load_pipeline("wan", assets["wan"])
+        pipe.set_progress_bar_config(disable=True)
+        config = load_blade_lora(pipe, lora_path, asa=False)
+        assert isinstance(pipe.scheduler, BladeStudentScheduler) and config["k_step"] == 2
+        return _generate(pipe, 5, size=32)
+
+    from_folder = student(assets["wan_lora"])
+    from_file = student(assets["wan_lora"] / "pytorch_lora_weights.safetensors")
+    assert np.array_equal(from_folder, from_file)
+
+    base = load_pipeline("wan", assets["wan"])  # same sampler, no LoRA
+    base.set_progress_bar_config(disable=True)
+    base.scheduler = BladeStudentScheduler.from_blade_config(_blade_config("wan", None))
+    assert np.abs(_generate(base, 5, size=32) - from_folder).max() > 1e-3
+
+
+def test_mismatched_lora_is_refused_by_the_api(assets, wan_pipe):
+    with pytest.raises(LoraMismatchError, match="do not match"):
+        load_blade_lora(wan_pipe, assets["wider_lora"])
+    assert not hasattr(wan_pipe.transformer, "peft_config")  # nothing was loaded
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    incomplete = tmp / "incomplete"
+    incomplete.mkdir()
+    for name in ("model_index.json", "transformer", "text_encoder", "tokenizer", "scheduler"):  # no vae/
+        (incomplete / name).symlink_to(assets["wan"] / name)
+    empty_prompts = tmp / "empty.txt"
+    empty_prompts.write_text("\n# only a comment\n   \n")
+    corrupt = tmp / "corrupt" / "pytorch_lora_weights.safetensors"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header" + bytes(64))
+    bad_config = tmp / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "pytorch_lora_weights.safetensors").symlink_to(
+        assets["wan_lora"] / "pytorch_lora_weights.safetensors"
+    )
+    (bad_config / "blade_config.json").write_text(json.dumps({**_blade_config("wan", {"block_size": 10}), "eta": 2}))
+    wan = ["--model_path", str(assets["wan"])]
+    return {
+        "missing model": (["--model_path", str(tmp / "nowhere")], "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B"),
+        "incomplete model": (["--model_path", str(incomplete)], "missing vae/"),
+        "bad height": ([*wan, "--height", "40"], "--height 40 must be a positive multiple of 16"),
+        "bad frames": ([*wan, "--num_frames", "10"], "--num_frames 10 must be 4k+1"),
+        "empty prompt file": ([*wan, "--prompt_file", str(empty_prompts)], "holds no prompt"),
+        "missing lora": ([*wan, "--lora_path", str(tmp / "no_lora")], "LoRA not found"),
+        "corrupt lora": ([*wan, "--lora_path", str(corrupt.parent)], "not a readable safetensors file"),
+        "mismatched lora": ([*wan, "--lora_path", str(assets["wider_lora"])], "do not match"),
+        "invalid blade_config": ([*wan, "--lora_path", str(bad_config)], "blade_config.json beside"),
+        "lora for another family": ([*wan, "--lora_path", str(assets["cog_lora"])], "trained for 'cogvideox'"),
+        "steps off the LoRA's K": ([*wan, "--lora_path", str(assets["wan_lora"]), "--steps", "8"], "distilled for 2"),
+        "existing output": (wan, "output exists"),
+    }
+
+
+def test_bad_inputs_exit_2_and_write_nothing(assets, tmp_path, capsys):
+    wan_script = _load_script(WAN_SCRIPT)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "000_a-dog.mp4").write_bytes(b"an older video")  # what "existing output" must not overwrite
+    before = _tree(out_dir)
+    for name, (args, message) in _bad_cases(assets, tmp_path).items():
+        argv = ["--prompt", "a dog", *WAN_SIZE, "--output_dir", str(out_dir), *args]
+        if "--prompt_file" in args:
+            argv = argv[2:]
+        assert wan_script.main(wan_script.SPEC, argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (name, err)
+        assert _tree(out_dir) == before, name
+
+
+def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monkeypatch, capsys):
+    wan_script = _load_script(WAN_SCRIPT)
+    out_dir = tmp_path / "out"
+    argv = ["--model_path", str(assets["wan"]), "--prompt", "a dog", "--num_frames", "5", "--height", "32"]
+    argv += ["--width", "32", "--steps", "2", "--output_dir", str(out_dir), "--vae_dtype", "bfloat16"]
+    assert wan_script.main(wan_script.SPEC, argv) == 0, capsys.readouterr().err
+    (sidecar,) = _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3))
+    assert sidecar["speed"]["vae_dtype"] == "bfloat16" and sidecar["speed"]["compile_transformer"] is False
+    assert sidecar["attention"] == "dense" and sidecar["sparsity"] is None  # auto without a LoRA: dense
+    assert sidecar["scheduler"] == "UniPCMultistepScheduler"
+
+    monkeypatch.setitem(sys.modules, "blade.speed", None)  # as if blade/speed.py were absent: its import fails
+    assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite", "--compile"]) == 2
+    assert "--compile / --vae_dtype need blade.speed" in capsys.readouterr().err
+    assert _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3)) == [sidecar]  # untouched
+
+
+def test_cogvideox_script_requires_model_path(capsys):
+    cog_script = _load_script(COG_SCRIPT)
+    with pytest.raises(SystemExit) as exit_info:
+        cog_script.main(cog_script.SPEC, ["--prompt", "a dog"])
+    assert exit_info.value.code == 2
+    assert "--model_path" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag_with_its_default():
+    from blade.cli import build_parser
+
+    for script in (WAN_SCRIPT, COG_SCRIPT):
+        parser = build_parser(_load_script(script).SPEC)
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and ("default" in action.help.lower() or "required" in action.help), action.dest
