@@ -116,3 +116,106 @@ def test_samples_stay_inside_real_tokens_of_each_block(length, block):
     assert pos.max() < length and pos.min() >= 0
     last = blocks[..., -1, :]
     assert last.min() >= (n_blocks - 1) * block and len(torch.unique(last)) > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast selection (topk) and the fused Triton prober
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sorted_selection(importance, threshold, min_keep, max_keep):
+    """Independent reference of the selection rule: a full stable sort of each row (the original algorithm)."""
+    n_k = importance.shape[-1]
+    sorted_mass, order = torch.sort(importance, dim=-1, descending=True, stable=True)
+    count = (sorted_mass.cumsum(-1) < threshold).sum(-1, keepdim=True) + 1
+    low = min(max(math.ceil(min_keep * n_k - 1e-9), 1), n_k)
+    high = min(max(math.ceil(max_keep * n_k - 1e-9), low), n_k)
+    keep_sorted = torch.arange(n_k) < count.clamp(low, high)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+@pytest.mark.parametrize("max_keep", [0.1, 0.17, 0.5, 1.0])
+def test_topk_selection_equals_full_sort_including_ties(max_keep):
+    g = torch.Generator().manual_seed(2)
+    imp = torch.softmax(torch.randn(2, 3, 6, 40, generator=g) * 2, dim=-1)
+    imp[0, 0, 0] = 1.0 / 40  # an all-tie row: the lowest columns win, as in a stable sort
+    imp[0, 0, 1, ::2] = imp[0, 0, 1, 1]  # many ties inside a row
+    imp[1, 2, 3] = torch.roll(imp[1, 2, 3], 1) * 0  # an all-zero row
+    for threshold in (0.3, 0.9, 1.0):
+        got = select_blocks(imp, threshold, 0.05, max_keep)
+        assert torch.equal(got, sorted_selection(imp, threshold, 0.05, max_keep))
+    # Negative scores rank below positive ones (order-preserving float bits).
+    signed = torch.tensor([[-0.5, 0.25, -2.0, 0.0, 1.5, -0.1]])
+    assert select_blocks(signed, 10.0, 0.0, 0.3).tolist() == [[False, True, False, False, True, False]]
+    assert select_blocks(signed, 10.0, 0.0, 0.5).tolist() == [[False, True, False, True, True, False]]
+
+
+@pytest.fixture(scope="module")
+def triton_prober():
+    """The fused prober module built by the Triton CPU interpreter (or the real kernel on a GPU)."""
+    import importlib
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    pytest.importorskip("triton", reason="triton is not importable")
+    from blade.attention.kernels import triton_prober as module
+
+    if not torch.cuda.is_available() and not module._interpreting():
+        module = importlib.reload(module)  # imported before TRITON_INTERPRET was set
+    if not torch.cuda.is_available() and not module._interpreting():
+        pytest.skip("the Triton interpreter could not be enabled")
+    return module
+
+
+PROBER_CASES = {
+    # (B, H, Lq, Lk, D, block, samples, dtype)
+    "ragged_lq_ne_lk": (1, 2, 150, 90, 16, 32, 8, torch.float32),
+    "samples_16_fp16": (1, 2, 160, 128, 32, 32, 16, torch.float16),
+    "bf16_scaled_inputs": (2, 1, 96, 96, 16, 16, 4, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(PROBER_CASES))
+def test_fused_prober_matches_torch_importance_and_mask(triton_prober, name):
+    batch, heads, q_len, k_len, dim, block, samples, dtype = PROBER_CASES[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(batch, heads, q_len, dim, generator=g) * 2).to(device=device, dtype=dtype)
+    k = (torch.randn(batch, heads, k_len, dim, generator=g) * 2).to(device=device, dtype=dtype)
+    q_pos = sample_block_positions(q_len, block, samples, (batch, heads), q.device, torch.Generator().manual_seed(1))
+    k_pos = sample_block_positions(k_len, block, samples, (batch, heads), q.device, torch.Generator().manual_seed(2))
+    got = triton_prober.sampled_block_importance(q, k, q_pos, k_pos, samples)
+    # Independent float64 reference: dense softmax of the gathered samples, max-pooled per tile, row-normalised.
+    qs = q.double().gather(2, q_pos[..., None].expand(-1, -1, -1, dim))
+    ks = k.double().gather(2, k_pos[..., None].expand(-1, -1, -1, dim))
+    probs = torch.softmax(qs @ ks.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+    n_q, n_k = q_pos.shape[-1] // samples, k_pos.shape[-1] // samples
+    pooled = probs.view(batch, heads, n_q, samples, n_k, samples).amax(dim=(3, 5))
+    expected = pooled / pooled.sum(-1, keepdim=True)
+    assert got.shape == (batch, heads, n_q, n_k) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=2e-6, rtol=1e-4)
+
+    # Through estimate_block_mask: same generator state -> same positions -> the same mask as the torch path.
+    kwargs = dict(block_size=block, samples_per_block=samples, threshold=0.8, min_keep=0.1, max_keep=0.6)
+    fused = estimate_block_mask(q, k, generator=torch.Generator().manual_seed(5), backend="triton", **kwargs)
+    ref = estimate_block_mask(q, k, generator=torch.Generator().manual_seed(5), backend="torch", **kwargs)
+    assert torch.equal(fused, ref)
+    assert 0 < fused.sum() < fused.numel()
+
+
+def test_fused_prober_refuses_unsupported_samples(triton_prober):
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="does not support"):
+        estimate_block_mask(q, q, block_size=32, samples_per_block=6, backend="triton")
+    with pytest.raises(ValueError, match="prober backend"):
+        estimate_block_mask(q, q, block_size=32, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_prober_full_size_matches_torch_prober():
+    q, k = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    fused = estimate_block_mask(q, k, generator=torch.Generator(device="cuda").manual_seed(0), backend="triton")
+    ref = estimate_block_mask(q, k, generator=torch.Generator(device="cuda").manual_seed(0), backend="torch")
+    # Both use bf16 products with fp32 sums; only near-ties at the threshold may differ.
+    assert (fused != ref).float().mean() < 1e-3

@@ -156,6 +156,49 @@ def test_kv_block_index_lists_kept_blocks_in_order():
     assert bool((head_totals[:-1] >= head_totals[1:]).all())
 
 
+def _lists_by_hand(mask):
+    """Kept columns of every row of a [B, H, R, C] mask, then the dropped ones, both increasing (python loops)."""
+    rows = mask.reshape(-1, mask.shape[-1]).cpu().tolist()
+    counts = [sum(r) for r in rows]
+    index = [[c for c, x in enumerate(r) if x] + [c for c, x in enumerate(r) if not x] for r in rows]
+    return counts, index
+
+
+@pytest.mark.parametrize("view", ["plain", "transposed", "broadcast_batch", "broadcast_head_transposed"])
+def test_triton_list_builder_matches_hand_lists_on_any_strides(view):
+    base = torch.rand(2, 3, 5, 9, generator=torch.Generator().manual_seed(8)) < 0.4
+    base[0, 0, 0] = False  # an empty row
+    base[1, 2, 4] = True  # a full row
+    mask = {
+        "plain": base,
+        "transposed": base.transpose(-1, -2),
+        "broadcast_batch": base[:1].expand(2, 3, 5, 9),
+        "broadcast_head_transposed": base[:, :1].expand(2, 3, 5, 9).transpose(-1, -2),
+    }[view].to(DEVICE)
+    counts, index, order = triton_bsa.build_kv_block_index(mask)
+    want_counts, want_index = _lists_by_hand(mask)
+    assert counts.tolist() == want_counts and index.tolist() == want_index
+    ref = triton_bsa.build_kv_block_index_torch(mask)
+    assert torch.equal(order, ref[2]) and torch.equal(index, ref[1]) and torch.equal(counts, ref[0])
+
+
+def test_config_sets_switch_and_restore():
+    mask = torch.rand(1, 2, 3, 4, generator=torch.Generator().manual_seed(9)) < 0.5
+    assert triton_bsa._ACTIVE[0] == "v2"
+    with triton_bsa.config_set("v1"):
+        assert triton_bsa._ACTIVE[0] == "v1"
+        v1_lists = triton_bsa.build_kv_block_index(mask.to(DEVICE))
+    assert triton_bsa._ACTIVE[0] == "v2"
+    for a, b in zip(v1_lists, triton_bsa.build_kv_block_index(mask.to(DEVICE))):
+        assert torch.equal(a, b)
+    # v2 only adds configs: whatever v1 could pick, v2 can too.
+    for kernel in ("fwd", "dq", "dkdv"):
+        assert set(triton_bsa._CONFIG_SETS["v1"][kernel]) <= set(triton_bsa._CONFIG_SETS["v2"][kernel])
+    with pytest.raises(ValueError, match="unknown config set"):
+        with triton_bsa.config_set("v9"):
+            pass
+
+
 def test_unsupported_configurations_raise_value_error():
     q = torch.randn(1, 1, 64, 48, device=DEVICE)
     mask = torch.ones(1, 1, 2, 2, dtype=torch.bool, device=DEVICE)

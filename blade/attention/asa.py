@@ -136,11 +136,11 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     @staticmethod
     def _summary(kept: float, total: float, pooled_weighted: float) -> dict:
-        density = kept / total if total else 0.0
+        density = kept / total if total else 1.0  # no call yet: nothing was skipped
         pooled = pooled_weighted / total if total else 0.0
         return {
             "sparsity": 1.0 - density,
-            "sparsity_paper": 1.0 - density - pooled,
+            "sparsity_paper": max(0.0, 1.0 - density - pooled),  # the paper's form; clipped for near-dense calls
             "kept_blocks": int(round(kept)),
             "total_blocks": int(total),
             "density": density,
@@ -148,6 +148,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- stats
     def reset_stats(self) -> None:
+        """Clear the counters and restart the seeded prober generator (a seeded run then repeats exactly)."""
+        self._generators = {}
         self._kept_sum: torch.Tensor | None = None
         self._total_sum = 0
         self._pooled_weighted = 0.0

@@ -6,16 +6,23 @@ block importance, and each query-block row is normalised to sum 1. Per row, the 
 until their cumulative mass reaches ``threshold`` (the crossing block included), with the count clamped to
 ``[ceil(min_keep * Nk), ceil(max_keep * Nk)]`` and to ``[1, Nk]``. The cost is about ``(samples / block_size)^2`` of
 dense ``Q K^T`` (1/64 for 16 samples in 128-token blocks).
+
+On CUDA the importance comes from a fused Triton kernel (``kernels/triton_prober.py``) that never materialises the
+sampled score matrix; the torch code here is the reference and the CPU path. Both use the same sampled positions
+(drawn here, in torch), so they give the same mask for the same generator state.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 # Budget for one head-chunk of sampled scores (float32 elements): ~256 MiB.
 _SCORE_ELEMENTS = 64 * 1024 * 1024
+# Set (with the error) when the fused prober failed to run: "auto" then stays on the torch path.
+_FUSED_PROBER_FAILED: list = []
 
 
 def _ceil_fraction(fraction: float, n: int) -> int:
@@ -74,6 +81,23 @@ def block_importance(q_samples: torch.Tensor, k_samples: torch.Tensor, samples: 
     return importance / importance.sum(dim=-1, keepdim=True)
 
 
+def _ranked_blocks(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of each row, in the order of a stable descending sort.
+
+    For ``k`` below the row length this is a ``topk`` over a composite int64 key (order-preserving float bits,
+    then the reversed column index), so ties go to the lower column exactly as with ``torch.sort(stable=True)``
+    while costing far less than a full sort when ``k`` is small (``max_keep``).
+    """
+    n = importance.shape[-1]
+    if k >= n:
+        return torch.sort(importance, dim=-1, descending=True, stable=True).indices
+    bits = importance.float().contiguous().view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip magnitude bits to sort as ints
+    tie_break = n - 1 - torch.arange(n, device=importance.device, dtype=torch.int64)
+    key = bits.to(torch.int64) * (1 << 32) + tie_break
+    return torch.topk(key, k, dim=-1, largest=True, sorted=True).indices
+
+
 def select_blocks(importance: torch.Tensor, threshold: float, min_keep: float, max_keep: float) -> torch.Tensor:
     """Threshold + clamp selection over each row of ``importance [..., Nq, Nk]`` (rows sum to 1).
 
@@ -84,15 +108,16 @@ def select_blocks(importance: torch.Tensor, threshold: float, min_keep: float, m
         bool ``[..., Nq, Nk]``.
     """
     n_k = importance.shape[-1]
-    sorted_mass, order = torch.sort(importance, dim=-1, descending=True, stable=True)
-    cumulative = sorted_mass.cumsum(dim=-1)
-    count = (cumulative < threshold).sum(dim=-1, keepdim=True) + 1  # blocks before the crossing one, plus it
     low = min(max(_ceil_fraction(min_keep, n_k), 1), n_k)
     high = min(max(_ceil_fraction(max_keep, n_k), low), n_k)
+    # Only the top `high` blocks can be kept: rank just those (the cumulative mass of the rest is irrelevant).
+    order = _ranked_blocks(importance, high)
+    cumulative = importance.gather(-1, order).cumsum(dim=-1)
+    count = (cumulative < threshold).sum(dim=-1, keepdim=True) + 1  # blocks before the crossing one, plus it
     count = count.clamp(low, high)
-    rank = torch.arange(n_k, device=importance.device)
+    rank = torch.arange(order.shape[-1], device=importance.device)
     keep_sorted = rank < count
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros(importance.shape, dtype=torch.bool, device=importance.device).scatter(-1, order, keep_sorted)
 
 
 def _force_dense_tail(mask: torch.Tensor, q_len: int, k_len: int, block_size: int, tail_tokens: int) -> torch.Tensor:
@@ -107,6 +132,25 @@ def _force_dense_tail(mask: torch.Tensor, q_len: int, k_len: int, block_size: in
     return mask
 
 
+def _use_fused_prober(q: torch.Tensor, samples: int, backend: str) -> bool:
+    """Whether the importance comes from the fused Triton kernel (``backend='triton'`` insists on it)."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"prober backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch" or (backend == "auto" and (not q.is_cuda or _FUSED_PROBER_FAILED)):
+        return False
+    try:
+        from .kernels import triton_prober
+
+        supported = triton_prober.supports(q, samples)
+    except Exception as err:  # triton missing or failing to initialise
+        if backend == "triton":
+            raise RuntimeError(f"the fused Triton prober is unavailable: {err!r}") from err
+        return False
+    if backend == "triton" and not supported:
+        raise ValueError(f"the fused Triton prober does not support {q.dtype} {tuple(q.shape)} with s={samples}")
+    return supported
+
+
 @torch.no_grad()
 def estimate_block_mask(
     q: torch.Tensor,
@@ -119,6 +163,7 @@ def estimate_block_mask(
     max_keep: float = 0.17,
     dense_tail_tokens: int = 0,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> torch.BoolTensor:
     """Adaptive block mask from sampled Q/K tokens.
 
@@ -126,6 +171,8 @@ def estimate_block_mask(
         q: ``[B, H, Lq, D]``; k: ``[B, H, Lk, D]``.
         generator: RNG for the sampled positions; None uses the global RNG (so activation checkpointing, which
             replays the global RNG state, recomputes the same mask).
+        backend: ``"auto"`` (the fused Triton prober on CUDA when it supports the inputs, else torch),
+            ``"torch"`` (the reference) or ``"triton"`` (the fused kernel; also under ``TRITON_INTERPRET=1``).
     Returns:
         bool ``[B, H, ceil(Lq/bs), ceil(Lk/bs)]`` without grad.
     """
@@ -133,6 +180,19 @@ def estimate_block_mask(
     k_len = k.shape[-2]
     q_pos = sample_block_positions(q_len, block_size, samples_per_block, (batch, heads), q.device, generator)
     k_pos = sample_block_positions(k_len, block_size, samples_per_block, (batch, heads), k.device, generator)
-    importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
+    importance = None
+    if _use_fused_prober(q, samples_per_block, backend):
+        from .kernels.triton_prober import sampled_block_importance
+
+        try:
+            importance = sampled_block_importance(q, k, q_pos, k_pos, samples_per_block)
+        except Exception as err:
+            if backend == "triton":
+                raise
+            # A compiler problem must not take ASA down: warn once and use the torch path from now on.
+            _FUSED_PROBER_FAILED.append(repr(err))
+            warnings.warn(f"fused Triton prober failed ({err!r}); using the torch prober", stacklevel=2)
+    if importance is None:
+        importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
     mask = select_blocks(importance, threshold, min_keep, max_keep)
     return _force_dense_tail(mask, q_len, k_len, block_size, dense_tail_tokens)

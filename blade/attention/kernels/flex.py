@@ -6,15 +6,25 @@ are marked visible for every query block; their logit bias is added by ``score_m
 by ``mask_mod``. Blocks with no padding are passed as "full" blocks so the kernel skips ``mask_mod`` on them.
 
 On CPU, torch's compiled flex runs the forward only (no backward), and compiling takes tens of seconds.
+
+Compilation is static-shape (``dynamic=False``): every new sequence length, global-token count or grad mode is one
+more graph of the same code object. Dynamo's default limit of 8 graphs per code object is far too low for that
+(a benchmark over three shapes hit it), and past the limit dynamo silently runs flex *eagerly*, which materialises
+the full score matrix (113 GiB at CogVideoX size). So calls raise the limit to ``RECOMPILE_LIMIT`` and, where the
+installed torch supports it, turn hitting the limit into an error instead of the silent eager fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+# Graphs of compiled flex kept per process (one per shape / global-token layout / grad mode).
+RECOMPILE_LIMIT = 64
 
 
 @lru_cache(maxsize=1)
@@ -23,6 +33,38 @@ def _compiled_flex_attention():
 
     # Uncompiled flex materialises the full score matrix; compiled flex generates a fused kernel.
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _dynamo_limits() -> dict:
+    """Dynamo config overrides for a flex call: a roomy recompile limit, and failing loudly past it."""
+    import torch._dynamo.config as dynamo_config
+
+    # (torch >= 2.6 name, older alias, value): the first name the installed torch knows is patched.
+    options = (
+        ("recompile_limit", "cache_size_limit", RECOMPILE_LIMIT),
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit", 4 * RECOMPILE_LIMIT),
+        ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit", True),
+    )
+    limits = {}
+    for new_name, old_name, value in options:
+        name = next((n for n in (new_name, old_name) if hasattr(dynamo_config, n)), None)
+        if name is not None:
+            limits[name] = value
+    if getattr(dynamo_config, "suppress_errors", False):  # dynamo refuses both together; keep the user's choice
+        limits = {n: v for n, v in limits.items() if not n.startswith("fail_on")}
+    return limits
+
+
+def _run_compiled_flex(*args, **kwargs) -> torch.Tensor:
+    """Compiled flex under `_dynamo_limits()`; never the silent eager (score-materialising) fallback."""
+    try:
+        import torch._dynamo.config as dynamo_config
+
+        limits = dynamo_config.patch(**_dynamo_limits())
+    except Exception:  # pragma: no cover - a torch without these options: run with its defaults
+        limits = contextlib.nullcontext()
+    with limits:
+        return _compiled_flex_attention()(*args, **kwargs)
 
 
 def mask_to_kv_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,4 +167,4 @@ def flex_block_sparse_attention(
         seq_lengths=(q_len, kv_len),
         compute_q_blocks=needs_grad,  # the transposed (backward) indices cost as much as the sparse forward
     )
-    return _compiled_flex_attention()(q, k, v, score_mod=score_mod, block_mask=flex_mask, scale=scale)
+    return _run_compiled_flex(q, k, v, score_mod=score_mod, block_mask=flex_mask, scale=scale)

@@ -14,11 +14,19 @@ Kernel layout (FlashAttention-2 style):
 
 Programs are launched in order of decreasing work (rows with more kept blocks first), which keeps the tail of the
 launch short when heads have very different densities.
+
+The mask -> index-list conversion is itself one small Triton kernel (a per-row prefix sum that compacts the kept
+columns), so it costs one launch instead of a segmented sort. Launch configurations come in named sets: "v2" (the
+default) and "v1" (the first GPU-tuned set with the torch list builder), kept so a benchmark can show regressions;
+see `config_set`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -33,7 +41,14 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _TRITON_IMPORT_ERROR = exc
 
-__all__ = ["triton_block_sparse_attention", "build_kv_block_index", "is_available", "supports"]
+__all__ = [
+    "triton_block_sparse_attention",
+    "build_kv_block_index",
+    "build_kv_block_index_torch",
+    "config_set",
+    "is_available",
+    "supports",
+]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -52,26 +67,64 @@ def is_available() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row lists of kept column blocks, built with vectorized ops (no dense token mask, no Python loop).
+def _launch_order(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """Launch order of the rows: heads with more kept blocks first, the rows of one head together (so concurrent
+    programs share that head's K/V in L2). ``counts [B*H*R]`` -> int32 ``[B*H*R]``."""
+    head_work = counts.view(-1, rows).sum(-1)
+    head_order = torch.sort(head_work, descending=True, stable=True).indices
+    order = head_order[:, None] * rows + torch.arange(rows, device=counts.device)
+    return order.flatten().to(torch.int32)
 
-    Args:
-        block_mask: bool `[B, H, R, C]` (True = attend).
 
-    Returns:
-        counts `[B*H*R]` int32 (kept blocks per row), index `[B*H*R, C]` int32 (kept column blocks in increasing
-        order, then padding), order `[B*H*R]` int32 (the launch order: heads with more kept blocks first, the
-        rows of one head together so that concurrent programs share that head's K/V in L2).
-    """
+def build_kv_block_index_torch(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference (and CPU) version of `build_kv_block_index`: vectorized torch ops, a stable sort per row."""
     rows, cols = block_mask.shape[-2], block_mask.shape[-1]
     flat = block_mask.reshape(-1, cols).to(torch.int8)
     counts = flat.sum(-1, dtype=torch.int32)
     # A stable descending sort puts the kept blocks first, in increasing block order.
     index = torch.sort(flat, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    head_work = counts.view(-1, rows).sum(-1)
-    head_order = torch.sort(head_work, descending=True, stable=True).indices
-    order = head_order[:, None] * rows + torch.arange(rows, device=block_mask.device)
-    return counts, index.contiguous(), order.flatten().to(torch.int32)
+    return counts, index.contiguous(), _launch_order(counts, rows)
+
+
+def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row lists of kept column blocks (no dense token mask, no Python loop).
+
+    Args:
+        block_mask: bool `[B, H, R, C]` (True = attend); any strides (expanded or transposed views are fine).
+
+    Returns:
+        counts `[B*H*R]` int32 (kept blocks per row), index `[B*H*R, C]` int32 (kept column blocks in increasing
+        order, then the others in increasing order), order `[B*H*R]` int32 (the launch order: heads with more kept
+        blocks first, the rows of one head together).
+    """
+    use_kernel = triton is not None and (block_mask.is_cuda or _interpreting()) and not _LIST_KERNEL_FAILED
+    if not use_kernel or _CONFIG_SETS[_ACTIVE[0]]["lists"] != "triton" or block_mask.shape[-1] > _MAX_LIST_COLS:
+        return build_kv_block_index_torch(block_mask)
+    try:
+        return _build_kv_block_index_triton(block_mask)
+    except Exception as err:  # a compiler problem must not take attention down: warn once, use torch from now on
+        _LIST_KERNEL_FAILED.append(repr(err))
+        warnings.warn(f"Triton mask -> list builder failed ({err!r}); using the torch builder", stacklevel=2)
+        return build_kv_block_index_torch(block_mask)
+
+
+def _build_kv_block_index_triton(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, rows, cols = block_mask.shape
+    n_rows = batch * heads * rows
+    counts = torch.empty(n_rows, dtype=torch.int32, device=block_mask.device)
+    index = torch.empty((n_rows, cols), dtype=torch.int32, device=block_mask.device)
+    mask = block_mask if block_mask.dtype == torch.bool else block_mask.bool()
+    _compact_rows_kernel[(n_rows,)](
+        mask.view(torch.uint8),
+        counts,
+        index,
+        *mask.stride(),
+        heads,
+        rows,
+        cols,
+        BLOCK_C=max(16, triton.next_power_of_2(cols)),
+    )
+    return counts, index, _launch_order(counts, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,6 +132,35 @@ def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 # ----------------------------------------------------------------------------------------------------------------
 
 if triton is not None:
+
+    @triton.jit
+    def _compact_rows_kernel(
+        MASK,
+        COUNT,
+        INDEX,
+        sm_b,
+        sm_h,
+        sm_r,
+        sm_c,
+        num_heads,
+        n_rows_per_head,
+        n_cols,
+        BLOCK_C: tl.constexpr,
+    ):
+        """One mask row -> its kept columns first (increasing), then the others (increasing), and the count."""
+        row = tl.program_id(0).to(tl.int64)
+        b = row // (num_heads * n_rows_per_head)
+        h = (row // n_rows_per_head) % num_heads
+        r = row % n_rows_per_head
+        offs = tl.arange(0, BLOCK_C)
+        valid = offs < n_cols
+        kept = tl.load(MASK + b * sm_b + h * sm_h + r * sm_r + offs * sm_c, mask=valid, other=0) != 0
+        kept_upto = tl.cumsum(kept.to(tl.int32), 0)  # inclusive prefix count of kept columns
+        count = tl.sum(kept.to(tl.int32), 0)
+        # Kept column: slot (kept before it); dropped column: after all kept ones, in order (== a stable sort).
+        slot = tl.where(kept, kept_upto - 1, count + offs - kept_upto)
+        tl.store(INDEX + row * n_cols + slot, offs, mask=valid)
+        tl.store(COUNT + row, count)
 
     @triton.jit
     def _fwd_tile(
@@ -795,13 +877,45 @@ if triton is not None:
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Small spaces: autotuning must stay within the benchmark's budget.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
-# For dk/dv BLOCK_N is the kv tile owned by a program and BLOCK_M the inner query tile.
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, in named sets. Small spaces: autotuning must stay within the
+# benchmark's budget. For dk/dv BLOCK_N is the kv tile owned by a program and BLOCK_M the inner query tile.
+# "v1": the first GPU-tuned set (H200 picks: fwd 128/64/8/3, dq 128/64/8/3, dkdv 64/64/4/3) + torch list building.
+# "v2": a superset of v1 (so the autotuner cannot pick worse than v1 on the same GPU), adding the two-stage
+# 128x128 forward tiles (fewer online-softmax rescales per kv block) and the deeper-pipelined small tiles of the
+# Triton fused-attention tutorial's backward (dq 128/32/4/5, dkdv 32/128/4/5), and the Triton list builder.
+_CONFIG_SETS = {
+    "v1": dict(
+        fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
+        dq=[(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        dkdv=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+        lists="torch",
+    ),
+    "v2": dict(
+        fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3)],
+        dq=[(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 5)],
+        dkdv=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 128, 4, 5)],
+        lists="triton",
+    ),
+}
+_ACTIVE = ["v2"]
+# Rows wider than this fall back to the torch list builder (the Triton one holds a whole row in registers).
+_MAX_LIST_COLS = 8192
+_LIST_KERNEL_FAILED: list = []
 _GLOBAL_CONFIG = (64, 64, 4, 3)
 _TUNED: dict = {}
+
+
+@contextmanager
+def config_set(name: str) -> Iterator[None]:
+    """Run the kernels with the launch-configuration set `name` ("v1" or "v2") inside the block."""
+    if name not in _CONFIG_SETS:
+        raise ValueError(f"unknown config set {name!r}; known: {sorted(_CONFIG_SETS)}")
+    previous = _ACTIVE[0]
+    _ACTIVE[0] = name
+    try:
+        yield
+    finally:
+        _ACTIVE[0] = previous
 
 
 def _interpreting() -> bool:
@@ -816,8 +930,8 @@ def _interpret_tiles(block_size: int) -> tuple[int, int]:
 
 
 def _autotuned(name: str, kernel, configs, block_size: int):
-    """An autotuner over `configs` restricted to tiles that divide the mask block, cached per (kernel, block)."""
-    key = (name, block_size)
+    """An autotuner over `configs` restricted to tiles that divide the mask block, cached per (set, kernel, block)."""
+    key = (_ACTIVE[0], name, block_size)
     if key not in _TUNED:
         fitting = [c for c in configs if c[0] <= block_size and c[1] <= block_size]
         if not fitting:
@@ -829,8 +943,9 @@ def _autotuned(name: str, kernel, configs, block_size: int):
     return _TUNED[key]
 
 
-def _launch(name: str, kernel, configs, block_size: int, grid_fn, args: tuple, meta: dict) -> None:
-    """Launch with a fixed config in the interpreter, an autotuned one on the GPU."""
+def _launch(name: str, kernel, block_size: int, grid_fn, args: tuple, meta: dict) -> None:
+    """Launch with a fixed config in the interpreter, one autotuned over the active set's configs on the GPU."""
+    configs = _CONFIG_SETS[_ACTIVE[0]][name]
     if _interpreting():
         bm, bn = _interpret_tiles(block_size)
         kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
@@ -910,7 +1025,7 @@ def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_lo
         HAS_BIAS=bias_log2 is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-    _launch("fwd", _bsa_fwd_kernel, _FWD_CONFIGS, block_size, grid, args, meta)
+    _launch("fwd", _bsa_fwd_kernel, block_size, grid, args, meta)
     return out, lse
 
 
@@ -986,7 +1101,6 @@ def _backward(
     _launch(
         "dq",
         _bsa_bwd_dq_kernel,
-        _DQ_CONFIGS,
         block_size,
         lambda meta: (n_rows * (block_size // meta["BLOCK_M"]),),
         dq_args,
@@ -1029,7 +1143,6 @@ def _backward(
     _launch(
         "dkdv",
         _bsa_bwd_dkdv_kernel,
-        _DKDV_CONFIGS,
         block_size,
         lambda meta: (n_cols * (block_size // meta["BLOCK_N"]),),
         dkdv_args,
