@@ -1,0 +1,436 @@
+"""Sparsity-aware TDM (Trajectory Distribution Matching) objective, schedule-agnostic.
+
+One TDM iteration on a batch of prompt embeddings (see docs in `TDMObjective`):
+
+1. student rollout over the K anchors ``t_0 > ... > t_{K-1}`` from pure noise, with eta re-noising (no grad);
+2. pick a step ``i ~ U{0..K-1}``; ``t_mid`` = the next anchor (0 after the last); the student's stochastic step
+   from ``x_{t_i}`` gives ``x0`` and ``x_mid``;
+3. ``tau ~ U{t_mid+1..tau_max}`` and ``x_tau`` = exact forward diffusion of ``x_mid`` from ``t_mid`` to ``tau``;
+4. fake-score update: regress the fake model's clean prediction at ``(x_tau, tau)`` on the (detached) student
+   ``x0``, optionally pulled toward the dense teacher (``lambda_reg``);
+5. generator update: pseudo-Huber between the student's ``x0`` (with grad) and
+   ``stopgrad(x0 + x0_teacher_cfg(x_tau) - x0_fake(x_tau))``.
+
+Latents keep the model's own layout (Wan ``[B, C, F, H, W]``, CogVideoX ``[B, F, C, H, W]``); every schedule
+operation is element-wise with per-sample ``[B]`` timesteps, so the layout never matters here. All schedule
+arithmetic is float32 (or float64); model calls run in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from blade.distill import lora
+from blade.distill.schedule import (
+    FlowMatchingSchedule,
+    NoiseSchedule,
+    VPredictionDDPMSchedule,
+    student_anchors,
+    student_step,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-family adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TDMFamily:
+    """Everything TDM needs to know about one model family.
+
+    Attributes:
+        name: "wan" | "cogvideox".
+        schedule: the noise schedule (alpha, sigma, output <-> x0/eps conversions).
+        channels_first: Wan latents are [B, C, F, H, W]; CogVideoX latents are [B, F, C, H, W].
+        latent_channels, vae_scale_spatial, vae_scale_temporal: latent shape from (frames, height, width).
+        fake_loss_space: "output" = MSE between model outputs (Wan: velocity MSE against v = (x_tau - x0)/sigma),
+            "x0" = x0-space MSE weighted by 1/sigma_tau^2 (CogVideoX: 1/(1 - acp)). Both weightings are the same
+            function of the x0 error (||dx0||^2 / sigma^2) for these two parameterisations; they differ only in
+            where the difference is taken numerically, kept as each model's released code computed it.
+        huber_mode: "scaled" (c = 1e-3/128 * sqrt(numel), Wan) or "l1" (c = 1e-3 / (128 * sqrt(numel)), CogVideoX;
+            effectively an L1 loss).
+        normalize_generator: divide the generator loss per sample by mean|x0 - x0_teacher_cfg| (CogVideoX, DMD2-style).
+        call: ``call(transformer, x, model_t, emb) -> model output``, x in the family's layout.
+        pipeline_class: the diffusers pipeline class (LoRA saving, decoding).
+    """
+
+    name: str
+    schedule: NoiseSchedule
+    channels_first: bool
+    latent_channels: int
+    vae_scale_spatial: int
+    vae_scale_temporal: int
+    fake_loss_space: str
+    huber_mode: str
+    normalize_generator: bool
+    call: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    pipeline_class: type
+    default_fake_skip: float | None = None
+    extras: dict = field(default_factory=dict)
+
+    def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the latent video for `num_frames` x `height` x `width` pixels."""
+        frames = (num_frames - 1) // self.vae_scale_temporal + 1
+        h, w = height // self.vae_scale_spatial, width // self.vae_scale_spatial
+        if self.channels_first:
+            return (batch, self.latent_channels, frames, h, w)
+        return (batch, frames, self.latent_channels, h, w)
+
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        emb: torch.Tensor,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Model output (float32) at schedule time `t` [B] for latents `x` and text embeddings `emb` [B, L, D].
+
+        `dtype` is the frozen base weights' dtype (inputs are cast to it; LoRA weights may stay float32).
+        """
+        dtype = dtype or transformer.dtype
+        model_t = self.schedule.model_timestep(t).to(device=x.device, dtype=torch.float32)
+        out = self.call(transformer, x.to(dtype), model_t, emb.to(device=x.device, dtype=dtype))
+        return out.float()
+
+
+def _call_wan(transformer, x, model_t, emb):
+    return transformer(hidden_states=x, timestep=model_t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+def wan_family(pipe, shift: float = 1.0) -> TDMFamily:
+    """Wan2.1: flow matching (velocity), [B, C, F, H, W] latents, velocity-space fake loss.
+
+    `shift` = 1 puts the K anchors uniformly in sigma (the paper's uniform anchors, the released training code's
+    intent); the denoiser is conditioned on 1000 * sigma(t) either way, so no timestep lookup is involved.
+    """
+    return TDMFamily(
+        name="wan",
+        schedule=FlowMatchingSchedule(shift),
+        channels_first=True,
+        latent_channels=pipe.transformer.config.in_channels,
+        vae_scale_spatial=int(getattr(pipe, "vae_scale_factor_spatial", 8)),
+        vae_scale_temporal=int(getattr(pipe, "vae_scale_factor_temporal", 4)),
+        fake_loss_space="output",
+        huber_mode="scaled",
+        normalize_generator=False,
+        call=_call_wan,
+        pipeline_class=type(pipe),
+        default_fake_skip=2.0,
+    )
+
+
+def cogvideox_family(pipe) -> TDMFamily:
+    """CogVideoX: v-prediction DDPM, [B, F, C, H, W] latents, x0-space fake loss with weight 1/(1 - acp)."""
+    rope_cache: dict[tuple, object] = {}
+
+    def call(transformer, x, model_t, emb):
+        rope = None
+        if transformer.config.use_rotary_positional_embeddings:
+            # The pipeline computes the 3D RoPE tables for its grid; reuse its code, cached per latent shape.
+            key = (tuple(x.shape[1:]), x.device)
+            if key not in rope_cache:
+                h = x.shape[3] * pipe.vae_scale_factor_spatial
+                w = x.shape[4] * pipe.vae_scale_factor_spatial
+                rope_cache[key] = pipe._prepare_rotary_positional_embeddings(h, w, x.shape[1], x.device)
+            rope = rope_cache[key]
+        return transformer(
+            hidden_states=x, encoder_hidden_states=emb, timestep=model_t, image_rotary_emb=rope, return_dict=False
+        )[0]
+
+    return TDMFamily(
+        name="cogvideox",
+        schedule=VPredictionDDPMSchedule.from_scheduler_config(pipe.scheduler.config),
+        channels_first=False,
+        latent_channels=pipe.transformer.config.in_channels,
+        vae_scale_spatial=int(pipe.vae_scale_factor_spatial),
+        vae_scale_temporal=int(pipe.vae_scale_factor_temporal),
+        fake_loss_space="x0",
+        huber_mode="l1",
+        normalize_generator=True,
+        call=call,
+        pipeline_class=type(pipe),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of the objective (one job each)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def segment_end(anchors: list[int], i: int) -> int:
+    """t_mid: the anchor after `i`, or 0 after the last one."""
+    return anchors[i + 1] if i + 1 < len(anchors) else 0
+
+
+def sample_tau(t_mid: int, batch: int, tau_max: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer tau ~ U{t_mid+1, ..., tau_max} per sample, as float [B] (tau > t_mid: strictly noisier)."""
+    low = t_mid + 1
+    if low > tau_max:
+        raise ValueError(f"no tau in [{low}, {tau_max}]: tau_max must exceed the segment end {t_mid}")
+    return torch.randint(low, tau_max + 1, (batch,), generator=generator).to(torch.float32)
+
+
+def forward_diffuse(
+    schedule: NoiseSchedule, x_s: torch.Tensor, s: torch.Tensor | float, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Sample q(x_t | x_s) for t > s, exactly for any schedule ``x_t = alpha_t x0 + sigma_t eps``.
+
+    ``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2) z``, which has the
+    marginal ``alpha_t x0 + sigma_t eps`` whenever ``x_s`` has ``alpha_s x0 + sigma_s eps``.
+
+    Args:
+        x_s: [B, ...] sample at time(s) `s` (scalar or [B]).
+        t: [B] target times.
+        noise: z ~ N(0, I), shaped like `x_s`.
+    """
+    a_s, s_s = schedule.coefficients(s, x_s)
+    a_t, s_t = schedule.coefficients(t, x_s)
+    ratio = a_t / a_s
+    std = (s_t**2 - (ratio * s_s) ** 2).clamp_min(0.0).sqrt()
+    return ratio * x_s.to(ratio.dtype) + std * noise.to(ratio.dtype)
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` (linear, so valid for outputs or x0)."""
+    return uncond + scale * (cond - uncond)
+
+
+def fake_score_loss(
+    schedule: NoiseSchedule,
+    fake_out: torch.Tensor,
+    x_tau: torch.Tensor,
+    tau: torch.Tensor,
+    x0_target: torch.Tensor,
+    space: str,
+) -> torch.Tensor:
+    """Denoising loss of the fake score at (x_tau, tau) toward the clean target `x0_target` (detached).
+
+    space="output": MSE between `fake_out` and the model output that maps (x_tau, tau) to `x0_target` (Wan:
+    velocity ``(x_tau - x0)/sigma_tau``). space="x0": ``mean((x0_fake - x0_target)^2) / sigma_tau^2`` per sample
+    (CogVideoX: 1/(1 - acp)). Returns a scalar (mean over batch).
+    """
+    x0_target = x0_target.detach()
+    x0_target = x0_target.to(torch.promote_types(x0_target.dtype, torch.float32))
+    if space == "output":
+        a, s = schedule.coefficients(tau, x_tau)
+        eps_target = (x_tau.to(a.dtype) - a * x0_target) / s
+        target = schedule.to_model_output(x0_target, eps_target, tau)
+        return F.mse_loss(fake_out.to(target.dtype), target)
+    if space == "x0":
+        x0_fake = schedule.to_x0(fake_out, x_tau, tau)
+        per_sample = ((x0_fake - x0_target) ** 2).flatten(1).mean(1)
+        weight = 1.0 / schedule.sigma(tau).to(per_sample).pow(2).clamp_min(1e-8)
+        return (weight * per_sample).mean()
+    raise ValueError(f"unknown fake_loss_space {space!r}")
+
+
+def default_huber_c(numel_per_sample: int, mode: str) -> float:
+    """Pseudo-Huber c of the released trainers: "scaled" 1e-3/128 * sqrt(n) (Wan 480p: ~0.011), "l1"
+    1e-3 / (128 * sqrt(n)) (CogVideoX: ~5e-9, i.e. an L1 loss)."""
+    if mode == "scaled":
+        return 1e-3 / 128 * math.sqrt(numel_per_sample)
+    if mode == "l1":
+        return 1e-3 / (128 * math.sqrt(numel_per_sample))
+    raise ValueError(f"unknown huber mode {mode!r}")
+
+
+def pseudo_huber(x: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample ``mean(sqrt((x - target)^2 + c^2) - c)`` over all but the batch dim: [B]."""
+    diff = (x.float() - target.float()).flatten(1)
+    return (torch.sqrt(diff**2 + c * c) - c).mean(1)
+
+
+def generator_target(x0: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """TDM/DMD regression target ``stopgrad(x0 + x0_teacher_cfg - x0_fake)``: its gradient is (fake - real) score."""
+    return (x0.detach() + x0_teacher - x0_fake).detach()
+
+
+def teacher_gap_weight(x0: torch.Tensor, x0_teacher: torch.Tensor, cap: float = 5.0) -> torch.Tensor:
+    """DMD2-style per-sample normaliser 1 / mean|x0 - x0_teacher_cfg|, capped at `cap`: [B] (no grad)."""
+    gap = (x0.detach().float() - x0_teacher.float()).abs().flatten(1).mean(1)
+    return (1.0 / gap.clamp_min(1e-12)).clamp(max=cap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective with its three roles on one transformer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TDMConfig:
+    """Hyperparameters of the objective (paper / released defaults in the trainer's per-family table)."""
+
+    k_step: int = 8
+    eta: float = 0.9
+    cfg: float = 5.0
+    lambda_reg: float = 0.0
+    tau_max: int = 979
+    huber_c: float | None = None  # None: the family's default from the latent size
+    normalize_cap: float = 5.0
+    fake_skip_threshold: float | None = None  # skip the fake step when its loss exceeds this (released Wan: 2.0)
+
+
+@dataclass
+class StepDraw:
+    """The random choices of one update: the step index and the student's segment state."""
+
+    i: int
+    t_i: int
+    t_mid: int
+
+
+class TDMObjective:
+    """TDM losses for a transformer carrying the "student" and "fake" LoRA adapters (see `blade.distill.lora`).
+
+    Roles on the one base model:
+      student = adapter "student", ASA on (when an ASA handle is given);
+      fake    = adapter "fake",    ASA on;
+      teacher = adapters disabled, ASA off (dense), CFG with the negative embedding.
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        family: TDMFamily,
+        config: TDMConfig,
+        asa_handle=None,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        model_dtype: torch.dtype | None = None,
+    ):
+        self.transformer = transformer
+        self.family = family
+        self.config = config
+        self.asa = asa_handle
+        self.autocast = autocast
+        self.anchors = student_anchors(config.k_step)
+        self.model_dtype = model_dtype
+
+    # ---- roles ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """Switch the shared transformer to "student", "fake" or "teacher" for the block."""
+        if name == "teacher":
+            if self.asa is not None:
+                self.asa.enabled = False
+            try:
+                with lora.adapters_disabled(self.transformer), self.autocast():
+                    yield
+            finally:
+                if self.asa is not None:
+                    self.asa.enabled = True
+            return
+        lora.activate(self.transformer, lora.STUDENT if name == "student" else lora.FAKE)
+        if self.asa is not None:
+            self.asa.enabled = True
+        with self.autocast():
+            yield
+
+    def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        with self.role(role):
+            return self.family.predict(self.transformer, x, t, emb, self.model_dtype)
+
+    def teacher_cfg_x0(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, neg: torch.Tensor):
+        """(x0 of the CFG teacher, x0 of the conditional teacher) at (x, t); no grad. Two forwards (as Wan's
+        pipeline does) keep peak memory at one batch."""
+        with torch.no_grad():
+            cond = self.predict("teacher", x, t, emb)
+            uncond = self.predict("teacher", x, t, neg) if self.config.cfg != 1.0 else cond
+        sched = self.family.schedule
+        return sched.to_x0(cfg_combine(cond, uncond, self.config.cfg), x, t), sched.to_x0(cond, x, t)
+
+    # ---- random draws --------------------------------------------------------------------------------------
+
+    def draw_step(self, generator: torch.Generator | None) -> StepDraw:
+        i = int(torch.randint(0, len(self.anchors), (1,), generator=generator))
+        return StepDraw(i=i, t_i=self.anchors[i], t_mid=segment_end(self.anchors, i))
+
+    def _times(self, value: float, batch: int, device) -> torch.Tensor:
+        return torch.full((batch,), float(value), device=device)
+
+    # ---- rollout ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(
+        self, noise: torch.Tensor, emb: torch.Tensor, upto: int, generator: torch.Generator | None
+    ) -> list[torch.Tensor]:
+        """Student states ``[x_{t_0}, ..., x_{t_upto}]`` from ``x_{t_0} = noise`` (eta re-noising, no grad)."""
+        if self.asa is not None and hasattr(self.asa, "reset"):
+            self.asa.reset()
+        states = [noise]
+        for k in range(upto):
+            t = self._times(self.anchors[k], noise.shape[0], noise.device)
+            out = self.predict("student", states[-1], t, emb)
+            t_next = self._times(self.anchors[k + 1], noise.shape[0], noise.device)
+            x_next, _ = student_step(self.family.schedule, out, states[-1], t, t_next, self.config.eta, generator)
+            states.append(x_next.float())
+        return states
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, emb: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The student's full K-step sample (x0 after the last anchor), as the 8-step sampler runs it."""
+        states = self.rollout(noise, emb, len(self.anchors) - 1, generator)
+        t = self._times(self.anchors[-1], noise.shape[0], noise.device)
+        out = self.predict("student", states[-1], t, emb)
+        x0, _ = student_step(self.family.schedule, out, states[-1], t, None, self.config.eta, generator)
+        return x0
+
+    def _segment(self, out, x_ti, draw: StepDraw, generator, tau_generator):
+        """From the student's output at x_{t_i}: (x0 [detached], x_tau, tau); x_mid is never differentiated."""
+        batch, device = x_ti.shape[0], x_ti.device
+        sched = self.family.schedule
+        t_i = self._times(draw.t_i, batch, device)
+        t_mid = None if draw.t_mid == 0 else self._times(draw.t_mid, batch, device)
+        with torch.no_grad():
+            x_mid, x0 = student_step(sched, out.detach(), x_ti, t_i, t_mid, self.config.eta, generator)
+            tau = sample_tau(draw.t_mid, batch, self.config.tau_max, tau_generator).to(device)
+            z = torch.randn(x_ti.shape, generator=generator, device=device, dtype=torch.float32)
+            x_tau = forward_diffuse(sched, x_mid.float(), float(draw.t_mid), tau, z)
+        return x0.float(), x_tau, tau
+
+    # ---- losses ---------------------------------------------------------------------------------------------
+
+    def fake_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
+        """Fake-score loss (grad flows into the "fake" adapter only)."""
+        t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
+        with torch.no_grad():
+            out = self.predict("student", x_ti, t_i, emb)
+        x0, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
+        fake_out = self.predict("fake", x_tau, tau, emb)
+        sched, space = self.family.schedule, self.family.fake_loss_space
+        loss = fake_score_loss(sched, fake_out, x_tau, tau, x0, space)
+        logs = {"loss_fake_dsm": loss.detach()}
+        if self.config.lambda_reg > 0:
+            with torch.no_grad():
+                teacher_out = self.predict("teacher", x_tau, tau, emb)
+            x0_teacher = sched.to_x0(teacher_out, x_tau, tau)
+            reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
+            logs["loss_fake_reg"] = reg.detach()
+            loss = loss + self.config.lambda_reg * reg
+        return loss, logs
+
+    def generator_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
+        """Generator loss (grad flows into the "student" adapter through its x0 at x_{t_i} only)."""
+        sched = self.family.schedule
+        t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
+        out = self.predict("student", x_ti, t_i, emb)
+        x0 = sched.to_x0(out, x_ti, t_i)
+        _, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
+        x0_teacher, _ = self.teacher_cfg_x0(x_tau, tau, emb, neg)
+        with torch.no_grad():
+            x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb), x_tau, tau)
+        target = generator_target(x0, x0_teacher, x0_fake)
+        c = self.config.huber_c
+        if c is None:
+            c = default_huber_c(x0[0].numel(), self.family.huber_mode)
+        per_sample = pseudo_huber(x0, target, c)
+        if self.family.normalize_generator:
+            per_sample = per_sample * teacher_gap_weight(x0, x0_teacher, self.config.normalize_cap)
+        return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean()}

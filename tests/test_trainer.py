@@ -1,0 +1,148 @@
+"""The shared TDM trainer (blade/distill/trainer.py) end to end on the tiny Wan pipeline, on CPU."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blade.distill.trainer import CheckpointError, check_checkpoint, parse_args, train
+from blade.pipelines.tiny import build_tiny_wan_pipeline
+from blade.prompt_cli import WAN
+from blade.prompt_cli import main as encode_main
+from blade.prompts import PromptCacheError
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",
+         "--seed", "3", "--train_batch_size", "2", "--mixed_precision", "no", "--cfg", "3.0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 threads on a shared 2-core box are ~9x slower than 1 for these tiny matmuls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    build_tiny_wan_pipeline(seed=0).save_pretrained(root / "pipe")
+    (root / "p.txt").write_text("\n".join(["a red ball moves left", "a dog runs", "a blue car on the road",
+                                           "a small cat", "a bird flies over the river"]) + "\n")
+    assert encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
+                             "--model_path", str(root / "pipe"), "--max_length", "8", "--num_validation", "1"]) == 0
+    return root
+
+
+def _args(assets, out, *extra):
+    return parse_args("wan", ["--pretrained_model_name_or_path", str(assets / "pipe"), "--prompt_dir",
+                              str(assets / "prompts"), "--output_dir", str(out), *SMALL, *extra])
+
+
+def _lora(folder):
+    return load_file(str(Path(folder) / "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_equals_uninterrupted_and_lora_loads(assets, tmp_path):
+    full = tmp_path / "full"
+    summary = train(_args(assets, full, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                          "--validation_steps", "4"))
+    assert summary["global_step"] == 4
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert (full / name / "COMPLETE").is_file() and (full / name / "blade_config.json").is_file()
+    assert (full / "validation" / "step-4" / "00.mp4").stat().st_size > 0
+    assert list((full / "logs").rglob("events.out.tfevents*"))
+
+    # "killed" run: only checkpoint-2 survived, plus a half-written later checkpoint without its marker
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-3")
+    (resumed / "checkpoint-3" / "COMPLETE").unlink()
+    out = train(_args(assets, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                      "--validation_steps", "0", "--resume_from_checkpoint", "latest", "--report_to", "none"))
+    assert out["global_step"] == 4
+    a, b = _lora(full), _lora(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa = load_file(str(full / "checkpoint-4" / "fake_lora.safetensors"))
+    fb = load_file(str(resumed / "checkpoint-4" / "fake_lora.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    init_b = [k for k in a if "lora_B" in k]
+    assert init_b and any(a[k].abs().sum() > 0 for k in init_b)  # the student moved away from its B = 0 start
+    assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in a
+
+    # the final LoRA loads into a stock pipeline and changes its transformer
+    pipe = build_tiny_wan_pipeline(seed=0)
+    x, t, e = torch.randn(1, 16, 3, 2, 2), torch.tensor([500.0]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        before = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+        pipe.load_lora_weights(str(full))
+        after = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]
+    assert not torch.allclose(before, after)
+    q = pipe.transformer.blocks[0].attn1.to_q
+    assert torch.equal(q.lora_A[q.active_adapters[0]].weight, a["transformer.blocks.0.attn1.to_q.lora_A.weight"])
+
+    # an explicit incomplete / corrupt checkpoint is refused with a clear error
+    with pytest.raises(CheckpointError, match="COMPLETE"):
+        check_checkpoint(resumed / "checkpoint-3")
+    (resumed / "checkpoint-2" / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        train(_args(assets, tmp_path / "x", "--max_train_steps", "3", "--validation_steps", "0", "--report_to",
+                    "none", "--resume_from_checkpoint", str(resumed / "checkpoint-2")))
+
+
+def test_bad_prompt_dirs(assets, tmp_path):
+    with pytest.raises(PromptCacheError, match="not found"):
+        train(parse_args("wan", ["--pretrained_model_name_or_path", str(assets / "pipe"), "--prompt_dir",
+                                 str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"), *SMALL]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PromptCacheError, match="index.json"):
+        train(parse_args("wan", ["--pretrained_model_name_or_path", str(assets / "pipe"), "--prompt_dir",
+                                 str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o"), *SMALL]))
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(assets, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # accelerate 1.15's `--cpu` starts a single process; `--multi_gpu` on a CPU-only host starts 2 (torchrun) and the
+    # trainer's Accelerator(cpu=True) joins them over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(REPO / "wanx" / "train" / "train_wanx_tdm.py"),
+           "--pretrained_model_name_or_path", str(assets / "pipe"), "--prompt_dir", str(assets / "prompts"),
+           "--output_dir", str(tmp_path / "ddp"), *SMALL, "--max_train_steps", "2", "--checkpointing_steps", "1",
+           "--validation_steps", "0", "--report_to", "none", "--gradient_accumulation_steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "ddp" / "checkpoint-2"
+    assert (ckpt / "COMPLETE").is_file()
+    assert (ckpt / "rng_state_0.pt").is_file() and (ckpt / "rng_state_1.pt").is_file()
+    assert _lora(tmp_path / "ddp")
+
+
+def test_cogvideox_with_asa_smoke(tmp_path):
+    """CogVideoX path (v-prediction, [B, F, C, H, W], RoPE from the pipeline, x0-space fake loss, lambda_reg) + ASA."""
+    from blade.pipelines.tiny import build_tiny_cogvideox_pipeline
+    from blade.prompt_cli import COGVIDEOX
+
+    build_tiny_cogvideox_pipeline(seed=0).save_pretrained(tmp_path / "cog")
+    (tmp_path / "p.txt").write_text("a red ball\na dog runs\n")
+    assert encode_main(COGVIDEOX, ["--input_file", str(tmp_path / "p.txt"), "--output_dir", str(tmp_path / "pc"),
+                                   "--model_path", str(tmp_path / "cog")]) == 0
+    args = parse_args("cogvideox", ["--pretrained_model_name_or_path", str(tmp_path / "cog"), "--prompt_dir",
+                                    str(tmp_path / "pc"), "--output_dir", str(tmp_path / "o"), "--num_frames", "9",
+                                    "--height", "32", "--width", "32", "--k_step", "2", "--rank", "4", "--lora_alpha",
+                                    "4", "--max_train_steps", "1", "--validation_steps", "0", "--report_to", "none",
+                                    "--mixed_precision", "no", "--use_sparsity"])
+    out = train(args)
+    assert out["global_step"] == 1 and "loss_fake_reg" in out and "sparsity" in out
+    assert all(map(lambda k: torch.isfinite(torch.tensor(out[k])), ("loss_fake", "loss_g")))
+    cfg = (tmp_path / "o" / "blade_config.json").read_text()
+    assert '"prediction_type": "v_prediction"' in cfg and '"asa": {' in cfg
