@@ -1,0 +1,511 @@
+"""Train the TinyWorld miniature: the VAE first, then the teacher (transformer + text encoder), time-boxed.
+
+    python -m blade.tinyworld.train vae --out runs/tw --minutes 3
+    python -m blade.tinyworld.train teacher --out runs/tw --minutes 8.5 --resume
+    python -m blade.tinyworld.train all --out runs/tw --minutes 8.5          # 30% VAE, 70% teacher
+
+Data is never stored: every batch is a fresh set of random scenes and seeds, rendered on the training device with
+`blade.tinyworld.world.render` (and, for the teacher, encoded on the fly by the frozen trained VAE).
+
+Teacher objective: rectified flow exactly as `WanPipeline` samples it. With `s` in (0, 1),
+`x_s = (1 - s) x0 + s eps`, the transformer gets `timestep = 1000 s` and predicts the velocity `eps - x0`.
+`s` is drawn as `shift(u)` with `u ~ sigmoid(N(0, 1))` (90% of a batch) or `u ~ U(0, 1)` (10%) and
+`shift(u) = 3u / (1 + 2u)`, the same shift (flow_shift = 3.0) that the UniPC sampler applies to its uniform grid:
+the logit-normal part puts the mass at mid/high noise where layout and motion are decided, the uniform part
+keeps the ends of the schedule (first and last sampling steps) trained.
+
+Each stage checkpoints atomically (`DIR/ckpt_{stage}.pt`, tmp + os.replace) every `--ckpt-every-s` seconds and at
+the end, and exports `DIR/pipeline/` (a full `WanPipeline.save_pretrained` folder, bf16 weights). `--resume`
+continues the stage from its checkpoint (weights, EMA, optimizer, step, RNG states); for the teacher, without a
+checkpoint it warm-starts from an exported teacher in `DIR/pipeline` (fresh optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blade.tinyworld import model as tw
+from blade.tinyworld import world
+
+# Toy sizes: the real component types, tiny widths and a 5 x 32 x 32 video, so a CPU test runs a few steps.
+TOY_VIDEO = {"num_frames": 5, "height": 32, "width": 32}
+TOY_VAE = {"base_dim": 8, "num_res_blocks": 1}
+TOY_TRANSFORMER = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 24, "ffn_dim": 64, "freq_dim": 32}
+FLOW_SHIFT = tw.SCHEDULER_CONFIG["flow_shift"]
+
+
+@dataclass
+class StageSetup:
+    """What differs between the real run and `--toy`."""
+
+    video: dict
+    vae_overrides: dict
+    transformer_overrides: dict
+    vae_batch: int
+    teacher_batch: int
+    warmup_steps: int
+    stat_clips: int
+
+
+def stage_setup(toy: bool) -> StageSetup:
+    if toy:
+        return StageSetup(dict(TOY_VIDEO), dict(TOY_VAE), dict(TOY_TRANSFORMER), 1, 2, 2, 2)
+    video = {k: tw.TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
+    return StageSetup(video, {}, {}, 8, 32, 200, 256)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_videos(rng: np.random.Generator, batch: int, video: dict, device: torch.device) -> tuple[torch.Tensor, list]:
+    """Fresh random scenes and seeds, rendered on `device`.
+
+    Returns:
+        videos [B, 3, F, H, W] in [-1, 1] (the VAE's layout and range) and the B prompts.
+    """
+    scenes = [world.sample_scene(rng) for _ in range(batch)]
+    seeds = rng.integers(0, 2**31 - 1, size=batch).tolist()
+    frames = world.render(scenes, seeds, device=device, **video)  # [B, F, 3, H, W] in [0, 1]
+    return frames.permute(0, 2, 1, 3, 4).mul(2.0).sub(1.0).contiguous(), [s.prompt for s in scenes]
+
+
+def sample_flow_sigmas(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Training noise levels s in (0, 1), [B]: shifted logit-normal (90%) / shifted uniform (10%), see module doc."""
+    u_logit = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    u_unif = torch.rand(batch, generator=generator, device=device)
+    pick_uniform = torch.rand(batch, generator=generator, device=device) < 0.1
+    u = torch.where(pick_uniform, u_unif, u_logit).clamp(1e-4, 1 - 1e-4)
+    return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+
+
+def latent_stats(vae, videos: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means of `videos` (each [B, 3, F, H, W]) -> two lists of z_dim."""
+    zs = [vae.encode(v).latent_dist.mean.float() for v in videos]  # [B, C, f, h, w]
+    z = torch.cat([x.transpose(0, 1).flatten(1) for x in zs], dim=1)  # [C, N]
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
+    """(z - mean) / std with the VAE config's statistics: the inverse of what `WanPipeline` applies before decode."""
+    mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+    return (z - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints, EMA, export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state(np_rng: np.random.Generator, gen: torch.Generator) -> dict:
+    return {"numpy": np_rng.bit_generator.state, "torch": gen.get_state()}
+
+
+def load_rng_state(state: dict, np_rng: np.random.Generator, gen: torch.Generator) -> None:
+    np_rng.bit_generator.state = state["numpy"]
+    gen.set_state(state["torch"])
+
+
+class EMA:
+    """Exponential moving average of parameters (fp32), with the usual warmup `min(decay, (1 + n) / (10 + n))`."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {
+            f"{name}.{k}": p.detach().float().clone()
+            for name, mod in modules.items()
+            for k, p in mod.named_parameters()
+        }
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name, mod in modules.items():
+            for k, p in mod.named_parameters():
+                self.shadow[f"{name}.{k}"].lerp_(p.detach().float(), 1 - d)
+
+    def copy_to(self, name: str, module: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for k, p in module.named_parameters():
+                p.copy_(self.shadow[f"{name}.{k}"])
+
+
+def export_pipeline(out: Path, **components) -> int:
+    """Write `out/pipeline` (bf16 weights) atomically: save to a tmp folder, then swap. Returns bytes of weights."""
+    final, tmp, old = out / "pipeline", out / "pipeline.tmp", out / "pipeline.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = tw.build_pipeline(**components)
+    size = tw.save_pipeline(pipe, tmp, dtype=torch.bfloat16)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return size
+
+
+def read_state(out: Path) -> dict:
+    path = out / "train_state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_state(out: Path, **updates) -> None:
+    state = {**read_state(out), **updates}
+    tmp = out / "train_state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, out / "train_state.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loop scaffolding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Deadline, periodic logging and checkpoint triggers."""
+
+    def __init__(self, deadline: float, log_every_s: float, ckpt_every_s: float):
+        self.deadline = deadline
+        self.log_every_s, self.ckpt_every_s = log_every_s, ckpt_every_s
+        self.last_log = self.last_ckpt = self.start = time.time()
+        self.samples = 0
+        self.loss_sum, self.loss_n = 0.0, 0
+        self.data_s = 0.0
+
+    def expired(self) -> bool:
+        return time.time() >= self.deadline
+
+    def record(self, loss: float, samples: int, data_s: float) -> None:
+        self.samples += samples
+        self.loss_sum += loss
+        self.loss_n += 1
+        self.data_s += data_s
+
+    def maybe_log(self, stage: str, step: int, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last_log < self.log_every_s or self.loss_n == 0:
+            return
+        dt = now - self.last_log
+        print(
+            f"[{stage}] step {step} loss {self.loss_sum / self.loss_n:.4f} {self.samples / dt:.1f} samples/s "
+            f"data {100 * self.data_s / dt:.0f}% elapsed {now - self.start:.0f}s",
+            flush=True,
+        )
+        self.last_log, self.samples, self.loss_sum, self.loss_n, self.data_s = now, 0, 0.0, 0, 0.0
+
+    def checkpoint_due(self) -> bool:
+        if time.time() - self.last_ckpt >= self.ckpt_every_s:
+            self.last_ckpt = time.time()
+            return True
+        return False
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warmup, then constant (the run is time-boxed across resumes, so no horizon for a decay)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def stop_step_reached(step: int, max_steps: int | None) -> bool:
+    return max_steps is not None and step >= max_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VAE stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+    """L1 + 0.1 MSE on pixels + kl_weight * KL (mean per latent element). x: [B, 3, F, H, W] in [-1, 1]."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(
+        posterior.mean.shape, generator=generator, device=x.device, dtype=posterior.mean.dtype
+    )
+    rec = vae.decode(z).sample.float()
+    kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
+    return F.l1_loss(rec, x) + 0.1 * F.mse_loss(rec, x) + kl_weight * kl
+
+
+def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) -> None:
+    out = Path(args.out)
+    ckpt_path = out / "ckpt_vae.pt"
+    vae = tw.build_vae(seed=args.seed, **setup.vae_overrides).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    np_rng = np.random.default_rng(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    if args.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        vae.load_state_dict(ckpt["vae"])
+        opt.load_state_dict(ckpt["optimizer"])
+        load_rng_state(ckpt["rng"], np_rng, gen)
+        step = ckpt["step"]
+        print(f"[vae] resumed from {ckpt_path} at step {step}", flush=True)
+    batch = args.vae_batch_size or setup.vae_batch
+    print(f"[vae] {tw.parameter_count(vae) / 1e6:.2f}M params, batch {batch}, device {device}", flush=True)
+
+    def save() -> None:
+        atomic_torch_save(
+            {"vae": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": step},
+            ckpt_path,
+        )
+
+    clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
+    while not clock.expired() and not stop_step_reached(step, args.max_steps):
+        t0 = time.time()
+        x, _ = sample_videos(np_rng, batch, setup.video, device)
+        data_s = time.time() - t0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_lr, setup.warmup_steps)
+        with autocast(device):
+            loss = vae_loss(vae, x, gen, args.kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        clock.record(loss.item(), batch, data_s)
+        clock.maybe_log("vae", step)
+        if clock.checkpoint_due():
+            save()
+    clock.maybe_log("vae", step, force=True)
+    save()
+
+    # Latent statistics of the trained encoder (posterior means), stored in the config for WanPipeline.
+    vae.eval()
+    stat_rng = np.random.default_rng(args.seed + 1)
+    with torch.no_grad(), autocast(device):
+        clips = [sample_videos(stat_rng, min(batch, setup.stat_clips), setup.video, device)[0]
+                 for _ in range(max(1, setup.stat_clips // batch))]
+        mean, std = latent_stats(vae, clips)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    # A fresh (untrained) transformer and text encoder complete the folder until the teacher stage replaces them.
+    size = export_pipeline(
+        out,
+        tokenizer=tw.build_tokenizer(),
+        text_encoder=tw.build_text_encoder(seed=args.seed),
+        vae=vae.cpu(),
+        transformer=tw.build_transformer(seed=args.seed, **setup.transformer_overrides),
+    )
+    write_state(out, vae_steps=step, teacher_steps=0, toy=args.toy)
+    print(f"[vae] exported {out / 'pipeline'} ({size / 2**20:.1f} MiB of weights) at step {step}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher stage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def teacher_loss(
+    transformer, text_encoder, latents: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Rectified-flow velocity loss. latents: [B, C, f, h, w] normalized; input_ids, mask: [B, S]."""
+    b = latents.shape[0]
+    s = sample_flow_sigmas(b, generator, latents.device)  # [B]
+    eps = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    s_ = s.view(b, 1, 1, 1, 1)
+    x_t = (1 - s_) * latents + s_ * eps
+    emb = tw.text_embeddings(text_encoder, input_ids, mask)
+    pred = transformer(hidden_states=x_t, timestep=s * 1000, encoder_hidden_states=emb, return_dict=False)[0]
+    return F.mse_loss(pred.float(), (eps - latents).float())
+
+
+def drop_prompts(prompts: list[str], rng: np.random.Generator, p: float) -> list[str]:
+    """Replace a fraction p of prompts by "" (what WanPipeline encodes for negative_prompt=None), for CFG."""
+    keep = rng.random(len(prompts)) >= p
+    return [q if k else "" for q, k in zip(prompts, keep)]
+
+
+def load_frozen_vae(out: Path, device: torch.device):
+    """The VAE exactly as the exported pipeline holds it (bf16-rounded weights, fp32 compute)."""
+    from diffusers import AutoencoderKLWan
+
+    path = out / "pipeline" / "vae"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no trained VAE at {path}: run the `vae` stage first")
+    with tw._quiet():
+        vae = AutoencoderKLWan.from_pretrained(str(path), torch_dtype=torch.float32).to(device).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device) -> None:
+    out = Path(args.out)
+    ckpt_path = out / "ckpt_teacher.pt"
+    vae = load_frozen_vae(out, device)
+    tokenizer = tw.build_tokenizer()
+    transformer = tw.build_transformer(seed=args.seed, **setup.transformer_overrides).to(device).train()
+    text_encoder = tw.build_text_encoder(seed=args.seed).to(device).train()
+    modules = {"transformer": transformer, "text_encoder": text_encoder}
+    np_rng = np.random.default_rng(args.seed + 2)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    step = 0
+    ckpt = None
+    if args.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        transformer.load_state_dict(ckpt["transformer"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        step = ckpt["step"]
+        print(f"[teacher] resumed from {ckpt_path} at step {step}", flush=True)
+    elif args.resume and read_state(out).get("teacher_steps", 0) > 0:
+        step = warm_start_from_export(out, transformer, text_encoder)
+
+    ema = EMA(modules, args.ema_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(transformer.parameters()), "base_lr": args.lr},
+            {"params": list(text_encoder.parameters()), "base_lr": args.lr * args.text_lr_mult},
+        ],
+        lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0,
+    )
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        load_rng_state(ckpt["rng"], np_rng, gen)
+    if args.compile:
+        transformer.compile()
+
+    batch = args.batch_size or setup.teacher_batch
+    print(
+        f"[teacher] transformer {tw.parameter_count(transformer) / 1e6:.2f}M, text encoder "
+        f"{tw.parameter_count(text_encoder) / 1e6:.2f}M params, batch {batch}, device {device}",
+        flush=True,
+    )
+
+    def save() -> None:
+        atomic_torch_save(
+            {
+                "transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "ema": ema.shadow, "optimizer": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": step,
+            },
+            ckpt_path,
+        )
+
+    clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
+    while not clock.expired() and not stop_step_reached(step, args.max_steps):
+        t0 = time.time()
+        with torch.no_grad(), autocast(device):
+            x, prompts = sample_videos(np_rng, batch, setup.video, device)
+            latents = normalize_latents(vae.encode(x).latent_dist.mean.float(), vae)
+        ids, mask = tw.encode_prompt_tokens(tokenizer, drop_prompts(prompts, np_rng, args.prompt_dropout))
+        data_s = time.time() - t0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, group["base_lr"], setup.warmup_steps)
+        with autocast(device):
+            loss = teacher_loss(transformer, text_encoder, latents, ids.to(device), mask.to(device), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
+        opt.step()
+        step += 1
+        ema.update(modules, step)
+        clock.record(loss.item(), batch, data_s)
+        clock.maybe_log("teacher", step)
+        if clock.checkpoint_due():
+            save()
+    clock.maybe_log("teacher", step, force=True)
+    save()
+
+    # Export the EMA weights.
+    export_modules = {name: copy.deepcopy(m).cpu().eval() for name, m in modules.items()}
+    for name, m in export_modules.items():
+        ema.copy_to(name, m)
+    size = export_pipeline(out, tokenizer=tokenizer, vae=vae.cpu(), **export_modules)
+    write_state(out, teacher_steps=step, toy=args.toy)
+    print(f"[teacher] exported {out / 'pipeline'} ({size / 2**20:.1f} MiB of weights) at step {step}", flush=True)
+
+
+def warm_start_from_export(out: Path, transformer, text_encoder) -> int:
+    """Initialize from an exported teacher (EMA weights, bf16-rounded) when no checkpoint travelled along."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    pipe_dir = out / "pipeline"
+    with tw._quiet():
+        src_t = WanTransformer3DModel.from_pretrained(str(pipe_dir / "transformer"), torch_dtype=torch.float32)
+        src_e = UMT5EncoderModel.from_pretrained(str(pipe_dir / "text_encoder"), torch_dtype=torch.float32)
+    transformer.load_state_dict(src_t.state_dict())
+    text_encoder.load_state_dict(src_e.state_dict())
+    step = int(read_state(out)["teacher_steps"])
+    print(f"[teacher] no checkpoint: warm start from {pipe_dir} (step {step}, optimizer reset)", flush=True)
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m blade.tinyworld.train")
+    p.add_argument("stage", choices=["vae", "teacher", "all"])
+    p.add_argument("--out", required=True, help="run folder: checkpoints, train_state.json, pipeline/")
+    p.add_argument("--minutes", type=float, default=8.5, help="wall-clock budget, export included")
+    p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint of the stage")
+    p.add_argument("--toy", action="store_true", help="tiny widths and 5x32x32 videos (CPU tests)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop a stage at this total step count")
+    p.add_argument("--vae-share", type=float, default=0.3, help="`all`: fraction of the minutes for the VAE")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default 32)")
+    p.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch (default 8)")
+    p.add_argument("--lr", type=float, default=3e-4, help="teacher transformer lr")
+    p.add_argument("--text-lr-mult", type=float, default=0.3, help="text encoder lr = lr * this")
+    p.add_argument("--vae-lr", type=float, default=3e-4)
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="KL weight (per latent element mean)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer (teacher stage)")
+    p.add_argument("--reserve-s", type=float, default=None, help="seconds kept for the export (default 45, toy 0)")
+    p.add_argument("--log-every-s", type=float, default=20.0)
+    p.add_argument("--ckpt-every-s", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    start = time.time()
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    setup = stage_setup(args.toy)
+    reserve = args.reserve_s if args.reserve_s is not None else (0.0 if args.toy else 45.0)
+    end = start + 60.0 * args.minutes - reserve
+    if args.stage in ("vae", "all"):
+        vae_end = start + (end - start) * args.vae_share if args.stage == "all" else end
+        train_vae(args, setup, vae_end, device)
+    if args.stage in ("teacher", "all"):
+        train_teacher(args, setup, end, device)
+    print(f"done in {time.time() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

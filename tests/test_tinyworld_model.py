@@ -1,0 +1,156 @@
+"""TinyWorld model builders and training loop (CPU, toy sizes).
+
+References: diffusers' stock `WanPipeline` prompt encoding and UniPC flow sampler, hand-derived token ids, and an
+uninterrupted training run as the reference for resume.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from blade.tinyworld import model as tw
+from blade.tinyworld import train
+from blade.tinyworld.world import all_words
+
+PROMPT = "a small red circle moves left and a large blue square stays still on a gray background"
+
+
+def _toy_pipeline():
+    return tw.build_pipeline(
+        vae=tw.build_vae(**train.TOY_VAE), transformer=tw.build_transformer(**train.TOY_TRANSFORMER)
+    )
+
+
+def test_tokenizer_ids_and_roundtrip(tmp_path):
+    tok = tw.build_tokenizer()
+    vocab = tok.get_vocab()
+    assert (vocab["<pad>"], vocab["</s>"], vocab["<unk>"]) == (0, 1, 2)
+    assert set(all_words()) <= set(vocab) and len(vocab) <= tw.TEXT_VOCAB_SIZE
+    expected = [vocab[w] for w in PROMPT.split()] + [1]
+    assert tok(PROMPT).input_ids == expected
+    assert tok(PROMPT.upper()).input_ids == expected  # lower-cased
+    assert tok("").input_ids == [1]  # the negative prompt WanPipeline uses: just </s>
+    assert tok("a purple circle").input_ids == [vocab["a"], 2, vocab["circle"], 1]
+    ids, mask = tw.encode_prompt_tokens(tok, [PROMPT, ""])
+    assert ids.shape == (2, 32) and mask.sum(1).tolist() == [len(expected), 1]
+    assert ids[1, 1:].eq(0).all()  # right padding with <pad> = 0
+
+    tok.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
+    assert loaded(PROMPT).input_ids == expected and loaded.pad_token_id == 0
+
+
+def test_text_embeddings_match_wan_pipeline():
+    """Training's prompt embeddings equal what WanPipeline feeds the transformer (padding rows zeroed)."""
+    pipe = _toy_pipeline()
+    prompts = [PROMPT, ""]
+    ids, mask = tw.encode_prompt_tokens(pipe.tokenizer, prompts, 32)
+    with torch.no_grad():  # as inside WanPipeline.__call__
+        ref, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=32, device="cpu")
+        ours = tw.text_embeddings(pipe.text_encoder, ids, mask)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert ours[1, 1:].abs().sum() == 0 and ours[1, 0].abs().sum() > 0
+
+
+def test_training_noise_matches_sampler_convention():
+    """x_t = (1-s) x0 + s eps with timestep 1000 s and target eps - x0 is what UniPC(flow) inverts to x0."""
+    sched = tw.build_scheduler()
+    sched.set_timesteps(50)
+    # The sampler feeds the transformer int(1000 s) (int64 timesteps); training uses the continuous 1000 s.
+    gap = sched.sigmas[:-1] * 1000 - sched.timesteps.float()
+    assert gap.min() >= -1e-3 and gap.max() < 1
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 16, 5, 4, 4, generator=g), torch.randn(2, 16, 5, 4, 4, generator=g)
+    i = 20
+    s = sched.sigmas[i]
+    x_t = (1 - s) * x0 + s * eps
+    sched._init_step_index(sched.timesteps[i])
+    x0_pred = sched.convert_model_output(eps - x0, sample=x_t)
+    torch.testing.assert_close(x0_pred, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_sigma_distribution():
+    # Both mixture parts have median u = 0.5, so the median of s is shift(0.5) = 3 * 0.5 / (1 + 2 * 0.5) = 0.75.
+    s = train.sample_flow_sigmas(40000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert 0 < s.min() and s.max() < 1
+    assert abs(s.median().item() - 0.75) < 0.01
+    assert (s > 0.5).float().mean() > 0.75  # mass at mid/high noise
+
+
+def test_latent_stats_normalize():
+    vae = tw.build_vae(**train.TOY_VAE)
+    rng = np.random.default_rng(0)
+    clips = [train.sample_videos(rng, 2, train.TOY_VIDEO, torch.device("cpu"))[0] for _ in range(2)]
+    assert clips[0].shape == (2, 3, 5, 32, 32) and clips[0].min() >= -1 and clips[0].max() <= 1
+    with torch.no_grad():
+        mean, std = train.latent_stats(vae, clips)
+        vae.register_to_config(latents_mean=mean, latents_std=std)
+        z = torch.cat([vae.encode(c).latent_dist.mean for c in clips]).double()
+        zn = train.normalize_latents(z, vae)
+    ref_mean = z.transpose(0, 1).flatten(1).mean(1)
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), ref_mean, rtol=1e-4, atol=1e-5)
+    per_channel = zn.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-4)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-3)
+
+
+def test_load_pipeline_missing_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No TinyWorld pipeline"):
+        tw.load_pipeline(tmp_path / "nope")
+    assert tw.bundled_pipeline_path().parts[-3:] == ("assets", "tinyworld", "pipeline")
+
+
+def _run(*argv):
+    train.main([*argv, "--toy", "--minutes", "10", "--log-every-s", "1000"])
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_toy_training_resume_and_export(tmp_path):
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    # VAE: 2 uninterrupted steps vs 1 step + resume to 2.
+    _run("vae", "--out", str(ref), "--max-steps", "2")
+    _run("vae", "--out", str(split), "--max-steps", "1")
+    assert _ckpt(split / "ckpt_vae.pt")["step"] == 1
+    _run("vae", "--out", str(split), "--max-steps", "2", "--resume")
+    a, b = _ckpt(ref / "ckpt_vae.pt"), _ckpt(split / "ckpt_vae.pt")
+    assert a["step"] == b["step"] == 2
+    _assert_same_state(a["vae"], b["vae"])
+
+    # Teacher on the same exported VAE: 2 uninterrupted steps vs 1 + resume.
+    shutil.rmtree(split / "pipeline")
+    shutil.copytree(ref / "pipeline", split / "pipeline")
+    _run("teacher", "--out", str(ref), "--max-steps", "2")
+    _run("teacher", "--out", str(split), "--max-steps", "1")
+    _run("teacher", "--out", str(split), "--max-steps", "2", "--resume")
+    a, b = _ckpt(ref / "ckpt_teacher.pt"), _ckpt(split / "ckpt_teacher.pt")
+    assert a["step"] == b["step"] == 2
+    _assert_same_state(a["transformer"], b["transformer"])
+    _assert_same_state(a["text_encoder"], b["text_encoder"])
+    _assert_same_state(a["ema"], b["ema"])
+    assert train.read_state(ref)["teacher_steps"] == 2
+
+    # The export is a stock WanPipeline folder; bf16 weights are the EMA's, rounded.
+    pipe = tw.load_pipeline(ref / "pipeline")
+    assert isinstance(pipe.scheduler, type(tw.build_scheduler()))
+    assert pipe.vae.config.scale_factor_spatial == 4 and pipe.vae.config.scale_factor_temporal == 4
+    assert pipe.vae.config.latents_std != [1.0] * 16  # statistics of the trained encoder were stored
+    ema_w = a["ema"]["transformer.proj_out.weight"]
+    torch.testing.assert_close(pipe.transformer.proj_out.weight, ema_w.bfloat16().float(), rtol=0, atol=0)
+    video = pipe(
+        PROMPT, num_frames=5, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+        max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0),
+    ).frames
+    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
