@@ -163,3 +163,16 @@ def test_seed_determinism():
     second = [a2(q, k, v, grid=(3, 8, 10)) for _ in range(2)]
     for x, y in zip(first, second):
         assert torch.equal(x, y)  # same seed -> same sequence of masks
+
+
+def test_mixed_operand_dtypes_under_autocast_use_one_kernel_dtype():
+    """Norms/RoPE can hand back float32 q/k beside a bf16 v inside autocast; pooled tokens come out float32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    module = AdaptiveBlockSparseAttention(ASAConfig(block_size=32, threshold=1.0, min_keep=1.0, max_keep=1.0,
+                                                    pool_size=8, backend="reference"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(q, k.bfloat16(), v)
+    assert out.dtype == torch.bfloat16
+    expected = module(q.double(), k.double(), v.double())
+    assert torch.allclose(out.double(), expected, atol=3e-2, rtol=3e-2)

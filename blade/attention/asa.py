@@ -90,6 +90,19 @@ def mean_pool_tokens(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.
     return sums / counts[:, None].to(x.dtype), counts
 
 
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One dtype for q, k, v: the autocast dtype inside an autocast region (norms and RoPE may hand back float32
+    next to a bf16 projection), else the promoted type. Kernels take a single operand dtype."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 class AdaptiveBlockSparseAttention(nn.Module):
     """ASA (ASA_GT with ``config.pool_size``) over ``[B, H, L, D]`` tensors; parameter-free.
 
@@ -123,7 +136,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
             return None, None, None
         global_k, counts = mean_pool_tokens(k, self.config.pool_size)
         global_v, _ = mean_pool_tokens(v, self.config.pool_size)
-        return global_k, global_v, torch.log(counts)
+        # Reductions run in float32 under autocast: hand the kernel the operands' dtype.
+        return global_k.to(k.dtype), global_v.to(v.dtype), torch.log(counts)
 
     def _record(self, kept: torch.Tensor, total: int, pooled_fraction: float) -> None:
         """Store one call's counts; ``pooled_fraction`` is the 1/n of the paper's sparsity (0 without pooling)."""
@@ -180,6 +194,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
         Returns:
             ``[B, H, L, D]``; records stats.
         """
+        q, k, v = _common_dtype(q, k, v)
         global_k, global_v, global_bias = self._global_tokens(k, v)
         out = block_sparse_attention(
             q,

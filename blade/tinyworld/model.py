@@ -81,7 +81,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "text_dim": TEXT_ENCODER_CONFIG["d_model"],
     "freq_dim": 256,
     "ffn_dim": 1024,
-    "num_layers": 6,
+    "num_layers": 4,  # 4 x 256-wide layers: a 50-step CFG teacher video stays under 3 min on 2 CPU cores
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
@@ -146,7 +146,7 @@ def build_vae(seed: int = 0, **overrides: Any) -> AutoencoderKLWan:
 
 
 def build_transformer(seed: int = 0, **overrides: Any) -> WanTransformer3DModel:
-    """`WanTransformer3DModel` of ~6.9M parameters (6 layers, 4 heads x 64, patch 1x1x1), randomly initialized."""
+    """`WanTransformer3DModel` of ~4.7M parameters (4 layers, 4 heads x 64, patch 1x1x1), randomly initialized."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **overrides}).eval()

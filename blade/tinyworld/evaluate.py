@@ -1,0 +1,253 @@
+"""Evaluate a TinyWorld model (teacher or BLADE student) on grammar prompts: adherence, stability, fidelity, sparsity.
+
+Usage::
+
+    python -m blade.tinyworld.evaluate --prompts prompts.txt --seeds 0 1 2 --steps 50 --guidance 5.0 \\
+        --attention dense --out teacher.json
+    python -m blade.tinyworld.evaluate --prompts prompts.txt --seeds 0 1 2 --lora assets/tinyworld/blade_lora \\
+        --out student.json
+    python -m blade.tinyworld.evaluate --prompts prompts.txt --seeds 0 1 --steps 50 --guidance 5.0 \\
+        --attention window --sparsity 0.75 --compare_dense --out window75.json
+
+Every prompt is run with every seed; the seed fixes the initial noise and names the ground-truth render that the
+fidelity distance compares against. Without ``--lora`` the model is the bare teacher with the pipeline's own
+scheduler; with ``--lora`` it is the student, with the sampler (K anchors, eta) and the ASA configuration read from
+the LoRA folder's ``blade_config.json``.
+
+Attention modes: ``dense`` (stock), ``asa`` (the adaptive prober; with ``--sparsity`` its keep count is pinned to
+``1 - sparsity`` of the key blocks, without global tokens, for equal-sparsity comparisons), ``window`` (a static local
+3D window, like Sliding Tile Attention) and ``random`` (random key blocks), the last two at ``--sparsity``.
+``--compare_dense`` also runs the dense model with the same noise and reports PSNR/SSIM against it (the paper's
+Table 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from blade import api
+from blade.attention import ASAConfig
+from blade.attention.static_masks import random_block_mask, window_block_mask
+from blade.models.wan import default_asa_config
+from blade.tinyworld import metrics
+from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline
+from blade.tinyworld.world import PromptError, Scene, parse_prompt, render_prompt
+
+ATTENTION_MODES = ("dense", "asa", "window", "random")
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, Scene]]:
+    """Prompts of a file (one a line; blank lines and ``#`` comments skipped), each parsed by the world's grammar.
+
+    Raises ``PromptError`` naming the line and the bad word, and ``ValueError`` for a file with no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            prompts.append((text, parse_prompt(text)))
+        except PromptError as err:
+            raise PromptError(f"{path}:{number}: {err}") from None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (blank lines and # comments are skipped)")
+    return prompts
+
+
+def configure_attention(
+    pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: dict | None
+) -> Any:
+    """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense)."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
+    if mode in ("window", "random") and sparsity is None:
+        raise ValueError(f"--attention {mode} needs --sparsity")
+    if mode == "dense":
+        api.disable_asa(pipe)
+        return None
+
+    asa_dict = (lora_config or {}).get("asa")
+    config = ASAConfig.from_dict(asa_dict) if asa_dict else default_asa_config()
+    if sparsity is not None:  # pinned keep count, plain ASA: equal sparsity across the compared methods
+        keep = 1.0 - sparsity
+        config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
+    api.disable_asa(pipe)
+    handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
+    block = config.block_size
+    if mode == "window":
+        handle.mask_provider = lambda q, k, grid, tail: window_block_mask(
+            grid, sparsity=sparsity, block_size=block, tail_tokens=tail, device=q.device
+        )
+    elif mode == "random":
+        # Drawn from the global RNG, which `api.generate` seeds per video: reproducible for a seed.
+        handle.mask_provider = lambda q, k, grid, tail: random_block_mask(
+            q.shape[0], q.shape[1], q.shape[-2], sparsity=sparsity, block_size=block, tail_tokens=tail,
+            device=q.device,
+        )
+    return handle
+
+
+def evaluate(
+    prompts: list[tuple[str, Scene]],
+    seeds: list[int],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    attention: str = "dense",
+    sparsity: float | None = None,
+    lora: str | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    dense_steps: int = 0,
+    compare_dense: bool = False,
+    save_videos: str | None = None,
+) -> dict[str, Any]:
+    """Generate every (prompt, seed) video and score it; returns the report (see the module docstring)."""
+    pipe = load_pipeline(model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    lora_config = api.load_blade_lora(pipe, lora, asa=False) if lora else None
+    if steps is None:
+        steps = int(lora_config.get("k_step", 8)) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
+    if guidance is None:
+        guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
+    size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
+    extra = {"max_sequence_length": TINYWORLD_DEFAULTS["max_sequence_length"]}
+
+    def run(prompt: str, seed: int) -> tuple[np.ndarray, dict]:
+        return api.generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance, **size, **extra)
+
+    videos_dir = Path(save_videos) if save_videos else None
+    if videos_dir:
+        videos_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(p, s, seed) for p, s in prompts for seed in seeds]
+
+    dense_frames: dict[tuple[str, int], np.ndarray] = {}
+    if compare_dense:
+        configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=lora_config)
+        for prompt, _, seed in tqdm(jobs, desc="dense reference"):
+            dense_frames[(prompt, seed)] = run(prompt, seed)[0]
+    configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config)
+
+    videos = []
+    for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
+        frames, info = run(prompt, seed)
+        truth = render_prompt(prompt, seed, num_frames=frames.shape[0], height=frames.shape[1], width=frames.shape[2])
+        score = metrics.score_video(frames, scene)
+        entry = {
+            "prompt": prompt,
+            "seed": seed,
+            "adherence": score["adherence"],
+            "stability": score["stability"],
+            "fidelity": metrics.fidelity_distance(frames, truth, scene),
+            "sparsity": info["sparsity"] if info["sparsity"] is not None else 0.0,
+            "seconds": info["timings"]["total_s"],
+            "checks": score.get("checks", {}),
+        }
+        if compare_dense:
+            entry["psnr"] = metrics.psnr(frames, dense_frames[(prompt, seed)])
+            entry["ssim"] = metrics.ssim(frames, dense_frames[(prompt, seed)])
+        if videos_dir:
+            from blade.video import export_mp4
+
+            export_mp4(frames, videos_dir / f"{index:03d}_seed{seed}.mp4", fps=TINYWORLD_DEFAULTS["fps"])
+        videos.append(entry)
+
+    summary = metrics.summarize(videos)
+    report: dict[str, Any] = {
+        "adherence": summary.get("adherence"),
+        "stability": summary.get("stability"),
+        "fidelity": summary.get("fidelity"),
+        "sparsity": summary.get("sparsity"),
+    }
+    if compare_dense:
+        report["psnr"] = summary.get("psnr")
+        report["ssim"] = summary.get("ssim")
+    report.update(
+        {
+            "seconds_per_video": summary.get("seconds"),
+            "attribute_accuracy": summary.get("attribute_accuracy"),
+            "num_videos": len(videos),
+            "settings": {
+                "steps": steps,
+                "guidance": guidance,
+                "attention": attention,
+                "requested_sparsity": sparsity,
+                "dense_steps": dense_steps,
+                "lora": str(lora) if lora else None,
+                "model": str(model) if model else "bundled",
+                "device": device,
+                "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            "videos": videos,
+        }
+    )
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m blade.tinyworld.evaluate",
+        description="Score TinyWorld videos (teacher, or a BLADE student with --lora) against the known world.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompts", required=True, help="text file, one grammar prompt a line (# comments skipped)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; every prompt runs with each")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the LoRA's K, else 50 for the teacher)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: 1 with --lora, else 5.0)")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="dense",
+                        help="self-attention: stock dense, adaptive ASA, static local window, or random blocks")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="target self-attention sparsity for window/random (and pinned ASA), e.g. 0.75")
+    parser.add_argument("--dense_steps", type=int, default=0, help="run the first N sampling steps dense")
+    parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
+    parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--compare_dense", action="store_true",
+                        help="also run dense with the same noise and report PSNR/SSIM against it")
+    parser.add_argument("--save_videos", default=None, help="folder to write each generated video as mp4")
+    parser.add_argument("--out", required=True, help="path of the JSON report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = read_prompts(args.prompts)
+        if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        report = evaluate(
+            prompts, args.seeds, steps=args.steps, guidance=args.guidance, attention=args.attention,
+            sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
+            dense_steps=args.dense_steps, compare_dense=args.compare_dense, save_videos=args.save_videos,
+        )
+    except (PromptError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    shown = {k: report[k] for k in ("adherence", "stability", "fidelity", "sparsity", "psnr", "ssim") if k in report}
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in shown.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
