@@ -1,0 +1,69 @@
+"""The TinyWorld evaluation command on a small random pipeline of the TinyWorld architecture (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from blade.tinyworld import model as tw
+from blade.tinyworld.evaluate import main, read_prompts
+from blade.tinyworld.world import PromptError
+
+PROMPT = "a large red circle moves right on a black background"
+
+
+@pytest.fixture(scope="module")
+def tiny_tinyworld(tmp_path_factory):
+    """TinyWorld layout and video size, toy widths (random weights): evaluation plumbing, not quality."""
+    path = tmp_path_factory.mktemp("tw") / "pipeline"
+    pipe = tw.build_pipeline(
+        vae=tw.build_vae(base_dim=8, num_res_blocks=1),
+        transformer=tw.build_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=16, ffn_dim=32,
+                                         freq_dim=32),
+    )
+    tw.save_pipeline(pipe, path, dtype=torch.float32)
+    return path
+
+
+def _run(tmp_path, pipeline, *args):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# a comment\n{PROMPT}\n\n")
+    out = tmp_path / "report.json"
+    code = main(["--prompts", str(prompts), "--seeds", "0", "--steps", "2", "--guidance", "1.0",
+                 "--model", str(pipeline), "--device", "cpu", "--out", str(out), *args])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("mode", ["window", "random", "asa"])
+def test_equal_sparsity_modes_report_requested_sparsity_and_dense_agreement(tmp_path, tiny_tinyworld, mode):
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", mode, "--sparsity", "0.75", "--compare_dense")
+    assert code == 0
+    # 5 x 32 x 32 = 5120 tokens -> 40 blocks of 128: 10 kept per row = exactly 0.75 sparsity.
+    assert report["sparsity"] == pytest.approx(0.75)
+    for key in ("adherence", "stability", "fidelity", "psnr", "ssim"):
+        assert key in report
+    video = report["videos"][0]
+    assert video["prompt"] == PROMPT and video["seed"] == 0
+    assert 0.0 <= video["adherence"] <= 1.0 and video["ssim"] <= 1.0
+    assert report["settings"]["attention"] == mode
+
+
+def test_dense_matches_itself(tmp_path, tiny_tinyworld):
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "dense", "--compare_dense")
+    assert code == 0
+    assert report["sparsity"] == 0.0
+    assert report["ssim"] == pytest.approx(1.0) and report["psnr"] == 100.0  # same seed, same model: identical video
+
+
+def test_bad_prompt_is_rejected_with_the_word(tmp_path, tiny_tinyworld, capsys):
+    prompts = tmp_path / "bad.txt"
+    prompts.write_text(f"{PROMPT}\na large purple circle moves left on a black background\n")
+    with pytest.raises(PromptError, match="purple"):
+        read_prompts(prompts)
+    code = main(["--prompts", str(prompts), "--model", str(tiny_tinyworld), "--out", str(tmp_path / "r.json")])
+    assert code == 2 and "purple" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_window_and_random_need_a_sparsity(tmp_path, tiny_tinyworld):
+    code, _ = _run(tmp_path, tiny_tinyworld, "--attention", "window")
+    assert code == 2
