@@ -57,6 +57,7 @@ class ScriptSpec:
     default_model_hints: dict[str, Any] = field(default_factory=dict)
     default_model_missing: str | None = None
     model_help: str = "local diffusers pipeline folder"
+    default_lora_path: Path | None = None  # used with the default model when --lora_path is not given
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "--lora_path",
         default=None,
         help="BLADE student LoRA: the .safetensors file or its folder; a blade_config.json beside it sets the "
-        "sampler (K anchors, eta) and the ASA config. Default: none (the base model with its own scheduler).",
+        "sampler (K anchors, eta) and the ASA config. 'none' runs the base model with its own scheduler. Default: "
+        + (f"{spec.default_lora_path} with the default model, else none" if spec.default_lora_path else "none"),
     )
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the text prompt (one of --prompt / --prompt_file is required)")
@@ -302,7 +304,12 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     model_path = Path(args.model_path)
     hint = spec.default_model_missing if _is_default_model(spec, model_path) else None
     check_model_folder(spec.family, model_path, hint=hint)
-    lora_file, blade_config = _check_lora(spec.family, model_path, args.lora_path) if args.lora_path else (None, None)
+    lora_path = args.lora_path
+    if lora_path is None and spec.default_lora_path is not None and _is_default_model(spec, model_path):
+        lora_path = str(spec.default_lora_path) if Path(spec.default_lora_path).exists() else None
+    if lora_path is not None and lora_path.lower() == "none":
+        lora_path = None
+    lora_file, blade_config = _check_lora(spec.family, model_path, lora_path) if lora_path else (None, None)
     cfg = blade_config or {}
 
     hints = {**_model_hints(spec, model_path), **{k: cfg[k] for k in HINT_KEYS if k in cfg}}

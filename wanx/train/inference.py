@@ -1,7 +1,7 @@
 """8-step BLADE inference for Wan2.1 (and the bundled TinyWorld miniature, the default model).
 
-    python wanx/train/inference.py --lora_path assets/tinyworld/blade_lora \
-        --prompt "a large red circle moves right on a black background"
+    python wanx/train/inference.py --prompt "a large red circle moves right on a black background"
+        (the bundled TinyWorld teacher + its BLADE student LoRA, 8 steps, ASA; `--lora_path none` for the teacher)
     python wanx/train/inference.py --model_path ./Wan2.1-T2V-1.3B-Diffusers --lora_path ./blade_wan_lora \
         --prompt_file prompts.txt --gpu 0
 
@@ -22,6 +22,7 @@ SPEC = ScriptSpec(
     "attention). Default model: the bundled TinyWorld miniature (17x128x128, runs on a CPU).",
     default_model_path=bundled_pipeline_path(),
     default_model_hints=TINYWORLD_DEFAULTS,
+    default_lora_path=bundled_pipeline_path().parent / "blade_lora",
     default_model_missing="The bundled TinyWorld pipeline (assets/tinyworld/pipeline) is missing: restore it from "
     "the repository (git checkout -- assets/tinyworld) or pass --model_path to a Wan2.1 diffusers folder, e.g. "
     "Wan2.1-T2V-1.3B-Diffusers from Hugging Face (`huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
