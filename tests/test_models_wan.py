@@ -20,14 +20,6 @@ def sparse_config(seed=None):
     return ASAConfig(block_size=16, threshold=0.5, min_keep=0.2, max_keep=0.5, pool_size=8, seed=seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def inputs(frames, height, width, batch=1, text=6, seed=0):
     """Latent [B, 16, F, H, W] (token grid F x H/2 x W/2), timestep [B], text embeddings [B, text, 32]."""

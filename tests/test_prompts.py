@@ -17,13 +17,6 @@ PROMPTS = ["a red ball moves left", "a big dog runs on the road", "a red ball mo
            "the car near the river at night", "a small cat"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core box are much slower for tiny matmuls
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):

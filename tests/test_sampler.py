@@ -18,14 +18,6 @@ from blade.distill.schedule import (
 ANCHORS_8 = [999, 874, 749, 624, 499, 374, 249, 124]  # 999 - 125 k
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cog_ddim() -> CogVideoXDDIMScheduler:
     return CogVideoXDDIMScheduler(

@@ -22,15 +22,6 @@ from blade.distill.tdm import (
 )
 from blade.pipelines.tiny import build_tiny_wan_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core box are much slower for tiny matmuls
-    yield
-    torch.set_num_threads(n)
-
-
 SCHEDULES = [FlowMatchingSchedule(1.0), FlowMatchingSchedule(3.0),
              VPredictionDDPMSchedule.from_scheduler_config(COGVIDEOX_5B_DDPM_CONFIG)]
 

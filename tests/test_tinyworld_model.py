@@ -154,3 +154,17 @@ def test_toy_training_resume_and_export(tmp_path):
         max_sequence_length=32, output_type="np", generator=torch.Generator().manual_seed(0),
     ).frames
     assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
+
+
+def test_vae_warm_start_from_export_without_checkpoint(tmp_path):
+    """Checkpoints stay on the GPU machine; the exported bf16 VAE is what travels and what training resumes from."""
+    out = tmp_path / "run"
+    _run("vae", "--out", str(out), "--max-steps", "1")
+    exported = tw.load_pipeline(out / "pipeline").vae.state_dict()
+    (out / "ckpt_vae.pt").unlink()
+    _run("vae", "--out", str(out), "--max-steps", "1", "--resume")  # already at step 1: no training step
+    assert train.read_state(out)["vae_steps"] == 1
+    resumed = _ckpt(out / "ckpt_vae.pt")
+    assert resumed["step"] == 1
+    for name, weight in exported.items():  # started from the export, not from a fresh initialization
+        torch.testing.assert_close(resumed["vae"][name].bfloat16().float(), weight.float(), rtol=0, atol=0, msg=name)

@@ -29,16 +29,6 @@ from blade.tinyworld.world import (
     sample_scene,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Elementwise ops over one video are far faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,14 +21,6 @@ SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2"
          "--seed", "3", "--train_batch_size", "2", "--mixed_precision", "no", "--cfg", "3.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 threads on a shared 2-core box are ~9x slower than 1 for these tiny matmuls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
