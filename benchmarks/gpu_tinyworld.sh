@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_tinyworld.sh vae MINUTES        # VAE (warm-starts from RUN/pipeline when it exists)
 #   bash benchmarks/gpu_tinyworld.sh teacher MINUTES    # teacher (warm-starts from RUN/pipeline)
-#   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then ASA and dense TDM students, MINUTES each
+#   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
+#                                                       # (fake lr 2e-4: rank 64 is a quarter of this model's width)
 #   bash benchmarks/gpu_tinyworld.sh eval               # Table 1 and Table 3 reports (JSON) on held-out prompts
 #
 # RUN (default runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the
@@ -22,7 +23,7 @@ distill() {  # $1 = name, remaining = extra flags
   python3 wanx/train/train_wanx_tdm.py --tinyworld --pretrained_model_name_or_path "$RUN/pipeline" \
     --prompt_dir "$RUN/prompts" --output_dir "$RUN/$name" --mixed_precision bf16 --gradient_checkpointing \
     --train_batch_size 16 --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 \
-    --learning_rate 1e-4 --learning_rate_fake 5e-4 --max_train_steps 100000 --checkpointing_steps 100 \
+    --learning_rate 1e-4 --learning_rate_fake 2e-4 --max_train_steps 100000 --checkpointing_steps 100 \
     --validation_steps 0 --max_train_minutes "$MINUTES" --resume_from_checkpoint latest "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_$name.log"
 }
@@ -37,8 +38,8 @@ case "$STAGE" in
     python3 utils/process_prompts_wanx.py --input_file utils/tinyworld_train_prompts.txt --output_dir "$RUN/prompts" \
       --model_path "$RUN/pipeline" --max_length 32 --negative_prompt "" --num_validation 4 --batch_size 256 \
       --device cuda
-    distill asa --use_sparsity
-    distill dense ;;
+    distill dense                # distillation alone first (control), then with ASA
+    distill asa --use_sparsity ;;
   eval)
     common=(--prompts "$EVAL_PROMPTS" --model "$RUN/pipeline" --device cuda)
     python3 -m blade.tinyworld.evaluate "${common[@]}" --seeds 1000 1001 --steps 50 --guidance 5.0 \

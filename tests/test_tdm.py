@@ -1,5 +1,6 @@
 """TDM objective pieces (blade/distill/tdm.py) against hand-derived values, and a few CPU iterations."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from blade.distill import lora
 from blade.distill.schedule import COGVIDEOX_5B_DDPM_CONFIG, FlowMatchingSchedule, VPredictionDDPMSchedule
 from blade.distill.tdm import (
+    StepDraw,
     TDMConfig,
     TDMObjective,
     default_huber_c,
@@ -136,3 +138,205 @@ def test_tdm_iterations_update_both_adapters_not_base():
         want = ref(hidden_states=x, timestep=t, encoder_hidden_states=emb[:1], return_dict=False)[0]
         assert torch.allclose(obj.predict("teacher", x, t, emb[:1]), want, atol=1e-6)
         assert not torch.allclose(obj.predict("student", x, t, emb[:1]), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wiring of the objective against hand-derived references (a mock transformer per role, flow matching, shift 1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _MockObjective(TDMObjective):
+    """TDMObjective whose roles are closed-form velocity fields: the wiring is checked, not the network.
+
+    student: v = 0.4 x + delta (delta a zero leaf: its grad is dL/dv_student); teacher: v = 0.2 x + mean(emb)
+    (cond and negative embeddings differ in mean); fake: v = -0.3 x + 0.1.
+    """
+
+    def __init__(self, shape, config):
+        family = dataclasses.replace(wan_family(build_tiny_wan_pipeline(seed=0)), call=None)
+        super().__init__(torch.nn.Identity(), family, config)
+        self.delta = torch.zeros(shape, requires_grad=True)
+        self.calls = []
+
+    def _activate(self, name):
+        pass
+
+    def predict(self, role, x, t, emb):
+        self.calls.append((role, x.detach().clone(), t.detach().clone(), emb))
+        if role == "student":
+            return 0.4 * x + self.delta
+        if role == "teacher":
+            return 0.2 * x + emb.mean()
+        return -0.3 * x + 0.1
+
+
+def _calls(obj, role):
+    return [c for c in obj.calls if c[0] == role]
+
+
+def test_generator_loss_wiring_and_sign():
+    shape, cfg_scale, c = (2, 3, 4, 5), 4.0, 0.05
+    obj = _MockObjective(shape, TDMConfig(k_step=8, cfg=cfg_scale, huber_c=c))
+    g = torch.Generator().manual_seed(0)
+    x_ti = torch.randn(shape, generator=g)
+    emb, neg = torch.ones(2, 3, 8), -torch.ones(2, 3, 8)
+    draw = obj.draw_step(torch.Generator().manual_seed(3))
+    loss, _ = obj.generator_loss(x_ti, draw, emb, neg, g, torch.Generator().manual_seed(4))
+    loss.backward()
+
+    (_, xs, ts, es), = _calls(obj, "student")
+    assert torch.equal(xs, x_ti) and torch.all(ts == draw.t_i) and es is emb
+    (_, x_tau, tau, ef), = _calls(obj, "fake")
+    teacher = _calls(obj, "teacher")
+    assert [t[3] for t in teacher] == [emb, neg]  # conditional, then the negative embedding
+    assert all(torch.equal(t[1], x_tau) and torch.equal(t[2], tau) for t in teacher) and ef is emb
+    assert torch.all(tau > draw.t_mid) and torch.all(tau <= 979)
+
+    # hand reference in float64: x0 = x - s v (flow matching, s = t / 1000)
+    x_ti, x_tau = x_ti.double(), x_tau.double()
+    s_i, s_tau = draw.t_i / 1000, (tau.double() / 1000).view(-1, 1, 1, 1)
+    x0_teacher = x_tau - s_tau * (0.2 * x_tau - 1 + cfg_scale * 2.0)  # uncond + cfg * (cond - uncond)
+    x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
+    d = x0_fake - x0_teacher  # x0 - stopgrad(x0 + teacher - fake)
+    n = d[0].numel()
+    want = (torch.sqrt(d**2 + c * c) - c).flatten(1).mean(1).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    grad_x0 = d / torch.sqrt(d**2 + c * c) / (n * shape[0])  # dL/dx0: along (fake - teacher), so descent -> teacher
+    assert torch.allclose(obj.delta.grad.double(), -s_i * grad_x0, rtol=1e-3, atol=1e-7)
+
+
+def test_fake_loss_target_is_student_x0():
+    shape = (2, 3, 4, 5)
+    obj = _MockObjective(shape, TDMConfig(k_step=8, cfg=4.0))
+    g = torch.Generator().manual_seed(1)
+    x_ti = torch.randn(shape, generator=g)
+    draw = obj.draw_step(torch.Generator().manual_seed(5))
+    loss, _ = obj.fake_loss(x_ti, draw, torch.ones(2, 3, 8), -torch.ones(2, 3, 8), g, torch.Generator())
+    assert [c[0] for c in obj.calls] == ["student", "fake"]  # lambda_reg = 0: no teacher
+    (_, x_tau, tau, _), = _calls(obj, "fake")
+    x_tau = x_tau.double()
+    x0 = x_ti.double() - draw.t_i / 1000 * 0.4 * x_ti.double()
+    s_tau = (tau.double() / 1000).view(-1, 1, 1, 1)
+    want = ((-0.3 * x_tau + 0.1 - (x_tau - x0) / s_tau) ** 2).mean()  # velocity target (x_tau - x0) / sigma
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("i", [2, 7])
+def test_segment_x_tau_distribution(i):
+    """x_mid = (1-s_m) x0 + s_m (eta eps + sqrt(1-eta^2) z1), then q(x_tau | x_mid): mean and variance by hand."""
+    eta, n = 0.9, 200_000
+    obj = _MockObjective((1, n), TDMConfig(k_step=8, eta=eta))
+    g = torch.Generator().manual_seed(2)
+    x_ti = torch.randn(1, n, generator=g)
+    out = 0.4 * x_ti
+    draw = StepDraw(i=i, t_i=obj.anchors[i], t_mid=segment_end(obj.anchors, i))
+    x0, x_tau, tau = obj._segment(out, x_ti, draw, g, torch.Generator().manual_seed(6))
+    s_i, s_m, s_t = draw.t_i / 1000, draw.t_mid / 1000, tau.item() / 1000
+    xd = x_ti.double()
+    x0_hand = xd - s_i * 0.4 * xd
+    eps_hand = xd + (1 - s_i) * 0.4 * xd
+    assert torch.allclose(x0.double(), x0_hand, atol=1e-5)
+    r = (1 - s_t) / (1 - s_m)
+    mean = (1 - s_t) * x0_hand + r * s_m * eta * eps_hand
+    z = (x_tau.double() - mean) / math.sqrt(s_t**2 - (r * s_m * eta) ** 2)
+    assert abs(z.mean().item()) < 0.02 and z.var().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_family_feeds_model_timestep():
+    """The transformer is conditioned on 1000 * sigma(t) (= t at shift 1), the teacher's training convention."""
+    seen = []
+    pipe = build_tiny_wan_pipeline(seed=0)
+    for shift in (1.0, 3.0):
+        fam = dataclasses.replace(wan_family(pipe, shift=shift), call=lambda tr, x, mt, e: seen.append(mt) or x)
+        fam.predict(pipe.transformer, torch.zeros(2, 16, 1, 2, 2), torch.tensor([874.0, 124.0]), torch.zeros(2, 3, 32))
+    assert torch.allclose(seen[0], torch.tensor([874.0, 124.0]))
+    u = torch.tensor([0.874, 0.124])
+    assert torch.allclose(seen[1], 1000 * 3 * u / (1 + 2 * u))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter switching on the real (tiny) transformer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_with_distinct_adapters(gradient_checkpointing: bool):
+    """Tiny Wan with student/fake adapters perturbed apart (as after some training) and an objective on it."""
+    pipe = build_tiny_wan_pipeline(seed=0)
+    tr = pipe.transformer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
+        lora.add_student_and_fake(tr, rank=4, alpha=8)
+    with torch.no_grad():
+        for seed, name in ((7, lora.STUDENT), (8, lora.FAKE)):
+            g = torch.Generator().manual_seed(seed)
+            for p in lora.adapter_parameters(tr, name):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    if gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    tr.train()
+    return pipe, TDMObjective(tr, wan_family(pipe), TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5))
+
+
+def _adapter_grads(obj, loss_fn, name):
+    g, d = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    emb, neg = torch.randn(2, 8, 32, generator=g), torch.zeros(2, 8, 32)
+    x = torch.randn(obj.family.latent_shape(2, 9, 16, 16), generator=g)
+    loss, _ = getattr(obj, loss_fn)(x, obj.draw_step(d), emb, neg, g, d)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in lora.adapter_parameters(obj.transformer, name)])
+    obj.transformer.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_gradient_checkpointing_keeps_each_loss_on_its_adapter():
+    """Checkpointed blocks are recomputed in backward with the adapter active *then*; the generator loss runs the
+    fake last, so without switching back its student gradient was computed through the fake adapter (~10x off)."""
+    _, plain = _tiny_with_distinct_adapters(False)
+    _, ckpt = _tiny_with_distinct_adapters(True)
+    for loss_fn, name in (("generator_loss", lora.STUDENT), ("fake_loss", lora.FAKE)):
+        a, b = _adapter_grads(plain, loss_fn, name), _adapter_grads(ckpt, loss_fn, name)
+        assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-7), loss_fn
+
+
+def test_roles_switch_what_runs():
+    pipe, obj = _tiny_with_distinct_adapters(False)
+    tr = obj.transformer
+    q = tr.blocks[0].attn1.to_q
+    assert q.scaling[lora.STUDENT] == q.scaling[lora.FAKE] == 8 / 4  # alpha / r
+    assert isinstance(q.lora_dropout[lora.STUDENT], torch.nn.Identity)
+    params_g, params_f = lora.adapter_parameters(tr, lora.STUDENT), lora.adapter_parameters(tr, lora.FAKE)
+    trainable = {id(p) for p in tr.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params_g} | {id(p) for p in params_f}
+    assert not {id(p) for p in params_g} & {id(p) for p in params_f}
+
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(1, 16, 3, 2, 2, generator=g), torch.tensor([500.0]), torch.randn(1, 8, 32, generator=g)
+    ref = build_tiny_wan_pipeline(seed=0).transformer
+    with torch.no_grad():
+        base = ref(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+
+        def run(role):
+            return obj.predict(role, x, t, emb)
+
+        student, teacher, fake = run("student"), run("teacher"), run("fake")
+        assert torch.allclose(teacher, base, atol=1e-6)
+        assert not torch.allclose(student, base, atol=1e-3) and not torch.allclose(fake, base, atol=1e-3)
+        assert not torch.allclose(student, fake, atol=1e-3)
+        assert torch.equal(run("student"), student) and torch.equal(run("teacher"), teacher)  # switching back
+
+
+def test_student_sampler_equals_training_rule():
+    """WanPipeline + BladeStudentScheduler (what inference runs) == TDMObjective.sample (the training rollout)."""
+    from blade.distill.sampler import BladeStudentScheduler
+
+    pipe, obj = _tiny_with_distinct_adapters(False)
+    lora.activate(obj.transformer, lora.STUDENT)
+    pipe.scheduler = BladeStudentScheduler(num_anchors=2, eta=0.9)
+    g = torch.Generator().manual_seed(0)
+    noise, emb = torch.randn(1, 16, 3, 2, 2, generator=g), torch.randn(1, 8, 32, generator=g)
+    pipe.scheduler.set_generator(torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        got = pipe(prompt_embeds=emb, guidance_scale=1.0, num_inference_steps=2, latents=noise.clone(),
+                   num_frames=9, height=16, width=16, output_type="latent", return_dict=False)[0]
+    want = obj.sample(noise, emb, torch.Generator().manual_seed(11))
+    assert torch.allclose(got.float(), want, atol=1e-5)

@@ -138,3 +138,19 @@ def test_cogvideox_with_asa_smoke(tmp_path):
     assert all(map(lambda k: torch.isfinite(torch.tensor(out[k])), ("loss_fake", "loss_g")))
     cfg = (tmp_path / "o" / "blade_config.json").read_text()
     assert '"prediction_type": "v_prediction"' in cfg and '"asa": {' in cfg
+
+
+def test_tinyworld_prompt_cache_check():
+    """The TinyWorld teacher learned CFG's uncond from "" at 32 text tokens: Wan's negative prompt is refused."""
+    from types import SimpleNamespace
+
+    from blade.distill.trainer import check_tinyworld_prompt_cache
+
+    def cache(negative, max_length):
+        return SimpleNamespace(index={"negative": {"prompt": negative}}, max_length=max_length, directory="p")
+
+    check_tinyworld_prompt_cache(cache("", 32))
+    with pytest.raises(PromptCacheError, match="negative prompt"):
+        check_tinyworld_prompt_cache(cache("Bright tones, overexposed", 32))
+    with pytest.raises(PromptCacheError, match="512 text tokens"):
+        check_tinyworld_prompt_cache(cache("", 512))

@@ -37,10 +37,7 @@ def add_student_and_fake(transformer: torch.nn.Module, rank: int = 64, alpha: in
     transformer.add_adapter(lora_config(rank, alpha, target_modules), adapter_name=STUDENT)
     transformer.add_adapter(lora_config(rank, alpha, target_modules), adapter_name=FAKE)
     copy_adapter(transformer, STUDENT, FAKE)
-    for name in (STUDENT, FAKE):  # set_adapter toggles requires_grad; both must train
-        for p in adapter_parameters(transformer, name):
-            p.requires_grad_(True)
-    transformer.set_adapter(STUDENT)
+    activate(transformer, STUDENT)  # not bare set_adapter: it would freeze the fake adapter
 
 
 def lora_layers(transformer: torch.nn.Module) -> Iterator[LoraLayer]:

@@ -327,11 +327,19 @@ class TDMObjective:
                 if self.asa is not None:
                     self.asa.enabled = True
             return
+        self._activate(name)
+        with self.autocast():
+            yield
+
+    def _activate(self, name: str) -> None:
+        """Leave the transformer in the "student" or "fake" configuration (its adapter active, ASA on).
+
+        A loss must leave its own role active: gradient checkpointing recomputes the blocks during `backward` with
+        whatever adapter is active then, and a wrong one silently corrupts the gradient (same shapes, no error).
+        """
         lora.activate(self.transformer, lora.STUDENT if name == "student" else lora.FAKE)
         if self.asa is not None:
             self.asa.enabled = True
-        with self.autocast():
-            yield
 
     def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         with self.role(role):
@@ -398,7 +406,8 @@ class TDMObjective:
     # ---- losses ---------------------------------------------------------------------------------------------
 
     def fake_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
-        """Fake-score loss (grad flows into the "fake" adapter only)."""
+        """Fake-score loss (grad flows into the "fake" adapter only). Call `backward` on it before any other forward
+        of the transformer (the fake adapter is left active for a gradient-checkpointed backward)."""
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         with torch.no_grad():
             out = self.predict("student", x_ti, t_i, emb)
@@ -414,10 +423,12 @@ class TDMObjective:
             reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
             logs["loss_fake_reg"] = reg.detach()
             loss = loss + self.config.lambda_reg * reg
+        self._activate("fake")  # for a checkpointed backward (see `_activate`)
         return loss, logs
 
     def generator_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
-        """Generator loss (grad flows into the "student" adapter through its x0 at x_{t_i} only)."""
+        """Generator loss (grad flows into the "student" adapter through its x0 at x_{t_i} only). Call `backward` on
+        it before any other forward of the transformer (the student adapter is left active, see `_activate`)."""
         sched = self.family.schedule
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         out = self.predict("student", x_ti, t_i, emb)
@@ -433,4 +444,6 @@ class TDMObjective:
         per_sample = pseudo_huber(x0, target, c)
         if self.family.normalize_generator:
             per_sample = per_sample * teacher_gap_weight(x0, x0_teacher, self.config.normalize_cap)
+        # The fake ran last: switch back, or a checkpointed backward recomputes the student with the fake adapter.
+        self._activate("student")
         return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean()}

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from blade.distill import lora
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
-from blade.prompts import PromptEmbeddingCache
+from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
 logger = logging.getLogger("blade.trainer")
 
@@ -190,6 +190,29 @@ class ShardedEpochBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
+
+
+def check_tinyworld_prompt_cache(cache: PromptEmbeddingCache) -> None:
+    """Refuse a prompt cache that feeds the TinyWorld teacher text inputs it was never trained on.
+
+    The teacher learned CFG's unconditional branch from the empty prompt "" and saw text padded to 32 tokens.
+    Wan's default negative prompt is out of TinyWorld's vocabulary (~77 `<unk>` tokens): with it the CFG direction
+    is ~3x larger and the teacher's CFG targets are saturated; 512-token padding also shifts the cross-attention.
+    """
+    from blade.tinyworld.model import TINYWORLD_DEFAULTS
+
+    problems = []
+    negative = (cache.index.get("negative") or {}).get("prompt")
+    if negative:
+        problems.append(f"its negative prompt is {negative[:40]!r}... instead of the empty prompt")
+    want = TINYWORLD_DEFAULTS["max_sequence_length"]
+    if cache.max_length is not None and cache.max_length != want:
+        problems.append(f"it was encoded at {cache.max_length} text tokens instead of {want}")
+    if problems:
+        raise PromptCacheError(
+            f"{cache.directory} does not match the TinyWorld teacher: {'; '.join(problems)}. Re-encode the prompts "
+            f"with utils/process_prompts_wanx.py ... --negative_prompt '' --max_length {want}."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,6 +513,8 @@ def train(args: argparse.Namespace) -> dict:
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
     cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
+    if getattr(args, "tinyworld", False):
+        check_tinyworld_prompt_cache(cache)
     want_vae = args.validation_steps > 0 and accelerator.is_main_process
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.family, weight_dtype, with_vae=want_vae)
     if pipe.vae is not None:
