@@ -9,7 +9,7 @@ pipelines ship with (Wan: UniPC flow prediction with shift 3; CogVideoX-5B: DDIM
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -152,6 +152,14 @@ def _split_overrides(overrides: dict[str, Any], components: tuple[str, ...]) -> 
     return given, overrides
 
 
+def _given_or_seeded(given: dict[str, Any], name: str, seed: int, build: Callable[[], Any]) -> Any:
+    """The caller's component ``name`` if given, else ``build()`` under a fixed seed (deterministic pipelines)."""
+    if name in given:
+        return given[name]
+    with _seeded(seed):
+        return build()
+
+
 def build_tiny_wan_pipeline(seed: int = 0, **overrides: Any) -> WanPipeline:
     """Tiny random ``WanPipeline``, fully offline and deterministic for ``seed``.
 
@@ -163,18 +171,16 @@ def build_tiny_wan_pipeline(seed: int = 0, **overrides: Any) -> WanPipeline:
         dict(overrides), ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     )
     tokenizer = given.get("tokenizer") or build_word_tokenizer(max_length=512)
-    if "text_encoder" in given:
-        text_encoder = given["text_encoder"]
-    else:
-        with _seeded(seed + 1):
-            text_encoder = UMT5EncoderModel(UMT5Config(**_encoder_config_kwargs(len(tokenizer)))).eval()
-    if "vae" in given:
-        vae = given["vae"]
-    else:
-        with _seeded(seed + 2):
-            vae = AutoencoderKLWan(
-                base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-            ).eval()
+    text_encoder = _given_or_seeded(
+        given, "text_encoder", seed + 1,
+        lambda: UMT5EncoderModel(UMT5Config(**_encoder_config_kwargs(len(tokenizer)))).eval(),
+    )
+    vae = _given_or_seeded(
+        given, "vae", seed + 2,
+        lambda: AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ).eval(),
+    )
     transformer = given.get("transformer") or tiny_wan_transformer(seed=seed, **transformer_overrides)
     scheduler = given.get("scheduler") or tiny_wan_scheduler()
     return WanPipeline(
@@ -192,23 +198,21 @@ def build_tiny_cogvideox_pipeline(seed: int = 0, **overrides: Any) -> CogVideoXP
         dict(overrides), ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     )
     tokenizer = given.get("tokenizer") or build_word_tokenizer(max_length=226)
-    if "text_encoder" in given:
-        text_encoder = given["text_encoder"]
-    else:
-        with _seeded(seed + 1):
-            text_encoder = T5EncoderModel(T5Config(**_encoder_config_kwargs(len(tokenizer)))).eval()
-    if "vae" in given:
-        vae = given["vae"]
-    else:
-        with _seeded(seed + 2):
-            vae = AutoencoderKLCogVideoX(
-                block_out_channels=(8, 8, 8, 8),
-                latent_channels=4,
-                layers_per_block=1,
-                norm_num_groups=2,
-                temporal_compression_ratio=4,
-                scaling_factor=0.7,
-            ).eval()
+    text_encoder = _given_or_seeded(
+        given, "text_encoder", seed + 1,
+        lambda: T5EncoderModel(T5Config(**_encoder_config_kwargs(len(tokenizer)))).eval(),
+    )
+    vae = _given_or_seeded(
+        given, "vae", seed + 2,
+        lambda: AutoencoderKLCogVideoX(
+            block_out_channels=(8, 8, 8, 8),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=2,
+            temporal_compression_ratio=4,
+            scaling_factor=0.7,
+        ).eval(),
+    )
     transformer = given.get("transformer") or tiny_cogvideox_transformer(seed=seed, **transformer_overrides)
     scheduler = given.get("scheduler") or tiny_cogvideox_scheduler()
     return CogVideoXPipeline(
