@@ -168,3 +168,14 @@ def test_vae_warm_start_from_export_without_checkpoint(tmp_path):
     assert resumed["step"] == 1
     for name, weight in exported.items():  # started from the export, not from a fresh initialization
         torch.testing.assert_close(resumed["vae"][name].bfloat16().float(), weight.float(), rtol=0, atol=0, msg=name)
+
+
+def test_foreground_weight_marks_exactly_the_object_pixels():
+    video = torch.zeros(1, 3, 2, 8, 8)  # black background
+    video[:, 0, :, 2:4, 5:7] = 1.0  # a red 2x2 patch in both frames
+    video = video * 2 - 1  # the VAE's [-1, 1] range
+    weight = train.foreground_weight(video, boost=20.0)
+    assert weight.shape == (1, 1, 2, 8, 8)
+    expected = torch.ones(1, 1, 2, 8, 8)
+    expected[..., 2:4, 5:7] = 21.0
+    assert torch.equal(weight, expected)

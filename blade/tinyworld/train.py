@@ -192,27 +192,32 @@ class Clock:
         self.samples = 0
         self.loss_sum, self.loss_n = 0.0, 0
         self.data_s = 0.0
+        self.metric_sums: dict[str, float] = {}
 
     def expired(self) -> bool:
         return time.time() >= self.deadline
 
-    def record(self, loss: float, samples: int, data_s: float) -> None:
+    def record(self, loss: float, samples: int, data_s: float, **metrics: float) -> None:
         self.samples += samples
         self.loss_sum += loss
         self.loss_n += 1
         self.data_s += data_s
+        for name, value in metrics.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + value
 
     def maybe_log(self, stage: str, step: int, force: bool = False) -> None:
         now = time.time()
         if not force and now - self.last_log < self.log_every_s or self.loss_n == 0:
             return
         dt = now - self.last_log
+        metrics = "".join(f" {name} {total / self.loss_n:.4f}" for name, total in self.metric_sums.items())
         print(
-            f"[{stage}] step {step} loss {self.loss_sum / self.loss_n:.4f} {self.samples / dt:.1f} samples/s "
+            f"[{stage}] step {step} loss {self.loss_sum / self.loss_n:.4f}{metrics} {self.samples / dt:.1f} samples/s "
             f"data {100 * self.data_s / dt:.0f}% elapsed {now - self.start:.0f}s",
             flush=True,
         )
         self.last_log, self.samples, self.loss_sum, self.loss_n, self.data_s = now, 0, 0.0, 0, 0.0
+        self.metric_sums = {}
 
     def checkpoint_due(self) -> bool:
         if time.time() - self.last_ckpt >= self.ckpt_every_s:
@@ -241,10 +246,11 @@ def stop_step_reached(step: int, max_steps: int | None) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float) -> torch.Tensor:
+def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground-weighted L1 + 0.1 MSE on pixels + kl_weight * KL (mean per latent element).
 
-    x: [B, 3, F, H, W] in [-1, 1].
+    x: [B, 3, F, H, W] in [-1, 1]. Returns the loss and, for the log, the mean L1 error (summed over RGB) on object
+    pixels alone: the number that says whether the autoencoder keeps the objects (and their colours).
     """
     posterior = vae.encode(x).latent_dist
     z = posterior.mean + posterior.std * torch.randn(
@@ -254,7 +260,9 @@ def vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float)
     kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1.0 - posterior.logvar.float()).mean()
     weight = foreground_weight(x)
     error = weight * ((rec - x).abs() + 0.1 * (rec - x).pow(2))
-    return error.mean() / weight.mean() + kl_weight * kl
+    foreground = (weight > 1.0).squeeze(1)
+    object_l1 = (rec - x).abs().sum(dim=1)[foreground].mean() if foreground.any() else rec.new_zeros(())
+    return error.mean() / weight.mean() + kl_weight * kl, object_l1.detach()
 
 
 def foreground_weight(x: torch.Tensor, boost: float = FOREGROUND_BOOST) -> torch.Tensor:
@@ -309,13 +317,13 @@ def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) ->
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_lr, setup.warmup_steps)
         with autocast(device):
-            loss = vae_loss(vae, x, gen, args.kl_weight)
+            loss, object_l1 = vae_loss(vae, x, gen, args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        clock.record(loss.item(), batch, data_s)
+        clock.record(loss.item(), batch, data_s, object_l1=object_l1.item())
         clock.maybe_log("vae", step)
         if clock.checkpoint_due():
             save()
