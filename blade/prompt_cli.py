@@ -98,15 +98,13 @@ def load_text_pipeline(model_path: str, defaults: FamilyDefaults, device: str, d
     """The family's pipeline with only tokenizer + text encoder loaded (no transformer, no VAE)."""
     import diffusers
 
+    from blade.pipelines.loading import ModelFolderError, check_model_folder
+
     path = Path(model_path)
-    if not (path / "model_index.json").is_file():
-        raise CLIError(
-            f"--model_path {path} is not a diffusers pipeline folder (no model_index.json). Download the model "
-            f"(e.g. `huggingface-cli download <repo> --local-dir {path}`) and pass that folder."
-        )
-    for sub in ("tokenizer", "text_encoder"):
-        if not (path / sub).is_dir():
-            raise CLIError(f"--model_path {path} has no {sub}/ folder: the prompt encoder needs it")
+    try:
+        check_model_folder(defaults.family, path)
+    except ModelFolderError as err:
+        raise CLIError(f"--model_path: {err}") from None
     cls = getattr(diffusers, defaults.pipeline_class)
     pipe = cls.from_pretrained(str(path), transformer=None, vae=None, torch_dtype=dtype, local_files_only=True)
     pipe.text_encoder.to(device)

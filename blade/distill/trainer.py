@@ -224,13 +224,10 @@ def load_pipeline(model_path: str, family: str, dtype: torch.dtype, with_vae: bo
     """The teacher pipeline without its text encoder (prompts are pre-encoded); clear error when missing."""
     import diffusers
 
+    from blade.pipelines.loading import check_model_folder
+
     path = Path(model_path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a local diffusers pipeline folder (no model_index.json). Download the model "
-            f"({'Wan-AI/Wan2.1-T2V-1.3B-Diffusers' if family == 'wan' else 'THUDM/CogVideoX-5b'}) with "
-            f"`huggingface-cli download <repo> --local-dir {path}` and pass that folder."
-        )
+    check_model_folder(family, path)  # ModelFolderError (a FileNotFoundError) naming what is missing
     cls = diffusers.WanPipeline if family == "wan" else diffusers.CogVideoXPipeline
     extra = {} if with_vae and (path / "vae").is_dir() else {"vae": None}
     return cls.from_pretrained(str(path), text_encoder=None, tokenizer=None, torch_dtype=dtype,

@@ -186,7 +186,9 @@ def check_model_folder(family: str, model_path: str | os.PathLike, *, hint: str 
     hint = hint or spec.download_hint()
     root = Path(model_path)
     if not root.is_dir():
-        raise ModelFolderError(f"Model folder {root} does not exist. {hint}")
+        raise ModelFolderError(
+            f"Model folder {root} does not exist (expected a diffusers pipeline folder with model_index.json). {hint}"
+        )
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ModelFolderError(f"{root} is not a diffusers pipeline folder (no model_index.json). {hint}")

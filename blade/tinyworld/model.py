@@ -228,13 +228,13 @@ def bundled_pipeline_path() -> Path:
 
 def load_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> WanPipeline:
     """Load a TinyWorld pipeline folder (default: the bundled one) offline, with a clear error if it is missing."""
+    from blade.pipelines.loading import check_model_folder
+
     path = Path(path) if path is not None else bundled_pipeline_path()
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No TinyWorld pipeline at {path} (model_index.json missing). Train one with "
-            "`python -m blade.tinyworld.train all --out runs/tw` and copy runs/tw/pipeline there, "
-            "or pass the folder explicitly."
-        )
+    check_model_folder("wan", path, hint=(  # ModelFolderError (a FileNotFoundError) naming what is missing
+        "No TinyWorld pipeline there: train one with `python -m blade.tinyworld.train all --out runs/tw` and copy "
+        "runs/tw/pipeline there, or pass the folder explicitly."
+    ))
     with _quiet():
         return WanPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
 
