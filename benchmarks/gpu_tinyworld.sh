@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# TinyWorld on one GPU, in stages that each fit one 10-minute device call and resume from what the last call left:
+# TinyWorld on the GPU machine, in stages that each fit one 10-minute device call and resume from what the last left:
 #
 #   bash benchmarks/gpu_tinyworld.sh vae MINUTES        # VAE (warm-starts from RUN/pipeline when it exists)
 #   bash benchmarks/gpu_tinyworld.sh teacher MINUTES    # teacher (warm-starts from RUN/pipeline)
+#   bash benchmarks/gpu_tinyworld.sh quick              # teacher on 6 held-out prompts (a progress check, ~1 min)
 #   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
-#                                                       # (fake lr 2e-4: rank 64 is a quarter of this model's width)
+#                                                       # (in parallel when 2 GPUs; fake lr 2e-4: rank 64 is a
+#                                                       # quarter of this model's width)
 #   bash benchmarks/gpu_tinyworld.sh eval               # Table 1 and Table 3 reports (JSON) on held-out prompts
+#   bash benchmarks/gpu_tinyworld.sh tdm_2gpu STEPS     # the wanx launch script on 2 GPUs (accelerate, DDP)
+#   bash benchmarks/gpu_tinyworld.sh pack               # RUN -> OUT/run.tgz.part-* (<= 15 MB each)
 #
-# RUN (default runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the
-# logs, the reports and RUN packed into <= 15 MB parts (cat parts | tar xzf - to unpack).
+# NPROC (default: every visible GPU) processes train the VAE and the teacher data-parallel (torchrun). RUN (default
+# runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the logs, the
+# reports and, with `pack`, RUN without optimizer-sized checkpoints (cat parts | tar xzf - to unpack).
 set -euo pipefail
 STAGE=${1:?stage: vae | teacher | distill | eval}
 MINUTES=${2:-4}
@@ -17,6 +22,15 @@ OUT=${OUT:-out}
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/tinyworld/eval_prompts.txt}
 mkdir -p "$RUN" "$OUT"
 export PYTHONUNBUFFERED=1
+NPROC=${NPROC:-$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")}
+
+train_tw() {  # blade.tinyworld.train on NPROC processes
+  if [ "$NPROC" -gt 1 ]; then
+    torchrun --standalone --nproc_per_node "$NPROC" -m blade.tinyworld.train "$@"
+  else
+    python3 -m blade.tinyworld.train "$@"
+  fi
+}
 
 distill() {  # $1 = name, remaining = extra flags
   local name=$1; shift
@@ -28,37 +42,65 @@ distill() {  # $1 = name, remaining = extra flags
     | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_$name.log"
 }
 
+evaluate() {  # blade.tinyworld.evaluate on RUN's pipeline
+  python3 -m blade.tinyworld.evaluate --model "$RUN/pipeline" --device cuda "$@"
+}
+
 case "$STAGE" in
-  vae)
-    python3 -m blade.tinyworld.train vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 9 \
-      --vae-batch-size 16 2>&1 | tee "$OUT/vae.log" ;;
+  vae)  # 9-frame clips: the first frame alone, a chunk after it and a chunk after a chunk (see vae_clip_frames)
+    train_tw vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 9 --vae-batch-size 24 2>&1 \
+      | tee -a "$OUT/vae.log" ;;
   teacher)
-    python3 -m blade.tinyworld.train teacher --out "$RUN" --minutes "$MINUTES" --resume 2>&1 | tee "$OUT/teacher.log" ;;
+    train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 2>&1 | tee -a "$OUT/teacher.log" ;;
+  quick)
+    head -7 "$EVAL_PROMPTS" > "$RUN/quick_prompts.txt"  # comment line + 6 prompts
+    evaluate --prompts "$RUN/quick_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention dense \
+      --out "$OUT/quick_teacher.json" 2>&1 | tail -3 ;;
   distill)
     python3 utils/process_prompts_wanx.py --input_file utils/tinyworld_train_prompts.txt --output_dir "$RUN/prompts" \
       --model_path "$RUN/pipeline" --max_length 32 --negative_prompt "" --num_validation 4 --batch_size 256 \
       --device cuda
-    distill dense                # distillation alone first (control), then with ASA
-    distill asa --use_sparsity ;;
+    if [ "$NPROC" -gt 1 ]; then  # the dense control and the ASA student side by side, one GPU each
+      CUDA_VISIBLE_DEVICES=0 distill dense > /dev/null &
+      CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity > /dev/null
+      wait
+    else
+      distill dense                # distillation alone first (control), then with ASA
+      distill asa --use_sparsity
+    fi ;;
   eval)
-    common=(--prompts "$EVAL_PROMPTS" --model "$RUN/pipeline" --device cuda)
-    python3 -m blade.tinyworld.evaluate "${common[@]}" --seeds 1000 1001 --steps 50 --guidance 5.0 \
-      --attention dense --out "$OUT/table1_teacher.json"
-    for name in asa dense; do
-      [ -d "$RUN/$name" ] && python3 -m blade.tinyworld.evaluate "${common[@]}" --seeds 1000 1001 \
-        --lora "$RUN/$name" --out "$OUT/table1_student_$name.json"
-    done
-    head -13 "$EVAL_PROMPTS" > "$RUN/table3_prompts.txt"  # comment line + 12 prompts
-    for sparsity in 0.5 0.75; do
-      for mode in asa window random; do
-        python3 -m blade.tinyworld.evaluate --prompts "$RUN/table3_prompts.txt" --model "$RUN/pipeline" \
-          --device cuda --seeds 1000 --steps 50 --guidance 5.0 --attention "$mode" --sparsity "$sparsity" \
-          --compare_dense --out "$OUT/table3_${mode}_${sparsity}.json"
+    table1() {
+      evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --steps 50 --guidance 5.0 --attention dense \
+        --out "$OUT/table1_teacher.json"
+      for name in asa dense; do
+        if [ -d "$RUN/$name" ]; then
+          evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --lora "$RUN/$name" --out "$OUT/table1_student_$name.json"
+        fi
       done
-    done ;;
+    }
+    table3() {
+      head -13 "$EVAL_PROMPTS" > "$RUN/table3_prompts.txt"  # comment line + 12 prompts
+      for sparsity in 0.5 0.75; do
+        for mode in asa window random; do
+          evaluate --prompts "$RUN/table3_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention "$mode" \
+            --sparsity "$sparsity" --compare_dense --out "$OUT/table3_${mode}_${sparsity}.json"
+        done
+      done
+    }
+    if [ "$NPROC" -gt 1 ]; then
+      CUDA_VISIBLE_DEVICES=0 table1 > "$OUT/eval_table1.log" 2>&1 &
+      CUDA_VISIBLE_DEVICES=1 table3 > "$OUT/eval_table3.log" 2>&1
+      wait
+    else
+      table1; table3
+    fi ;;
+  tdm_2gpu)  # the user-facing launch script, unchanged, on 2 GPUs: a short ASA run for step time and memory
+    MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/tdm_2gpu" NUM_GPUS=2 \
+      bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
+      --learning_rate_fake 2e-4 --max_train_steps "$MINUTES" --checkpointing_steps "$MINUTES" --validation_steps 0 \
+      2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_2gpu.log" ;;
+  pack)  # without optimizer-sized checkpoints, which do not fit the transfer limits
+    tar czf - --exclude='ckpt_*.pt' --exclude='checkpoint-*' --exclude='prompts' -C "$(dirname "$RUN")" \
+      "$(basename "$RUN")" | split -b 15M - "$OUT/run.tgz.part-" ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
-
-# Pack the run (without optimizer-sized checkpoints, which do not fit the transfer limits) for the next call.
-tar czf - --exclude='ckpt_*.pt' --exclude='checkpoint-*' --exclude='prompts' -C "$(dirname "$RUN")" "$(basename "$RUN")" \
-  | split -b 15M - "$OUT/run.tgz.part-"

@@ -4,6 +4,7 @@ References: diffusers' stock `WanPipeline` prompt encoding and UniPC flow sample
 uninterrupted training run as the reference for resume.
 """
 
+import json
 import shutil
 
 import numpy as np
@@ -179,3 +180,94 @@ def test_foreground_weight_marks_exactly_the_object_pixels():
     expected = torch.ones(1, 1, 2, 8, 8)
     expected[..., 2:4, 5:7] = 21.0
     assert torch.equal(weight, expected)
+
+
+def _average_gradients_worker(rank: int, world: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    procs = train.Processes(rank=rank, world=world)
+    a = torch.nn.Parameter(torch.zeros(2, 3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    a.grad = torch.full((2, 3), float(rank + 1))
+    b.grad = torch.arange(4.0) * (rank + 1) if rank == 0 else None  # no gradient on rank 1: counts as zero
+    procs.average_gradients([a, b])
+    results[rank] = (a.grad.clone(), b.grad.clone(), procs.any(rank == 1, torch.device("cpu")))
+    dist.destroy_process_group()
+
+
+def test_average_gradients_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_average_gradients_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    for rank in range(2):
+        a_grad, b_grad, any_flag = results[rank]
+        torch.testing.assert_close(a_grad, torch.full((2, 3), 1.5))  # (1 + 2) / 2
+        torch.testing.assert_close(b_grad, torch.arange(4.0) / 2)  # (g + 0) / 2
+        assert any_flag is True  # rank 1's flag reaches rank 0 too
+
+
+def test_torchrun_two_processes_train_both_stages(tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the VAE and teacher stages and process 0 exports."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "blade.tinyworld.train", "all",
+        "--toy", "--out", str(out), "--max-steps", "2", "--device", "cpu", "--latent-reuse", "2", "--pool-batches",
+        "2", "--log-every-s", "0",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 process(es)" in result.stdout
+    state = train.read_state(out)
+    assert state["vae_steps"] == 2 and state["teacher_steps"] == 2
+    assert _ckpt(out / "ckpt_teacher.pt")["step"] == 2
+    tw.load_pipeline(out / "pipeline")
+
+
+def test_vae_clip_frames_cover_the_chunk_after_chunk_path():
+    assert train.vae_clip_frames(None, 17) == 17
+    assert train.vae_clip_frames(9, 17) == 9  # first frame + two 4-frame chunks
+    assert train.vae_clip_frames(33, 17) == 17
+    assert train.vae_clip_frames(None, 5) == 5  # a video shorter than 9 frames trains whole
+    with pytest.raises(ValueError, match="too short"):
+        train.vae_clip_frames(5, 17)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        train.vae_clip_frames(8, 17)
+
+
+def test_roundtrip_adherence_of_an_identity_vae_is_the_metric_on_ground_truth():
+    """With a VAE whose encode -> decode returns its input, the check reduces to scoring ground-truth renders."""
+
+    class Identity:
+        def encode(self, x):
+            return type("Out", (), {"latent_dist": type("Dist", (), {"mean": x})()})()
+
+        def decode(self, z):
+            return type("Out", (), {"sample": z})()
+
+    video = {"num_frames": 9, "height": 64, "width": 64}
+    check = train.roundtrip_adherence(Identity(), video, num_videos=3, seed=0, device=torch.device("cpu"))
+    assert check["adherence"] >= 0.98
+    assert check["error_first_5_frames"] == 0.0 and check["error_later_frames"] == 0.0
+
+
+def test_vae_stage_keeps_an_exported_teacher(tmp_path, capsys):
+    out = tmp_path / "run"
+    _run("vae", "--out", str(out), "--max-steps", "1")
+    _run("teacher", "--out", str(out), "--max-steps", "1")
+    teacher = tw.load_pipeline(out / "pipeline").transformer.state_dict()
+    _run("vae", "--out", str(out), "--max-steps", "2", "--resume")
+    state = train.read_state(out)
+    assert state["vae_steps"] == 2 and state["teacher_steps"] == 1 and "vae_roundtrip_adherence" in state
+    kept = tw.load_pipeline(out / "pipeline").transformer.state_dict()
+    _assert_same_state(teacher, kept)
+
+    capsys.readouterr()
+    train.main(["check-vae", "--out", str(out), "--toy", "--check-videos", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["videos"] == 1 and 0.0 <= report["adherence"] <= 1.0 and report["error_first_5_frames"] > 0

@@ -617,6 +617,8 @@ def train(args: argparse.Namespace) -> dict:
             now = time.monotonic()
             logs.update({"grad_norm_g": grad_norm, "lr": sched_g.get_last_lr()[0], "lr_fake": sched_f.get_last_lr()[0],
                          "step_time": now - step_start})
+            if device.type == "cuda":  # this process's peak since the start (all adapters, activations, optimizer)
+                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             step_start = now
             if asa_handle is not None:
                 stats = asa_handle.stats() or {}
@@ -657,5 +659,6 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(family, argv)
     summary = train(args)
-    logger.info("done: %s", summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not one per process
+        logger.info("done: %s", summary)
     return summary

@@ -3,6 +3,7 @@
     python -m blade.tinyworld.train vae --out runs/tw --minutes 3
     python -m blade.tinyworld.train teacher --out runs/tw --minutes 8.5 --resume
     python -m blade.tinyworld.train all --out runs/tw --minutes 8.5          # 30% VAE, 70% teacher
+    python -m blade.tinyworld.train check-vae --out runs/tw                   # VAE round-trip adherence
 
 Data is never stored: every batch is a fresh set of random scenes and seeds, rendered on the training device with
 `blade.tinyworld.world.render` (and, for the teacher, encoded on the fly by the frozen trained VAE).
@@ -18,6 +19,14 @@ Each stage checkpoints atomically (`DIR/ckpt_{stage}.pt`, tmp + os.replace) ever
 the end, and exports `DIR/pipeline/` (a full `WanPipeline.save_pretrained` folder, bf16 weights). `--resume`
 continues the stage from its checkpoint (weights, EMA, optimizer, step, RNG states); for the teacher, without a
 checkpoint it warm-starts from an exported teacher in `DIR/pipeline` (fresh optimizer).
+
+Several GPUs: launch with `torchrun --nproc_per_node N -m blade.tinyworld.train ...`. Each process renders its own
+batches (its own RNG streams), gradients are averaged over the processes after every backward (data parallel, so the
+global batch is N x the batch), and process 0 alone logs, checkpoints and exports.
+
+`--latent-reuse R` (teacher) keeps a pool of encoded training latents on the GPU and renders and encodes only 1/R of
+each batch fresh: encoding a clip with the causal VAE costs about as much as a teacher step on it, so each clip then
+serves about R steps, at different noise levels. The pool is not checkpointed: a resumed run refills it.
 """
 
 from __future__ import annotations
@@ -34,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from blade.tinyworld import metrics, world
 from blade.tinyworld import model as tw
-from blade.tinyworld import world
 
 # Toy sizes: the real component types, tiny widths and a 5 x 32 x 32 video, so a CPU test runs a few steps.
 TOY_VIDEO = {"num_frames": 5, "height": 32, "width": 32}
@@ -58,13 +68,14 @@ class StageSetup:
     teacher_batch: int
     warmup_steps: int
     stat_clips: int
+    roundtrip_videos: int  # ground-truth videos of the VAE round-trip adherence check
 
 
 def stage_setup(toy: bool) -> StageSetup:
     if toy:
-        return StageSetup(dict(TOY_VIDEO), dict(TOY_VAE), dict(TOY_TRANSFORMER), 1, 2, 2, 2)
+        return StageSetup(dict(TOY_VIDEO), dict(TOY_VAE), dict(TOY_TRANSFORMER), 1, 2, 2, 2, 1)
     video = {k: tw.TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
-    return StageSetup(video, {}, {}, 8, 32, 200, 256)
+    return StageSetup(video, {}, {}, 8, 32, 200, 256, 32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +111,57 @@ def latent_stats(vae, videos: list[torch.Tensor]) -> tuple[list[float], list[flo
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
 
 
+def vae_clip_frames(requested: int | None, video_frames: int, temporal_factor: int = 4) -> int:
+    """Frames per VAE training clip (``--vae-frames``), checked.
+
+    The Wan VAE encodes the first frame alone and then chunks of ``temporal_factor`` frames, and decodes latent frame
+    by latent frame, each chunk reading a cache of the previous chunk's last frames. A clip of ``1 + t`` frames
+    only trains the chunk that follows the lone first frame; the chunks that follow a full chunk (every frame from
+    ``1 + t`` on) stay untrained and fail at inference. Measured on TinyWorld: a VAE trained on 5-frame clips
+    reconstructed frames 0-4 well and frames 5-16 with 3-4x their error. So a clip holds at least ``1 + 2t`` frames
+    (or the whole video when it is shorter).
+    """
+    frames = video_frames if requested is None else int(requested)
+    if frames < 1 or (frames - 1) % temporal_factor:
+        raise ValueError(f"--vae-frames must be {temporal_factor}k+1 (the VAE's frame rule), got {frames}")
+    minimum = min(video_frames, 1 + 2 * temporal_factor)
+    if frames < minimum:
+        raise ValueError(
+            f"--vae-frames {frames} is too short: clips of fewer than {minimum} frames never train the VAE's "
+            f"chunk-after-chunk path, which frames {1 + temporal_factor}+ of every video take; use >= {minimum}"
+        )
+    return min(frames, video_frames)
+
+
+@torch.no_grad()
+def roundtrip_adherence(vae, video: dict, num_videos: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Prompt adherence of ground-truth renders after an encode -> decode round trip through `vae`.
+
+    This is the ceiling of any teacher trained on this VAE's latents: the VAE stage logs it so that a run stops
+    training the VAE only once it no longer limits adherence. Also returns the mean absolute RGB error of the first
+    ``1 + 4`` frames and of the rest (the two temporal paths of the causal VAE; see `vae_clip_frames`).
+    """
+    rng = np.random.default_rng(seed)
+    adherence, head_err, tail_err = [], [], []
+    for _ in range(num_videos):
+        scene = world.sample_scene(rng)
+        clip_seed = int(rng.integers(0, 2**31 - 1))
+        x = world.render([scene], [clip_seed], device=device, **video)  # [1, F, 3, H, W] in [0, 1]
+        x = x.permute(0, 2, 1, 3, 4).mul(2).sub(1)  # [1, 3, F, H, W] in [-1, 1], the VAE's layout
+        with autocast(device):
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        err = (rec - x).abs().mean(dim=(0, 1, 3, 4))  # [F]
+        head_err.append(err[:5].mean().item())
+        tail_err.append(err[5:].mean().item() if err.numel() > 5 else float("nan"))
+        frames = rec[0].permute(1, 0, 2, 3).add(1).div(2)  # [F, 3, H, W] in [0, 1]
+        adherence.append(metrics.score_video(frames, scene)["adherence"])
+    return {
+        "adherence": float(np.mean(adherence)),
+        "error_first_5_frames": float(np.mean(head_err)),
+        "error_later_frames": float(np.nanmean(tail_err)) if video["num_frames"] > 5 else float("nan"),
+    }
+
+
 def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
     """(z - mean) / std with the VAE config's statistics: the inverse of what `WanPipeline` applies before decode."""
     mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
@@ -124,7 +186,7 @@ def rng_state(np_rng: np.random.Generator, gen: torch.Generator) -> dict:
 
 def load_rng_state(state: dict, np_rng: np.random.Generator, gen: torch.Generator) -> None:
     np_rng.bit_generator.state = state["numpy"]
-    gen.set_state(state["torch"])
+    gen.set_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
 
 
 class EMA:
@@ -237,6 +299,103 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+@dataclass
+class Processes:
+    """This process's place in a torchrun launch (rank 0 of 1 when launched plainly)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process when `flag` is true on at least one (keeps the processes' loops in step)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace every gradient by its mean over the processes (a parameter without a gradient counts as zero)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective for the whole model
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+
+    def broadcast_parameters(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Start every process from process 0's weights."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for mod in modules.values():
+                for t in list(mod.parameters()) + list(mod.buffers()):
+                    dist.broadcast(t, src=0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_processes(device_arg: str | None) -> tuple[Processes, torch.device]:
+    """Join the torchrun process group when launched by torchrun with several processes; pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if world_size == 1:
+        return Processes(), torch.device(device_arg or ("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    return Processes(rank=dist.get_rank(), world=dist.get_world_size()), device
+
+
+def process_rngs(seed: int, procs: Processes, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+    """The data / noise RNGs of this process: the plain seed on process 0, distinct streams on the others."""
+    if procs.rank == 0:
+        return np.random.default_rng(seed), torch.Generator(device=device).manual_seed(seed)
+    return (np.random.default_rng([seed, procs.rank]),
+            torch.Generator(device=device).manual_seed(seed + 7919 * procs.rank))
+
+
+class LatentPool:
+    """A ring buffer of encoded training latents and their prompts, on the training device (`--latent-reuse`)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.latents: torch.Tensor | None = None  # [capacity, C, f, h, w]
+        self.prompts: list[str] = []
+        self.size = self.head = 0
+
+    def add(self, latents: torch.Tensor, prompts: list[str]) -> None:
+        if self.latents is None:
+            self.latents = latents.new_empty((self.capacity, *latents.shape[1:]))
+            self.prompts = [""] * self.capacity
+        for z, prompt in zip(latents, prompts):
+            self.latents[self.head] = z
+            self.prompts[self.head] = prompt
+            self.head = (self.head + 1) % self.capacity
+            self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+        idx = rng.integers(0, self.size, size=n)
+        return self.latents[torch.as_tensor(idx, device=self.latents.device)], [self.prompts[i] for i in idx]
+
+
+def log(procs: Processes, message: str) -> None:
+    if procs.is_main:
+        print(message, flush=True)
+
+
 def stop_step_reached(step: int, max_steps: int | None) -> bool:
     return max_steps is not None and step >= max_steps
 
@@ -277,31 +436,37 @@ def foreground_weight(x: torch.Tensor, boost: float = FOREGROUND_BOOST) -> torch
     return 1.0 + boost * foreground
 
 
-def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) -> None:
+def train_vae(
+    args, setup: StageSetup, deadline: float, device: torch.device, procs: Processes | None = None
+) -> None:
+    procs = procs or Processes()
     out = Path(args.out)
     ckpt_path = out / "ckpt_vae.pt"
     vae = tw.build_vae(seed=args.seed, **setup.vae_overrides).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    np_rng = np.random.default_rng(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    np_rng, gen = process_rngs(args.seed, procs, device)
     step = 0
     if args.resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         vae.load_state_dict(ckpt["vae"])
         opt.load_state_dict(ckpt["optimizer"])
-        load_rng_state(ckpt["rng"], np_rng, gen)
         step = ckpt["step"]
-        print(f"[vae] resumed from {ckpt_path} at step {step}", flush=True)
+        if procs.is_main:
+            load_rng_state(ckpt["rng"], np_rng, gen)
+        else:  # the checkpoint holds process 0's streams; the others continue on fresh distinct ones
+            np_rng, gen = process_rngs(args.seed + step, procs, device)
+        log(procs, f"[vae] resumed from {ckpt_path} at step {step}")
     elif args.resume and read_state(out).get("vae_steps", 0) > 0:
         # Checkpoints (weights + Adam moments) do not travel between GPU machines; the bf16 export does.
         vae.load_state_dict(load_exported(out, "vae").state_dict())
         step = int(read_state(out)["vae_steps"])
-        print(f"[vae] no checkpoint: warm start from {out / 'pipeline'} (step {step}, optimizer reset)", flush=True)
+        log(procs, f"[vae] no checkpoint: warm start from {out / 'pipeline'} (step {step}, optimizer reset)")
+    procs.broadcast_parameters({"vae": vae})
     batch = args.vae_batch_size or setup.vae_batch
-    # The VAE is causal and convolutional in time: shorter clips (4k+1 frames) train the same weights for less work.
-    clip = {**setup.video, "num_frames": min(args.vae_frames or setup.video["num_frames"], setup.video["num_frames"])}
-    print(f"[vae] {tw.parameter_count(vae) / 1e6:.2f}M params, batch {batch} clips of {clip['num_frames']} frames, "
-          f"device {device}", flush=True)
+    # The VAE is causal and convolutional in time: shorter clips train the same weights for less work, down to 9.
+    clip = {**setup.video, "num_frames": vae_clip_frames(args.vae_frames, setup.video["num_frames"])}
+    log(procs, f"[vae] {tw.parameter_count(vae) / 1e6:.2f}M params, batch {batch} clips of {clip['num_frames']} "
+        f"frames per process x {procs.world} process(es), device {device}")
 
     def save() -> None:
         atomic_torch_save(
@@ -310,7 +475,7 @@ def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) ->
         )
 
     clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
-    while not clock.expired() and not stop_step_reached(step, args.max_steps):
+    while not procs.any(clock.expired() or stop_step_reached(step, args.max_steps), device):
         t0 = time.time()
         x, _ = sample_videos(np_rng, batch, clip, device)
         data_s = time.time() - t0
@@ -320,13 +485,18 @@ def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) ->
             loss, object_l1 = vae_loss(vae, x, gen, args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        procs.average_gradients(list(vae.parameters()))
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        clock.record(loss.item(), batch, data_s, object_l1=object_l1.item())
-        clock.maybe_log("vae", step)
-        if clock.checkpoint_due():
-            save()
+        clock.record(loss.item(), batch * procs.world, data_s, object_l1=object_l1.item())
+        if procs.is_main:
+            clock.maybe_log("vae", step)
+            if clock.checkpoint_due():
+                save()
+    if not procs.is_main:
+        procs.barrier()  # wait for process 0's export
+        return
     clock.maybe_log("vae", step, force=True)
     save()
 
@@ -338,16 +508,31 @@ def train_vae(args, setup: StageSetup, deadline: float, device: torch.device) ->
                  for _ in range(max(1, setup.stat_clips // batch))]
         mean, std = latent_stats(vae, clips)
     vae.register_to_config(latents_mean=mean, latents_std=std)
-    # A fresh (untrained) transformer and text encoder complete the folder until the teacher stage replaces them.
-    size = export_pipeline(
-        out,
-        tokenizer=tw.build_tokenizer(),
-        text_encoder=tw.build_text_encoder(seed=args.seed),
-        vae=vae.cpu(),
-        transformer=tw.build_transformer(seed=args.seed, **setup.transformer_overrides),
+    check = roundtrip_adherence(vae, setup.video, setup.roundtrip_videos, args.seed + 3, device)
+    print(
+        f"[vae] round trip of {setup.roundtrip_videos} ground-truth videos: adherence {check['adherence']:.3f}, "
+        f"mean |error| first 5 frames {check['error_first_5_frames']:.4f}, later {check['error_later_frames']:.4f}",
+        flush=True,
     )
-    write_state(out, vae_steps=step, teacher_steps=0, toy=args.toy)
+    # The folder keeps an already trained teacher (the teacher stage warm-starts from it: a far better start than a
+    # fresh one, even though the latents moved a little); otherwise a fresh one completes the folder.
+    state = read_state(out)
+    teacher_steps = int(state.get("teacher_steps", 0))
+    if teacher_steps > 0 and (out / "pipeline" / "transformer").is_dir():
+        transformer, text_encoder = load_exported(out, "transformer"), load_exported(out, "text_encoder")
+        print(f"[vae] keeping the exported teacher (step {teacher_steps})", flush=True)
+    else:
+        teacher_steps = 0
+        transformer = tw.build_transformer(seed=args.seed, **setup.transformer_overrides)
+        text_encoder = tw.build_text_encoder(seed=args.seed)
+    size = export_pipeline(
+        out, tokenizer=tw.build_tokenizer(), text_encoder=text_encoder, vae=vae.cpu(), transformer=transformer
+    )
+    write_state(
+        out, vae_steps=step, teacher_steps=teacher_steps, toy=args.toy, vae_roundtrip_adherence=check["adherence"]
+    )
     print(f"[vae] exported {out / 'pipeline'} ({size / 2**20:.1f} MiB of weights) at step {step}", flush=True)
+    procs.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +571,10 @@ def load_frozen_vae(out: Path, device: torch.device):
     return vae
 
 
-def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device) -> None:
+def train_teacher(
+    args, setup: StageSetup, deadline: float, device: torch.device, procs: Processes | None = None
+) -> None:
+    procs = procs or Processes()
     out = Path(args.out)
     ckpt_path = out / "ckpt_teacher.pt"
     vae = load_frozen_vae(out, device)
@@ -394,8 +582,7 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
     transformer = tw.build_transformer(seed=args.seed, **setup.transformer_overrides).to(device).train()
     text_encoder = tw.build_text_encoder(seed=args.seed).to(device).train()
     modules = {"transformer": transformer, "text_encoder": text_encoder}
-    np_rng = np.random.default_rng(args.seed + 2)
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    np_rng, gen = process_rngs(args.seed + 2, procs, device)
     step = 0
     ckpt = None
     if args.resume and ckpt_path.is_file():
@@ -403,9 +590,10 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
         transformer.load_state_dict(ckpt["transformer"])
         text_encoder.load_state_dict(ckpt["text_encoder"])
         step = ckpt["step"]
-        print(f"[teacher] resumed from {ckpt_path} at step {step}", flush=True)
+        log(procs, f"[teacher] resumed from {ckpt_path} at step {step}")
     elif args.resume and read_state(out).get("teacher_steps", 0) > 0:
         step = warm_start_from_export(out, transformer, text_encoder)
+    procs.broadcast_parameters(modules)
 
     ema = EMA(modules, args.ema_decay)
     opt = torch.optim.AdamW(
@@ -418,16 +606,39 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
-        load_rng_state(ckpt["rng"], np_rng, gen)
+        if procs.is_main:
+            load_rng_state(ckpt["rng"], np_rng, gen)
+        else:
+            np_rng, gen = process_rngs(args.seed + 2 + step, procs, device)
     if args.compile:
         transformer.compile()
 
     batch = args.batch_size or setup.teacher_batch
-    print(
+    reuse = max(1, args.latent_reuse)
+    pool = LatentPool(capacity=batch * args.pool_batches) if reuse > 1 else None
+    log(
+        procs,
         f"[teacher] transformer {tw.parameter_count(transformer) / 1e6:.2f}M, text encoder "
-        f"{tw.parameter_count(text_encoder) / 1e6:.2f}M params, batch {batch}, device {device}",
-        flush=True,
+        f"{tw.parameter_count(text_encoder) / 1e6:.2f}M params, batch {batch} per process x {procs.world} "
+        f"process(es), latent reuse {reuse}, device {device}",
     )
+
+    def encode_fresh(n: int) -> tuple[torch.Tensor, list[str]]:
+        with torch.no_grad(), autocast(device):
+            x, prompts = sample_videos(np_rng, n, setup.video, device)
+            return normalize_latents(vae.encode(x).latent_dist.mean.float(), vae), prompts
+
+    def next_batch() -> tuple[torch.Tensor, list[str]]:
+        if pool is None:
+            return encode_fresh(batch)
+        if pool.size < pool.capacity // 4:  # fill the pool before drawing from it
+            latents, prompts = encode_fresh(batch)
+            pool.add(latents, prompts)
+            return latents, prompts
+        latents, prompts = encode_fresh(max(1, batch // reuse))
+        pool.add(latents, prompts)
+        old_latents, old_prompts = pool.sample(np_rng, batch - latents.shape[0])
+        return torch.cat([latents, old_latents]), prompts + old_prompts
 
     def save() -> None:
         atomic_torch_save(
@@ -439,11 +650,9 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
         )
 
     clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
-    while not clock.expired() and not stop_step_reached(step, args.max_steps):
+    while not procs.any(clock.expired() or stop_step_reached(step, args.max_steps), device):
         t0 = time.time()
-        with torch.no_grad(), autocast(device):
-            x, prompts = sample_videos(np_rng, batch, setup.video, device)
-            latents = normalize_latents(vae.encode(x).latent_dist.mean.float(), vae)
+        latents, prompts = next_batch()
         ids, mask = tw.encode_prompt_tokens(tokenizer, drop_prompts(prompts, np_rng, args.prompt_dropout))
         data_s = time.time() - t0
         for group in opt.param_groups:
@@ -452,14 +661,20 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
             loss = teacher_loss(transformer, text_encoder, latents, ids.to(device), mask.to(device), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
+        params = [p for m in modules.values() for p in m.parameters()]
+        procs.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema.update(modules, step)
-        clock.record(loss.item(), batch, data_s)
-        clock.maybe_log("teacher", step)
-        if clock.checkpoint_due():
-            save()
+        clock.record(loss.item(), batch * procs.world, data_s)
+        if procs.is_main:
+            clock.maybe_log("teacher", step)
+            if clock.checkpoint_due():
+                save()
+    if not procs.is_main:
+        procs.barrier()
+        return
     clock.maybe_log("teacher", step, force=True)
     save()
 
@@ -470,6 +685,7 @@ def train_teacher(args, setup: StageSetup, deadline: float, device: torch.device
     size = export_pipeline(out, tokenizer=tokenizer, vae=vae.cpu(), **export_modules)
     write_state(out, teacher_steps=step, toy=args.toy)
     print(f"[teacher] exported {out / 'pipeline'} ({size / 2**20:.1f} MiB of weights) at step {step}", flush=True)
+    procs.barrier()
 
 
 def load_exported(out: Path, component: str) -> torch.nn.Module:
@@ -498,15 +714,17 @@ def warm_start_from_export(out: Path, transformer, text_encoder) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m blade.tinyworld.train")
-    p.add_argument("stage", choices=["vae", "teacher", "all"])
+    p.add_argument("stage", choices=["vae", "teacher", "all", "check-vae"],
+                   help="check-vae: round-trip adherence of DIR/pipeline's VAE on ground-truth videos (no training)")
+    p.add_argument("--check-videos", type=int, default=32, help="check-vae: number of ground-truth videos")
     p.add_argument("--out", required=True, help="run folder: checkpoints, train_state.json, pipeline/")
     p.add_argument("--minutes", type=float, default=8.5, help="wall-clock budget, export included")
     p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint of the stage")
     p.add_argument("--toy", action="store_true", help="tiny widths and 5x32x32 videos (CPU tests)")
     p.add_argument("--max-steps", type=int, default=None, help="stop a stage at this total step count")
     p.add_argument("--vae-share", type=float, default=0.3, help="`all`: fraction of the minutes for the VAE")
-    p.add_argument("--batch-size", type=int, default=None, help="teacher batch (default 32)")
-    p.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="teacher batch per process (default 32)")
+    p.add_argument("--vae-batch-size", type=int, default=None, help="VAE batch per process (default 8)")
     p.add_argument("--lr", type=float, default=3e-4, help="teacher transformer lr")
     p.add_argument("--text-lr-mult", type=float, default=0.3, help="text encoder lr = lr * this")
     p.add_argument("--vae-lr", type=float, default=3e-4)
@@ -515,6 +733,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1e-4, help="KL weight (per latent element mean)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--latent-reuse", type=int, default=1,
+                   help="teacher: each encoded clip serves about this many steps from a GPU pool (1 = always fresh)")
+    p.add_argument("--pool-batches", type=int, default=64, help="teacher: pool capacity in batches (--latent-reuse)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (teacher stage)")
     p.add_argument("--reserve-s", type=float, default=None, help="seconds kept for the export (default 45, toy 0)")
     p.add_argument("--log-every-s", type=float, default=20.0)
@@ -527,19 +748,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     start = time.time()
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    procs, device = init_processes(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     Path(args.out).mkdir(parents=True, exist_ok=True)
     setup = stage_setup(args.toy)
     reserve = args.reserve_s if args.reserve_s is not None else (0.0 if args.toy else 45.0)
     end = start + 60.0 * args.minutes - reserve
+    if args.stage == "check-vae":
+        vae = load_frozen_vae(Path(args.out), device)
+        check = roundtrip_adherence(vae, setup.video, args.check_videos, args.seed + 3, device)
+        print(json.dumps({"vae": str(Path(args.out) / "pipeline" / "vae"), "videos": args.check_videos, **check}))
+        return
     if args.stage in ("vae", "all"):
         vae_end = start + (end - start) * args.vae_share if args.stage == "all" else end
-        train_vae(args, setup, vae_end, device)
+        train_vae(args, setup, vae_end, device, procs)
     if args.stage in ("teacher", "all"):
-        train_teacher(args, setup, end, device)
-    print(f"done in {time.time() - start:.0f}s", flush=True)
+        train_teacher(args, setup, end, device, procs)
+    log(procs, f"done in {time.time() - start:.0f}s")
+    if procs.world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
