@@ -319,6 +319,8 @@ def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, n_layers: 
                     kept_torch=float(ref.float().mean()))
 
     bench.check(f"{name}: fused prober mask vs torch prober mask", check_prober)
+    if PROFILE_PROBER:
+        profile_ops(f"{name}: prober (fused)", prober)
     mask = prober()
     print(f"  prober mask kept fraction: {float(mask.float().mean()):.3f}", flush=True)
 
@@ -359,6 +361,24 @@ def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, n_layers: 
         bench.rows.append(total)
         print(f"  {name:5s} overhead asa_total_per_layer {total['ms']:9.3f} ms (= {' + '.join(parts)})", flush=True)
         _add_pct(total, ref_fwd)
+
+
+PROFILE_PROBER = False  # --profile: where the prober's time goes, per CUDA kernel and CPU op
+
+
+def profile_ops(label: str, fn, repeats: int = 20) -> None:
+    """Print the torch.profiler table of `repeats` calls of `fn` (after a warm-up), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n  profile of {label}, {repeats} calls:", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
 
 
 def _add_pct(row: dict, ref_fwd) -> None:
@@ -402,7 +422,10 @@ def main() -> None:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="stop timing new points after this")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the prober")
     args = parser.parse_args()
+    global PROFILE_PROBER
+    PROFILE_PROBER = args.profile
 
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")

@@ -276,6 +276,45 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def init_adapters(accelerator, transformer: torch.nn.Module, args) -> None:
+    """Add the student and fake LoRA adapters (float32), identical on every process.
+
+    PEFT draws the LoRA A matrices from torch's global generator, whose state differs between processes unless it is
+    seeded here; with different initial weights the processes would train different students from the same averaged
+    gradients (and only process 0's would be saved). So: seed, then also copy process 0's values to the others.
+    """
+    torch.manual_seed(args.seed)
+    lora.add_student_and_fake(transformer, args.rank, args.lora_alpha)
+    lora.cast_lora_to(transformer, torch.float32)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        params = lora.adapter_parameters(transformer, lora.STUDENT) + lora.adapter_parameters(transformer, lora.FAKE)
+        flat = broadcast(torch.cat([p.detach().reshape(-1) for p in params]), from_process=0)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Raise if the processes' copies of the trainable weights differ (they must: same start, same averaged updates).
+
+    One small all-gather of three checksums per process, at checkpoints only.
+    """
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().reshape(-1).double() for p in params])
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(7).add_(1)
+    sums = torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()])[None]  # [1, 3]
+    gathered = accelerator.gather(sums)  # [processes, 3]
+    spread = (gathered - gathered[:1]).abs().max()
+    if spread > 1e-6 * gathered[0].abs().max().clamp_min(1.0):
+        raise RuntimeError(f"the LoRA weights differ between processes (checksums {gathered.tolist()}): the "
+                           "processes are no longer training the same model")
+
+
 def sync_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
     """Average the LoRA gradients over processes (a missing grad counts as zeros)."""
     for p in params:
@@ -503,6 +542,12 @@ def train(args: argparse.Namespace) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:  # e.g. DeepSpeed on a CPU-only host: every rank would act as rank 0
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} process(es) but the launcher started {launched}: every "
+            "process would write the same checkpoints. Use train/config_ddp.yaml on this host."
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         logger.warning("DeepSpeed config detected: it provides the processes; the LoRA optimizers are this "
                        "trainer's own (one shared base transformer cannot be a DeepSpeed engine per role).")
@@ -526,8 +571,7 @@ def train(args: argparse.Namespace) -> dict:
     asa_handle, asa_config = None, None
     if args.use_sparsity:
         asa_handle, asa_config = apply_sparsity(transformer, args.family, args.dense_steps)
-    lora.add_student_and_fake(transformer, args.rank, args.lora_alpha)
-    lora.cast_lora_to(transformer, torch.float32)
+    init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -635,6 +679,7 @@ def train(args: argparse.Namespace) -> dict:
             )
             stop = float(accelerator.reduce(out_of_time, reduction="max")) > 0 or step >= args.max_train_steps
             if step % args.checkpointing_steps == 0 or stop:
+                check_replicas_agree(accelerator, params_g + params_f)
                 last_ckpt = save_checkpoint(accelerator, output_dir, step, transformer, family, optimizers,
                                             schedulers, dict(state), generators, config_json)
             if args.validation_steps > 0 and step % args.validation_steps == 0 and pipe.vae is not None:
