@@ -18,7 +18,7 @@ from torch import nn
 
 from .gilbert import gilbert_permutation, inverse_permutation
 from .kernels import BACKENDS, block_sparse_attention
-from .prober import estimate_block_mask
+from .prober import GLOBAL_RNG, SeededGenerators, _estimate_block_mask
 
 
 @dataclass
@@ -90,6 +90,16 @@ def mean_pool_tokens(x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.
     return sums / counts[:, None].to(x.dtype), counts
 
 
+@torch.compiler.assume_constant_result
+def _token_orders(frames: int, height: int, width: int, length: int) -> torch.Tensor:
+    """``[2, length]`` int64: the Gilbert order of the ``F*H*W`` raster video tokens followed by the tail tokens, and
+    its inverse. A pure function of the sizes, so a compiled graph holds it as a constant (the curve construction is
+    numpy code that torch.compile cannot trace)."""
+    n_video = frames * height * width
+    perm = torch.cat([gilbert_permutation(frames, height, width), torch.arange(n_video, length)])
+    return torch.stack([perm, inverse_permutation(perm)])
+
+
 def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One dtype for q, k, v: the autocast dtype inside an autocast region (norms and RoPE may hand back float32
     next to a bf16 projection), else the promoted type. Kernels take a single operand dtype."""
@@ -108,27 +118,27 @@ class AdaptiveBlockSparseAttention(nn.Module):
 
     Stats of the realised sparsity are kept on the module: ``last_stats`` (the latest call), ``stats()`` (aggregate
     since ``reset_stats()``). Counts are accumulated as device tensors and read only when asked for, so a forward
-    does not synchronise with the GPU.
+    does not synchronise with the GPU, and ``torch.compile`` traces it without graph breaks or recompilations
+    (no Python number on the module changes per call).
     """
 
     def __init__(self, config: ASAConfig | None = None):
         super().__init__()
         self.config = config if config is not None else ASAConfig()
-        self._generators: dict[str, torch.Generator] = {}
-        self._last: tuple[torch.Tensor, int, float] | None = None
+        # Created here, not at the first call: a compiled forward cannot create a torch.Generator.
+        self._rng = SeededGenerators(self.config.seed) if self.config.seed is not None else None
         self.reset_stats()
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        """A private generator per device, seeded once, when ``config.seed`` is set; else the global RNG."""
-        if self.config.seed is None:
-            return None
-        key = str(device)
-        if key not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.config.seed)
-            self._generators[key] = gen
-        return self._generators[key]
+    def _rng_key(self) -> int:
+        """Key of the prober's random source: private per-device generators seeded with ``config.seed`` (restarted
+        by ``reset_stats``), else the global RNG."""
+        seed = self.config.seed
+        if seed is None:
+            return GLOBAL_RNG
+        if self._rng is None or self._rng.seed != seed:  # the config was edited after construction
+            self._rng = SeededGenerators(seed)
+        return self._rng.key
 
     def _global_tokens(self, k: torch.Tensor, v: torch.Tensor):
         """Pooled keys/values ``[B, H, ceil(L/n), D]`` and their ``ln(count)`` bias, or Nones without pooling."""
@@ -140,13 +150,17 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return global_k.to(k.dtype), global_v.to(v.dtype), torch.log(counts)
 
     def _record(self, kept: torch.Tensor, total: int, pooled_fraction: float) -> None:
-        """Store one call's counts; ``pooled_fraction`` is the 1/n of the paper's sparsity (0 without pooling)."""
+        """Store one call's counts; ``pooled_fraction`` is the 1/n of the paper's sparsity (0 without pooling).
+
+        One float64 vector ``(kept, total, pooled_fraction * total, 1)`` on ``kept``'s device per call, summed into
+        ``_sums``: filled on the device (no host-to-device copy, no sync) and read only when stats are asked for.
+        """
         kept = kept.detach().to(torch.float64)
-        self._last = (kept, total, pooled_fraction)
-        self._kept_sum = kept if self._kept_sum is None else self._kept_sum + kept.to(self._kept_sum.device)
-        self._total_sum += total
-        self._pooled_weighted += pooled_fraction * total
-        self._calls += 1
+        counts = torch.stack(
+            (kept, torch.full_like(kept, total), torch.full_like(kept, pooled_fraction * total), torch.ones_like(kept))
+        )
+        self._last = counts
+        self._sums = counts if self._sums is None else self._sums + counts.to(self._sums.device)
 
     @staticmethod
     def _summary(kept: float, total: float, pooled_weighted: float) -> dict:
@@ -163,26 +177,24 @@ class AdaptiveBlockSparseAttention(nn.Module):
     # ------------------------------------------------------------------------------------------------- stats
     def reset_stats(self) -> None:
         """Clear the counters and restart the seeded prober generator (a seeded run then repeats exactly)."""
-        self._generators = {}
-        self._kept_sum: torch.Tensor | None = None
-        self._total_sum = 0
-        self._pooled_weighted = 0.0
-        self._calls = 0
-        self._last = None
+        if self._rng is not None:
+            self._rng.reset()
+        self._sums: torch.Tensor | None = None  # float64 [4]: kept, total, pooled-weighted total, calls
+        self._last: torch.Tensor | None = None  # the latest call's vector
 
     @property
     def last_stats(self) -> dict | None:
         """Latest call: ``sparsity``, ``sparsity_paper``, ``kept_blocks``, ``total_blocks``, ``density``."""
         if self._last is None:
             return None
-        kept, total, pooled = self._last
-        return self._summary(float(kept), total, pooled * total)
+        kept, total, pooled_weighted, _ = self._last.tolist()
+        return self._summary(kept, total, pooled_weighted)
 
     def stats(self) -> dict:
         """Aggregate over all calls since the last ``reset_stats()`` (block-count weighted), plus ``calls``."""
-        kept = float(self._kept_sum) if self._kept_sum is not None else 0.0
-        summary = self._summary(kept, self._total_sum, self._pooled_weighted)
-        summary["calls"] = self._calls
+        kept, total, pooled_weighted, calls = self._sums.tolist() if self._sums is not None else (0.0, 0, 0.0, 0)
+        summary = self._summary(kept, total, pooled_weighted)
+        summary["calls"] = int(calls)
         return summary
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -215,7 +227,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
     def estimate_mask(self, q: torch.Tensor, k: torch.Tensor, dense_tail_tokens: int | None = None) -> torch.Tensor:
         """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad)."""
         cfg = self.config
-        return estimate_block_mask(
+        return _estimate_block_mask(
             q,
             k,
             block_size=cfg.block_size,
@@ -224,7 +236,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
             min_keep=cfg.min_keep,
             max_keep=cfg.max_keep,
             dense_tail_tokens=cfg.dense_tail_tokens if dense_tail_tokens is None else dense_tail_tokens,
-            generator=self._generator(q.device),
+            rng_key=self._rng_key(),
+            backend="auto",
         )
 
     def forward(
@@ -252,7 +265,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
             n_blocks = math.ceil(q.shape[-2] / self.config.block_size) * math.ceil(k.shape[-2] / self.config.block_size)
             total = q.shape[0] * q.shape[1] * n_blocks
-            self._record(torch.tensor(float(total)), total, 0.0)
+            self._record(torch.full((), float(total), dtype=torch.float64, device=q.device), total, 0.0)
             return out
 
         length = q.shape[-2]
@@ -263,9 +276,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
             n_video = frames * height * width
             if n_video > length or k.shape[-2] != length:
                 raise ValueError(f"grid {tuple(grid)} has {n_video} tokens but q has {length} and k {k.shape[-2]}")
-            video_perm = gilbert_permutation(frames, height, width).to(q.device)
-            perm = torch.cat([video_perm, torch.arange(n_video, length, device=q.device)])
-            inv = inverse_permutation(perm)
+            perm, inv = _token_orders(frames, height, width, length).to(q.device).unbind(0)
             q, k, v = (x.index_select(-2, perm) for x in (q, k, v))
             dense_tail = max(dense_tail, length - n_video)
 

@@ -10,12 +10,19 @@ dense ``Q K^T`` (1/64 for 16 samples in 128-token blocks).
 On CUDA the importance comes from a fused Triton kernel (``kernels/triton_prober.py``) that never materialises the
 sampled score matrix; the torch code here is the reference and the CPU path. Both use the same sampled positions
 (drawn here, in torch), so they give the same mask for the same generator state.
+
+``torch.compile``: the random positions are drawn inside the opaque custom op ``blade::prober_positions`` (a graph
+cannot take a ``torch.Generator``; the op receives an int key naming the generator instead, and it draws exactly
+what eager code draws, also under inductor, whose own RNG would differ), and the fused importance inside
+``blade::prober_importance``. The mask selection is plain torch, so a compiled model keeps the prober in its graph.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+import weakref
 
 import torch
 
@@ -23,6 +30,72 @@ import torch
 _SCORE_ELEMENTS = 64 * 1024 * 1024
 # Set (with the error) when the fused prober failed to run: "auto" then stays on the torch path.
 _FUSED_PROBER_FAILED: list = []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random sources of the sampled positions, named by int keys (what a custom op can take)
+# ----------------------------------------------------------------------------------------------------------------
+
+GLOBAL_RNG = -1  # key of torch's default generator of the device
+_KEYS = itertools.count()
+_SOURCES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> torch.Generator | SeededGenerators
+_KEY_OF_GENERATOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch.Generator -> key
+
+
+class SeededGenerators:
+    """One ``torch.Generator`` per device, seeded with ``seed`` at its first use; ``reset()`` starts them over.
+
+    The object is registered under ``key`` (an int that compiled code reads as a constant, so restarting the
+    generators never recompiles). Copies (``copy.deepcopy``, pickling) get their own key and generator states.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self.key = next(_KEYS)
+        _SOURCES[self.key] = self
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        name = str(device)
+        if name not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[name] = gen
+        return self._generators[name]
+
+    def reset(self) -> None:
+        self._generators = {}
+
+    def __getstate__(self) -> dict:
+        return {"seed": self.seed, "states": {name: g.get_state() for name, g in self._generators.items()}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["seed"])
+        for name, rng_state in state["states"].items():
+            self.generator(torch.device(name)).set_state(rng_state)
+
+
+@torch.compiler.assume_constant_result
+def _generator_key(generator: torch.Generator | None) -> int:
+    """The int key of a caller's generator (registered on first use, weakly). Under torch.compile this runs once,
+    at trace time, and the graph is guarded on the generator object, so another generator retraces."""
+    if generator is None:
+        return GLOBAL_RNG
+    key = _KEY_OF_GENERATOR.get(generator)
+    if key is None:
+        key = next(_KEYS)
+        _KEY_OF_GENERATOR[generator] = key
+        _SOURCES[key] = generator
+    return key
+
+
+def _source_generator(key: int, device: torch.device) -> torch.Generator | None:
+    if key == GLOBAL_RNG:
+        return None
+    source = _SOURCES.get(key)
+    if source is None:
+        raise RuntimeError(f"prober random source {key} no longer exists (its generator was garbage-collected)")
+    return source.generator(device) if isinstance(source, SeededGenerators) else source
 
 
 def _ceil_fraction(fraction: float, n: int) -> int:
@@ -50,6 +123,63 @@ def sample_block_positions(
     u = torch.rand(*batch_shape, n_blocks, samples, generator=generator, device=rng_device).to(device)
     offsets = (u * valid[:, None]).long().minimum(valid[:, None] - 1)
     return (starts[:, None] + offsets).flatten(-2)
+
+
+def _register_ops() -> None:
+    # A random op: tagged so that the compiler never merges two identical calls nor recomputes one (e.g. for the
+    # backward). `torch.library.define` takes tags in every torch this project supports (custom_op's `tags=` is new).
+    torch.library.define(
+        "blade::prober_positions",
+        "(Device device, int q_len, int k_len, int block_size, int samples, int batch, int heads, int rng_key)"
+        " -> (Tensor, Tensor)",
+        tags=(torch.Tag.nondeterministic_seeded,),
+    )
+
+    @torch.library.impl("blade::prober_positions", "CompositeExplicitAutograd")
+    def positions(
+        device: torch.device,
+        q_len: int,
+        k_len: int,
+        block_size: int,
+        samples: int,
+        batch: int,
+        heads: int,
+        rng_key: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled query and key positions ``[batch, heads, n_blocks * samples]`` (int64), queries drawn first."""
+        generator = _source_generator(rng_key, device)
+        q_pos = sample_block_positions(q_len, block_size, samples, (batch, heads), device, generator)
+        k_pos = sample_block_positions(k_len, block_size, samples, (batch, heads), device, generator)
+        return q_pos, k_pos
+
+    @torch.library.register_fake("blade::prober_positions")
+    def _(device, q_len, k_len, block_size, samples, batch, heads, rng_key):
+        new = lambda length: torch.empty(
+            (batch, heads, math.ceil(length / block_size) * samples), dtype=torch.int64, device=device
+        )
+        return new(q_len), new(k_len)
+
+    @torch.library.custom_op("blade::prober_importance", mutates_args=())
+    def fused_importance(
+        q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, samples: int, strict: bool
+    ) -> torch.Tensor:
+        """The fused Triton importance; unless ``strict``, the torch one (with a warning, once) if Triton fails."""
+        from .kernels import triton_prober
+
+        try:
+            return triton_prober._block_importance(q, k, q_pos, k_pos, samples)
+        except Exception as err:
+            if strict:
+                raise
+            # A compiler problem must not take ASA down: warn once and use the torch path from now on.
+            _FUSED_PROBER_FAILED.append(repr(err))
+            warnings.warn(f"fused Triton prober failed ({err!r}); using the torch prober", stacklevel=2)
+            return block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples)
+
+    @fused_importance.register_fake
+    def _(q, k, q_pos, k_pos, samples, strict):
+        shape = (*q.shape[:2], q_pos.shape[-1] // samples, k_pos.shape[-1] // samples)
+        return q.new_empty(shape, dtype=torch.float32)
 
 
 def _gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -170,29 +300,55 @@ def estimate_block_mask(
     Args:
         q: ``[B, H, Lq, D]``; k: ``[B, H, Lk, D]``.
         generator: RNG for the sampled positions; None uses the global RNG (so activation checkpointing, which
-            replays the global RNG state, recomputes the same mask).
+            replays the global RNG state, recomputes the same mask). Under ``torch.compile`` create it before the
+            compiled call (the graph is guarded on it).
         backend: ``"auto"`` (the fused Triton prober on CUDA when it supports the inputs, else torch),
             ``"torch"`` (the reference) or ``"triton"`` (the fused kernel; also under ``TRITON_INTERPRET=1``).
     Returns:
         bool ``[B, H, ceil(Lq/bs), ceil(Lk/bs)]`` without grad.
     """
+    return _estimate_block_mask(
+        q,
+        k,
+        block_size=block_size,
+        samples_per_block=samples_per_block,
+        threshold=threshold,
+        min_keep=min_keep,
+        max_keep=max_keep,
+        dense_tail_tokens=dense_tail_tokens,
+        rng_key=_generator_key(generator),
+        backend=backend,
+    )
+
+
+@torch.no_grad()
+def _estimate_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    samples_per_block: int,
+    threshold: float,
+    min_keep: float,
+    max_keep: float,
+    dense_tail_tokens: int,
+    rng_key: int,
+    backend: str,
+) -> torch.BoolTensor:
+    """``estimate_block_mask`` with the random source given by key (``GLOBAL_RNG`` or ``SeededGenerators.key``)."""
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[-2]
-    q_pos = sample_block_positions(q_len, block_size, samples_per_block, (batch, heads), q.device, generator)
-    k_pos = sample_block_positions(k_len, block_size, samples_per_block, (batch, heads), k.device, generator)
-    importance = None
+    q_pos, k_pos = torch.ops.blade.prober_positions(
+        q.device, q_len, k_len, block_size, samples_per_block, batch, heads, rng_key
+    )
     if _use_fused_prober(q, samples_per_block, backend):
-        from .kernels.triton_prober import sampled_block_importance
-
-        try:
-            importance = sampled_block_importance(q, k, q_pos, k_pos, samples_per_block)
-        except Exception as err:
-            if backend == "triton":
-                raise
-            # A compiler problem must not take ASA down: warn once and use the torch path from now on.
-            _FUSED_PROBER_FAILED.append(repr(err))
-            warnings.warn(f"fused Triton prober failed ({err!r}); using the torch prober", stacklevel=2)
-    if importance is None:
+        importance = torch.ops.blade.prober_importance(q, k, q_pos, k_pos, samples_per_block, backend == "triton")
+    else:
         importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
     mask = select_blocks(importance, threshold, min_keep, max_keep)
     return _force_dense_tail(mask, q_len, k_len, block_size, dense_tail_tokens)
+
+
+# Registered once per process (a re-import re-executes this file in the same module namespace).
+if not hasattr(torch.ops.blade, "prober_positions"):
+    _register_ops()

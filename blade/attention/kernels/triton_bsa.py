@@ -19,6 +19,11 @@ The mask -> index-list conversion is itself one small Triton kernel (a per-row p
 columns), so it costs one launch instead of a segmented sort. Launch configurations come in named sets: "v2" (the
 default) and "v1" (the first GPU-tuned set with the torch list builder), kept so a benchmark can show regressions;
 see `config_set`.
+
+`torch.compile`: the Triton launches run inside opaque custom operators (``blade::bsa_block_lists``,
+``blade::bsa_forward`` with its autograd formula, ``blade::bsa_backward``), whose fake implementations give the
+output shapes from the input shapes alone (the index lists are padded to the row length). Dynamo never traces the
+launch code and inductor never lowers it, so a compiled model keeps the attention in one graph.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def build_kv_block_index_torch(block_mask: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row lists of kept column blocks (no dense token mask, no Python loop).
+    """Per-row lists of kept column blocks (no dense token mask, no Python loop), as a custom op (opaque to compile).
 
     Args:
         block_mask: bool `[B, H, R, C]` (True = attend); any strides (expanded or transposed views are fine).
@@ -97,6 +102,11 @@ def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
         order, then the others in increasing order), order `[B*H*R]` int32 (the launch order: heads with more kept
         blocks first, the rows of one head together).
     """
+    return torch.ops.blade.bsa_block_lists(block_mask, block_mask.shape[0], block_mask.shape[1])
+
+
+def _kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`build_kv_block_index` itself (eager code: the Triton builder where it runs, else the torch one)."""
     use_kernel = triton is not None and (block_mask.is_cuda or _interpreting()) and not _LIST_KERNEL_FAILED
     if not use_kernel or _CONFIG_SETS[_ACTIVE[0]]["lists"] != "triton" or block_mask.shape[-1] > _MAX_LIST_COLS:
         return build_kv_block_index_torch(block_mask)
@@ -918,9 +928,14 @@ def config_set(name: str) -> Iterator[None]:
         _ACTIVE[0] = previous
 
 
+# Whether the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import). A plain bool read
+# once at import: torch.compile guards on it like on any constant (it cannot trace `type()` of a Triton kernel).
+_INTERPRETING = triton is not None and type(_bsa_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreting() -> bool:
     """True when the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_bsa_fwd_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETING
 
 
 def _interpret_tiles(block_size: int) -> tuple[int, int]:
@@ -1108,7 +1123,7 @@ def _backward(
     )
 
     # Transposed lists (per kv block, the query blocks that use it): only the backward needs them.
-    q_count, q_index, col_order = build_kv_block_index(block_mask.transpose(-1, -2))
+    q_count, q_index, col_order = _kv_block_index(block_mask.transpose(-1, -2))
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     n_cols = batch * heads * n_k_blocks
@@ -1196,39 +1211,123 @@ def _backward(
     return dq, dk, dv, dgk, dgv
 
 
-class _TritonBlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_mask, global_k, global_v, bias_log2, block_size, scale):
-        kv_count, kv_index, row_order = build_kv_block_index(block_mask)
-        out, lse = _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale)
-        ctx.save_for_backward(
-            q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2
-        )
-        ctx.block_size = block_size
-        ctx.scale = scale
-        return out
+def _kernel_layout(q, k, v, global_k, global_v, *flat: Optional[torch.Tensor]) -> tuple:
+    """The layouts the kernels index with: q, k, v with a unit last stride, the rest contiguous. No-ops (no copy)
+    on what `triton_block_sparse_attention` passes; a guard on the layouts a compiler may pick for op inputs."""
+    contiguous = lambda t: None if t is None else t.contiguous()
+    return (
+        *(_last_dim_contiguous(t) for t in (q, k, v)),
+        *(contiguous(t) for t in (global_k, global_v, *flat)),
+    )
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2 = ctx.saved_tensors
-        dq, dk, dv, dgk, dgv = _backward(
-            grad_out,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            block_mask,
-            kv_count,
-            kv_index,
-            row_order,
-            global_k,
-            global_v,
-            bias_log2,
-            ctx.block_size,
-            ctx.scale,
+
+# The ops are registered once per process: a re-import (importlib.reload in the tests) re-executes this file in the
+# same module namespace, so the registered implementations already call the reloaded helpers.
+def _register_ops() -> None:
+    @torch.library.custom_op("blade::bsa_block_lists", mutates_args=())
+    def block_lists(
+        block_mask: torch.Tensor, batch: int, heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`build_kv_block_index` of `block_mask [B|1, H|1, R, C]` broadcast to `[batch, heads, R, C]`."""
+        return _kv_block_index(block_mask.expand(batch, heads, -1, -1))
+
+    @block_lists.register_fake
+    def _(block_mask, batch, heads):
+        rows, cols = block_mask.shape[-2:]
+        n_rows = batch * heads * rows
+        new = lambda *shape: block_mask.new_empty(shape, dtype=torch.int32)
+        return new(n_rows), new(n_rows, cols), new(n_rows)
+
+    @torch.library.custom_op("blade::bsa_forward", mutates_args=())
+    def forward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_mask: torch.Tensor,
+        kv_count: torch.Tensor,
+        kv_index: torch.Tensor,
+        row_order: torch.Tensor,
+        global_k: Optional[torch.Tensor],
+        global_v: Optional[torch.Tensor],
+        bias_log2: Optional[torch.Tensor],
+        block_size: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Out `[B, H, Lq, D]` and the base-2 LSE `[B*H, NQ*bs]`; `block_mask` is only kept for the backward."""
+        q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2 = _kernel_layout(
+            q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2
         )
-        return dq, dk, dv, None, dgk, dgv, None, None, None
+        return _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale)
+
+    @forward.register_fake
+    def _(q, k, v, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale):
+        batch, heads, seq_q, _ = q.shape
+        lse_len = -(-seq_q // block_size) * block_size
+        return q.new_empty(q.shape), q.new_empty((batch * heads, lse_len), dtype=torch.float32)
+
+    @torch.library.custom_op("blade::bsa_backward", mutates_args=())
+    def backward(
+        grad_out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        block_mask: torch.Tensor,
+        kv_count: torch.Tensor,
+        kv_index: torch.Tensor,
+        row_order: torch.Tensor,
+        global_k: Optional[torch.Tensor],
+        global_v: Optional[torch.Tensor],
+        bias_log2: Optional[torch.Tensor],
+        block_size: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dq, dk, dv and dglobal_k, dglobal_v (empty placeholders without global tokens: ops return tensors)."""
+        mask = block_mask.expand(q.shape[0], q.shape[1], -1, -1)
+        q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2, lse = _kernel_layout(
+            q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2, lse
+        )
+        out = _last_dim_contiguous(out)
+        dq, dk, dv, dgk, dgv = _backward(
+            grad_out, q, k, v, out, lse, mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
+            block_size, scale,
+        )  # fmt: skip
+        if dgk is None:
+            dgk, dgv = q.new_empty(0), q.new_empty(0)
+        return dq, dk, dv, dgk, dgv
+
+    @backward.register_fake
+    def _(grad_out, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, *rest):
+        if global_k is None:
+            dgk, dgv = q.new_empty(0), q.new_empty(0)
+        else:
+            dgk, dgv = global_k.new_empty(global_k.shape), global_v.new_empty(global_v.shape)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgk, dgv
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v,
+                              bias_log2)  # fmt: skip
+        ctx.block_size, ctx.scale = block_size, scale
+
+    def grad(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2 = ctx.saved_tensors
+        dq, dk, dv, dgk, dgv = torch.ops.blade.bsa_backward(
+            grad_out, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
+            ctx.block_size, ctx.scale,
+        )  # fmt: skip
+        if global_k is None:
+            dgk = dgv = None
+        # The LSE is internal (never differentiated); the mask, lists, bias and sizes get no gradient.
+        return dq, dk, dv, None, None, None, None, dgk, dgv, None, None, None
+
+    forward.register_autograd(grad, setup_context=setup_context)
+
+
+if not hasattr(torch.ops.blade, "bsa_forward"):
+    _register_ops()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1320,7 +1419,8 @@ def triton_block_sparse_attention(
     _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias)
     batch, heads = q.shape[:2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask = block_mask.to(device=q.device, dtype=torch.bool).expand(batch, heads, -1, -1)
+    # Broadcast inside the ops (an expanded view handed to a compiled graph's op may be materialised).
+    mask = block_mask.to(device=q.device, dtype=torch.bool)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if _interpreting() and q.dtype == torch.bfloat16:
         # The CPU interpreter's tl.dot mishandles bf16 operands: emulate in fp32 (GPU runs use bf16 tensor cores).
@@ -1342,4 +1442,8 @@ def triton_block_sparse_attention(
         global_k, global_v = global_k.contiguous(), global_v.contiguous()
         if global_bias is not None:
             bias_log2 = (global_bias.detach().to(device=q.device, dtype=torch.float32) * _LOG2E).contiguous()
-    return _TritonBlockSparseAttention.apply(q, k, v, mask, global_k, global_v, bias_log2, block_size, scale)
+    kv_count, kv_index, row_order = torch.ops.blade.bsa_block_lists(mask, batch, heads)
+    out, _ = torch.ops.blade.bsa_forward(
+        q, k, v, mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
+    )
+    return out

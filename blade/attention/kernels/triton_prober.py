@@ -14,6 +14,9 @@ over the sampled keys suffices:
 2. ``_pool_kernel`` -- ``importance[qb, kb] = max_{i in qb} exp2(g[i, kb] - m_i) / l_i``.
 
 The row normalisation is one torch op on the small ``[B, H, Nq, Nk]`` result.
+
+The launches run inside the opaque custom op ``blade::prober_block_importance`` (its fake implementation gives the
+``[B, H, Nq, Nk]`` shape), so ``torch.compile`` keeps a model that calls the prober in one graph.
 """
 
 from __future__ import annotations
@@ -44,11 +47,6 @@ _TUNED: dict = {}
 def is_available() -> bool:
     """True when triton can be imported."""
     return triton is not None
-
-
-def _interpreting() -> bool:
-    """True when the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and type(_scores_kernel).__name__ == "InterpretedFunction"
 
 
 def supports(q: torch.Tensor, samples: int) -> bool:
@@ -168,6 +166,16 @@ if triton is not None:
             tl.store(out, pooled, mask=(q_blocks[:, None] < n_q_blocks) & k_ok[None, :])
 
 
+# Whether the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import): a constant for
+# torch.compile (which cannot trace `type()` of a Triton kernel).
+_INTERPRETING = triton is not None and type(_scores_kernel).__name__ == "InterpretedFunction"
+
+
+def _interpreting() -> bool:
+    """True when the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
+
+
 def _score_kernel_for(samples: int):
     """The score kernel autotuned over the configs whose tiles hold whole blocks of samples (cached)."""
     if samples not in _TUNED:
@@ -198,6 +206,13 @@ def sampled_block_importance(
     """
     if not supports(q, samples):
         raise ValueError(f"fused prober does not support {q.dtype} {tuple(q.shape)} on {q.device} with s={samples}")
+    return torch.ops.blade.prober_block_importance(q, k, q_positions, k_positions, samples)
+
+
+def _block_importance(
+    q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, samples: int
+) -> torch.Tensor:
+    """`sampled_block_importance` itself (eager code: the two launches and the row normalisation)."""
     batch, heads, _, head_dim = q.shape
     n_qs, n_ks = q_positions.shape[-1], k_positions.shape[-1]
     n_q_blocks, n_k_blocks = n_qs // samples, n_ks // samples
@@ -232,3 +247,22 @@ def sampled_block_importance(
         g, m, l_sum, importance, n_q_blocks, n_k_blocks, SAMPLES=samples, QB=qb, BLOCK_K=block_k
     )
     return importance / importance.sum(dim=-1, keepdim=True)
+
+
+def _register_ops() -> None:
+    @torch.library.custom_op("blade::prober_block_importance", mutates_args=())
+    def block_importance(
+        q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, samples: int
+    ) -> torch.Tensor:
+        return _block_importance(q, k, q_positions, k_positions, samples)
+
+    @block_importance.register_fake
+    def _(q, k, q_positions, k_positions, samples):
+        shape = (*q.shape[:2], q_positions.shape[-1] // samples, k_positions.shape[-1] // samples)
+        return q.new_empty(shape, dtype=torch.float32)
+
+
+# Registered once per process: a re-import (importlib.reload in the tests) re-executes this file in the same module
+# namespace, so the registered implementation already calls the reloaded helpers.
+if not hasattr(torch.ops.blade, "prober_block_importance"):
+    _register_ops()
