@@ -47,8 +47,8 @@ evaluate() {  # blade.tinyworld.evaluate on RUN's pipeline
 }
 
 case "$STAGE" in
-  vae)  # 9-frame clips: the first frame alone, a chunk after it and a chunk after a chunk (see vae_clip_frames)
-    train_tw vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 9 --vae-batch-size 24 2>&1 \
+  vae)  # 13-frame clips: the shortest that reach the causal VAE's steady-state chunk path (see vae_clip_frames)
+    train_tw vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 13 --vae-batch-size 16 2>&1 \
       | tee -a "$OUT/vae.log" ;;
   teacher)
     train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 2>&1 | tee -a "$OUT/teacher.log" ;;

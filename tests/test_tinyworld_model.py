@@ -231,11 +231,12 @@ def test_torchrun_two_processes_train_both_stages(tmp_path):
 
 def test_vae_clip_frames_cover_the_chunk_after_chunk_path():
     assert train.vae_clip_frames(None, 17) == 17
-    assert train.vae_clip_frames(9, 17) == 9  # first frame + two 4-frame chunks
+    assert train.vae_clip_frames(13, 17) == 13  # first frame + three 4-frame chunks: the steady state is reached
     assert train.vae_clip_frames(33, 17) == 17
-    assert train.vae_clip_frames(None, 5) == 5  # a video shorter than 9 frames trains whole
-    with pytest.raises(ValueError, match="too short"):
-        train.vae_clip_frames(5, 17)
+    assert train.vae_clip_frames(None, 5) == 5  # a video shorter than 13 frames trains whole
+    for too_short in (5, 9):
+        with pytest.raises(ValueError, match="too short"):
+            train.vae_clip_frames(too_short, 17)
     with pytest.raises(ValueError, match="4k\\+1"):
         train.vae_clip_frames(8, 17)
 
