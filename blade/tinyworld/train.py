@@ -92,7 +92,12 @@ def sample_videos(rng: np.random.Generator, batch: int, video: dict, device: tor
     scenes = [world.sample_scene(rng) for _ in range(batch)]
     seeds = rng.integers(0, 2**31 - 1, size=batch).tolist()
     frames = world.render(scenes, seeds, device=device, **video)  # [B, F, 3, H, W] in [0, 1]
-    return frames.permute(0, 2, 1, 3, 4).mul(2.0).sub(1.0).contiguous(), [s.prompt for s in scenes]
+    return to_vae_input(frames), [s.prompt for s in scenes]
+
+
+def to_vae_input(frames: torch.Tensor) -> torch.Tensor:
+    """Rendered frames ``[B, F, 3, H, W]`` in [0, 1] -> the VAE's layout and range, ``[B, 3, F, H, W]`` in [-1, 1]."""
+    return frames.permute(0, 2, 1, 3, 4).mul(2.0).sub(1.0).contiguous()
 
 
 def sample_flow_sigmas(batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -147,8 +152,7 @@ def roundtrip_adherence(vae, video: dict, num_videos: int, seed: int, device: to
     for _ in range(num_videos):
         scene = world.sample_scene(rng)
         clip_seed = int(rng.integers(0, 2**31 - 1))
-        x = world.render([scene], [clip_seed], device=device, **video)  # [1, F, 3, H, W] in [0, 1]
-        x = x.permute(0, 2, 1, 3, 4).mul(2).sub(1)  # [1, 3, F, H, W] in [-1, 1], the VAE's layout
+        x = to_vae_input(world.render([scene], [clip_seed], device=device, **video))  # [1, 3, F, H, W]
         with autocast(device):
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
         err = (rec - x).abs().mean(dim=(0, 1, 3, 4))  # [F]
