@@ -4,16 +4,21 @@
 #   bash benchmarks/gpu_tinyworld.sh vae MINUTES        # VAE (warm-starts from RUN/pipeline when it exists)
 #   bash benchmarks/gpu_tinyworld.sh teacher MINUTES    # teacher (warm-starts from RUN/pipeline)
 #   bash benchmarks/gpu_tinyworld.sh quick              # teacher on 6 held-out prompts (a progress check, ~1 min)
+#   bash benchmarks/gpu_tinyworld.sh prompts            # the TDM prompt cache of the training prompts (seconds)
 #   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
 #                                                       # (in parallel when 2 GPUs; fake lr 2e-4: rank 64 is a
 #                                                       # quarter of this model's width)
 #   bash benchmarks/gpu_tinyworld.sh eval               # Table 1 and Table 3 reports (JSON) on held-out prompts
+#   bash benchmarks/gpu_tinyworld.sh distill_eval4 MINUTES  # 4 GPUs: students on GPUs 0/1 while the teacher's
+#                                                       # Table 1 / Table 3 runs on GPUs 2/3, then `tdm_2gpu 40` on
+#                                                       # GPUs 2-3 and the students' Table 1 rows on GPUs 0/1
 #   bash benchmarks/gpu_tinyworld.sh tdm_2gpu STEPS     # the wanx launch script on 2 GPUs (accelerate, DDP)
 #   bash benchmarks/gpu_tinyworld.sh pack               # RUN -> OUT/run.tgz.part-* (<= 15 MB each)
 #
 # NPROC (default: every visible GPU) processes train the VAE and the teacher data-parallel (torchrun). RUN (default
 # runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the logs, the
 # reports and, with `pack`, RUN without optimizer-sized checkpoints (cat parts | tar xzf - to unpack).
+# COOLDOWN=M (vae, teacher) decays the learning rate to a tenth over the stage's last M minutes.
 set -euo pipefail
 STAGE=${1:?stage: vae | teacher | distill | eval}
 MINUTES=${2:-4}
@@ -46,20 +51,55 @@ evaluate() {  # blade.tinyworld.evaluate on RUN's pipeline
   python3 -m blade.tinyworld.evaluate --model "$RUN/pipeline" --device cuda "$@"
 }
 
+prompt_cache() {
+  python3 utils/process_prompts_wanx.py --input_file utils/tinyworld_train_prompts.txt --output_dir "$RUN/prompts" \
+    --model_path "$RUN/pipeline" --max_length 32 --negative_prompt "" --num_validation 4 --batch_size 256 \
+    --device cuda
+}
+
+table1_teacher() {
+  evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --steps 50 --guidance 5.0 --attention dense \
+    --out "$OUT/table1_teacher.json"
+}
+
+table1_student() {  # $1 = asa | dense
+  if [ -d "$RUN/$1" ]; then
+    evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --lora "$RUN/$1" --out "$OUT/table1_student_$1.json"
+  fi
+}
+
+table3() {  # training-free, on the teacher: ASA vs window vs random blocks at equal sparsity, against dense
+  head -13 "$EVAL_PROMPTS" > "$RUN/table3_prompts.txt"  # comment line + 12 prompts
+  for sparsity in 0.5 0.75; do
+    for mode in asa window random; do
+      evaluate --prompts "$RUN/table3_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention "$mode" \
+        --sparsity "$sparsity" --compare_dense --out "$OUT/table3_${mode}_${sparsity}.json"
+    done
+  done
+}
+
+tdm_2gpu() {  # $1 = steps; the user-facing launch script, unchanged, on 2 GPUs (step time and memory)
+  MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/tdm_2gpu" NUM_GPUS=2 \
+    bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
+    --learning_rate_fake 2e-4 --max_train_steps "$1" --checkpointing_steps "$1" --validation_steps 0 \
+    2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_2gpu.log"
+}
+
 case "$STAGE" in
   vae)  # 13-frame clips: the shortest that reach the causal VAE's steady-state chunk path (see vae_clip_frames)
-    train_tw vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 13 --vae-batch-size 16 2>&1 \
+    train_tw vae --out "$RUN" --minutes "$MINUTES" --resume --vae-frames 13 --vae-batch-size 16 \
+      --cooldown-minutes "${COOLDOWN:-0}" 2>&1 \
       | tee -a "$OUT/vae.log" ;;
   teacher)
-    train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 2>&1 | tee -a "$OUT/teacher.log" ;;
+    train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 --cooldown-minutes "${COOLDOWN:-0}" \
+      2>&1 | tee -a "$OUT/teacher.log" ;;
   quick)
     head -7 "$EVAL_PROMPTS" > "$RUN/quick_prompts.txt"  # comment line + 6 prompts
     evaluate --prompts "$RUN/quick_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention dense \
       --out "$OUT/quick_teacher.json" 2>&1 | tail -3 ;;
+  prompts) prompt_cache ;;
   distill)
-    python3 utils/process_prompts_wanx.py --input_file utils/tinyworld_train_prompts.txt --output_dir "$RUN/prompts" \
-      --model_path "$RUN/pipeline" --max_length 32 --negative_prompt "" --num_validation 4 --batch_size 256 \
-      --device cuda
+    prompt_cache
     if [ "$NPROC" -gt 1 ]; then  # the dense control and the ASA student side by side, one GPU each
       CUDA_VISIBLE_DEVICES=0 distill dense > /dev/null &
       CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity > /dev/null
@@ -69,24 +109,7 @@ case "$STAGE" in
       distill asa --use_sparsity
     fi ;;
   eval)
-    table1() {
-      evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --steps 50 --guidance 5.0 --attention dense \
-        --out "$OUT/table1_teacher.json"
-      for name in asa dense; do
-        if [ -d "$RUN/$name" ]; then
-          evaluate --prompts "$EVAL_PROMPTS" --seeds 1000 1001 --lora "$RUN/$name" --out "$OUT/table1_student_$name.json"
-        fi
-      done
-    }
-    table3() {
-      head -13 "$EVAL_PROMPTS" > "$RUN/table3_prompts.txt"  # comment line + 12 prompts
-      for sparsity in 0.5 0.75; do
-        for mode in asa window random; do
-          evaluate --prompts "$RUN/table3_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention "$mode" \
-            --sparsity "$sparsity" --compare_dense --out "$OUT/table3_${mode}_${sparsity}.json"
-        done
-      done
-    }
+    table1() { table1_teacher; table1_student asa; table1_student dense; }
     if [ "$NPROC" -gt 1 ]; then
       CUDA_VISIBLE_DEVICES=0 table1 > "$OUT/eval_table1.log" 2>&1 &
       CUDA_VISIBLE_DEVICES=1 table3 > "$OUT/eval_table3.log" 2>&1
@@ -94,11 +117,21 @@ case "$STAGE" in
     else
       table1; table3
     fi ;;
-  tdm_2gpu)  # the user-facing launch script, unchanged, on 2 GPUs: a short ASA run for step time and memory
-    MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/tdm_2gpu" NUM_GPUS=2 \
-      bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
-      --learning_rate_fake 2e-4 --max_train_steps "$MINUTES" --checkpointing_steps "$MINUTES" --validation_steps 0 \
-      2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_2gpu.log" ;;
+  distill_eval4)
+    [ -d "$RUN/prompts" ] || prompt_cache
+    CUDA_VISIBLE_DEVICES=0 distill dense > /dev/null & dense_pid=$!
+    CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity > /dev/null & asa_pid=$!
+    (
+      CUDA_VISIBLE_DEVICES=2 table1_teacher > "$OUT/eval_table1_teacher.log" 2>&1 &
+      CUDA_VISIBLE_DEVICES=3 table3 > "$OUT/eval_table3.log" 2>&1
+      wait
+      CUDA_VISIBLE_DEVICES=2,3 tdm_2gpu 40 > /dev/null
+    ) &
+    wait "$dense_pid" "$asa_pid"
+    CUDA_VISIBLE_DEVICES=0 table1_student dense > "$OUT/eval_table1_dense.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 table1_student asa > "$OUT/eval_table1_asa.log" 2>&1
+    wait ;;
+  tdm_2gpu) tdm_2gpu "$MINUTES" ;;
   pack)  # without optimizer-sized checkpoints, which do not fit the transfer limits
     tar czf - --exclude='ckpt_*.pt' --exclude='checkpoint-*' --exclude='prompts' -C "$(dirname "$RUN")" \
       "$(basename "$RUN")" | split -b 15M - "$OUT/run.tgz.part-" ;;

@@ -272,3 +272,15 @@ def test_vae_stage_keeps_an_exported_teacher(tmp_path, capsys):
     train.main(["check-vae", "--out", str(out), "--toy", "--check-videos", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["videos"] == 1 and 0.0 <= report["adherence"] <= 1.0 and report["error_first_5_frames"] > 0
+
+
+def test_learning_rate_warmup_constant_and_timed_cooldown():
+    # Warmup: (step + 1) / warmup of the base rate.
+    assert train.lr_at(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert train.lr_at(9, 1e-3, 10) == pytest.approx(1e-3)
+    # No cooldown asked: constant however close the deadline.
+    assert train.lr_at(500, 1e-3, 10, remaining_s=1.0) == pytest.approx(1e-3)
+    # Cooldown of 120 s: full rate before it, linear in the remaining time inside it, floored at a tenth.
+    assert train.lr_at(500, 1e-3, 10, remaining_s=300.0, cooldown_s=120.0) == pytest.approx(1e-3)
+    assert train.lr_at(500, 1e-3, 10, remaining_s=60.0, cooldown_s=120.0) == pytest.approx(5e-4)
+    assert train.lr_at(500, 1e-3, 10, remaining_s=3.0, cooldown_s=120.0) == pytest.approx(1e-4)

@@ -261,8 +261,13 @@ class Clock:
         self.data_s = 0.0
         self.metric_sums: dict[str, float] = {}
 
-    def expired(self) -> bool:
-        return time.time() >= self.deadline
+    def remaining(self, procs: Processes, device: torch.device, step: int, max_steps: int | None) -> float:
+        """Seconds left before the deadline, the same on every process (their least); 0 once `max_steps` is reached.
+
+        One collective a step keeps the processes' loops in step and their learning rates equal.
+        """
+        left = 0.0 if stop_step_reached(step, max_steps) else max(0.0, self.deadline - time.time())
+        return procs.min(left, device)
 
     def record(self, loss: float, samples: int, data_s: float, **metrics: float) -> None:
         self.samples += samples
@@ -293,9 +298,16 @@ class Clock:
         return False
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup, then constant (the run is time-boxed across resumes, so no horizon for a decay)."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step: int, base_lr: float, warmup: int, remaining_s: float = float("inf"), cooldown_s: float = 0.0) -> float:
+    """Linear warmup, constant, then (with `cooldown_s`) a linear decay to a tenth over the run's last seconds.
+
+    The run is time-boxed across resumes, so the decay is timed by the wall clock (`remaining_s` before the
+    deadline, the same on every process) rather than by a step horizon.
+    """
+    lr = base_lr * min(1.0, (step + 1) / max(1, warmup))
+    if cooldown_s > 0 and remaining_s < cooldown_s:
+        lr *= max(0.1, remaining_s / cooldown_s)
+    return lr
 
 
 def autocast(device: torch.device):
@@ -317,11 +329,15 @@ class Processes:
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every process when `flag` is true on at least one (keeps the processes' loops in step)."""
+        return self.min(0.0 if flag else 1.0, device) == 0.0
+
+    def min(self, value: float, device: torch.device) -> float:
+        """The smallest `value` over the processes (float64: seconds-sized values keep their precision)."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Replace every gradient by its mean over the processes (a parameter without a gradient counts as zero)."""
@@ -480,12 +496,12 @@ def train_vae(
         )
 
     clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
-    while not procs.any(clock.expired() or stop_step_reached(step, args.max_steps), device):
+    while (remaining := clock.remaining(procs, device, step, args.max_steps)) > 0:
         t0 = time.time()
         x, _ = sample_videos(np_rng, batch, clip, device)
         data_s = time.time() - t0
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.vae_lr, setup.warmup_steps)
+            group["lr"] = lr_at(step, args.vae_lr, setup.warmup_steps, remaining, 60.0 * args.cooldown_minutes)
         with autocast(device):
             loss, object_l1 = vae_loss(vae, x, gen, args.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -655,13 +671,13 @@ def train_teacher(
         )
 
     clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
-    while not procs.any(clock.expired() or stop_step_reached(step, args.max_steps), device):
+    while (remaining := clock.remaining(procs, device, step, args.max_steps)) > 0:
         t0 = time.time()
         latents, prompts = next_batch()
         ids, mask = tw.encode_prompt_tokens(tokenizer, drop_prompts(prompts, np_rng, args.prompt_dropout))
         data_s = time.time() - t0
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, group["base_lr"], setup.warmup_steps)
+            group["lr"] = lr_at(step, group["base_lr"], setup.warmup_steps, remaining, 60.0 * args.cooldown_minutes)
         with autocast(device):
             loss = teacher_loss(transformer, text_encoder, latents, ids.to(device), mask.to(device), gen)
         opt.zero_grad(set_to_none=True)
@@ -736,6 +752,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-frames", type=int, default=None,
                    help="frames per VAE training clip, 4k+1, at least 13 (default: the full video, 17)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="KL weight (per latent element mean)")
+    p.add_argument("--cooldown-minutes", type=float, default=0.0,
+                   help="decay the learning rate linearly to a tenth over this run's last MINUTES (0: constant)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--latent-reuse", type=int, default=1,
