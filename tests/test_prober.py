@@ -219,3 +219,21 @@ def test_gpu_fused_prober_full_size_matches_torch_prober():
     ref = estimate_block_mask(q, k, generator=torch.Generator(device="cuda").manual_seed(0), backend="torch")
     # Both use bf16 products with fp32 sums; only near-ties at the threshold may differ.
     assert (fused != ref).float().mean() < 1e-3
+
+
+def test_generators_without_weak_references_are_pinned(monkeypatch):
+    """torch < 2.13: `torch.Generator` takes no weak references; the prober then keeps the generator itself."""
+    from blade.attention import prober
+
+    class NoWeakRefs:  # what a WeakKeyDictionary does with an object that cannot be weakly referenced
+        def get(self, key):
+            raise TypeError(f"cannot create weak reference to {type(key).__name__!r} object")
+
+    q, k = random_qk()
+    expected = estimate_block_mask(q, k, block_size=32, samples_per_block=4, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(prober, "_KEY_OF_GENERATOR", NoWeakRefs())
+    gen = torch.Generator().manual_seed(5)
+    got = estimate_block_mask(q, k, block_size=32, samples_per_block=4, generator=gen)
+    assert torch.equal(got, expected)
+    assert prober._generator_key(gen) == prober._generator_key(gen)  # one key per generator, reused
+    assert prober._source_generator(prober._generator_key(gen), q.device) is gen

@@ -40,6 +40,9 @@ GLOBAL_RNG = -1  # key of torch's default generator of the device
 _KEYS = itertools.count()
 _SOURCES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> torch.Generator | SeededGenerators
 _KEY_OF_GENERATOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # torch.Generator -> key
+# torch.Generator takes no weak references before torch 2.13: such generators are kept for the process's life.
+_PINNED_SOURCES: dict[int, torch.Generator] = {}  # key -> generator
+_PINNED_KEYS: dict[int, int] = {}  # id(generator) -> key (ids stay unique: the generator is never freed)
 
 
 class SeededGenerators:
@@ -81,7 +84,14 @@ def _generator_key(generator: torch.Generator | None) -> int:
     at trace time, and the graph is guarded on the generator object, so another generator retraces."""
     if generator is None:
         return GLOBAL_RNG
-    key = _KEY_OF_GENERATOR.get(generator)
+    try:
+        key = _KEY_OF_GENERATOR.get(generator)
+    except TypeError:  # not weakly referenceable (torch.Generator before torch 2.13)
+        key = _PINNED_KEYS.get(id(generator))
+        if key is None:
+            key = next(_KEYS)
+            _PINNED_KEYS[id(generator)], _PINNED_SOURCES[key] = key, generator
+        return key
     if key is None:
         key = next(_KEYS)
         _KEY_OF_GENERATOR[generator] = key
@@ -93,6 +103,8 @@ def _source_generator(key: int, device: torch.device) -> torch.Generator | None:
     if key == GLOBAL_RNG:
         return None
     source = _SOURCES.get(key)
+    if source is None:
+        source = _PINNED_SOURCES.get(key)
     if source is None:
         raise RuntimeError(f"prober random source {key} no longer exists (its generator was garbage-collected)")
     return source.generator(device) if isinstance(source, SeededGenerators) else source
