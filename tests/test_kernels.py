@@ -50,6 +50,8 @@ def random_block_mask(b, h, nq, nk, p=0.4, seed=1):
     return torch.rand(b, h, nq, nk, generator=g) < p
 
 
+EXACT_BACKENDS = ["reference", "gather"]  # plain-torch backends held to float64 tolerances
+
 CASES = [
     # (B, H, Lq, Lk, D, block)
     (2, 2, 200, 200, 64, 64),
@@ -62,18 +64,30 @@ CASES = [
 
 @pytest.mark.parametrize("b,h,lq,lk,d,bs", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_reference_matches_dense(b, h, lq, lk, d, bs, dtype):
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_reference_matches_dense(backend, b, h, lq, lk, d, bs, dtype):
     q, k, v = random_inputs(b, h, lq, lk, d, dtype)
     nq, nk = math.ceil(lq / bs), math.ceil(lk / bs)
     mask = random_block_mask(b, h, nq, nk)
     mask[0, 0, 0] = False  # an empty query block -> zero rows
-    out = block_sparse_attention(q, k, v, mask, block_size=bs, backend="reference")
+    out = block_sparse_attention(q, k, v, mask, block_size=bs, backend=backend)
     expected = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, bs, lq, lk))
     assert out.dtype == dtype and out.shape == (b, h, lq, d)
     assert torch.isfinite(out).all()
     assert torch.equal(out[0, 0, : min(bs, lq)], torch.zeros_like(out[0, 0, : min(bs, lq)]))
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_gather_chunking_is_exact(monkeypatch):
+    from blade.attention.kernels import gather
+
+    q, k, v = random_inputs(1, 2, 333, 333, 64, torch.float64)
+    mask = random_block_mask(1, 2, 6, 6)
+    many = gather.gather_block_sparse_attention(q, k, v, mask, block_size=64)
+    monkeypatch.setattr(gather, "_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    one = gather.gather_block_sparse_attention(q, k, v, mask, block_size=64)
+    torch.testing.assert_close(one, many, atol=1e-13, rtol=0)
 
 
 def test_reference_chunking_is_exact():
@@ -86,15 +100,16 @@ def test_reference_chunking_is_exact():
     torch.testing.assert_close(one, many, atol=1e-13, rtol=0)
 
 
-def test_broadcast_mask_and_per_head_masks():
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_broadcast_mask_and_per_head_masks(backend):
     q, k, v = random_inputs(2, 3, 200, 200, 32, torch.float64)
     shared = random_block_mask(1, 1, 4, 4, seed=3)
-    out = block_sparse_attention(q, k, v, shared, block_size=64, backend="reference")
-    full = block_sparse_attention(q, k, v, shared.expand(2, 3, 4, 4), block_size=64, backend="reference")
+    out = block_sparse_attention(q, k, v, shared, block_size=64, backend=backend)
+    full = block_sparse_attention(q, k, v, shared.expand(2, 3, 4, 4), block_size=64, backend=backend)
     torch.testing.assert_close(out, full, atol=0, rtol=0)
     per_head = random_block_mask(1, 3, 4, 4, seed=4)
     assert not torch.equal(per_head[0, 0], per_head[0, 1])
-    out = block_sparse_attention(q, k, v, per_head, block_size=64, backend="reference")
+    out = block_sparse_attention(q, k, v, per_head, block_size=64, backend=backend)
     expected = dense_masked_attention(q, k, v, token_mask_from_blocks(per_head, 64, 200, 200))
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
@@ -107,16 +122,18 @@ def test_keep_all_equals_sdpa(d):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=2e-5)
 
 
-def test_custom_scale():
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_custom_scale(backend):
     q, k, v = random_inputs(1, 2, 200, 200, 64, torch.float64)
     mask = random_block_mask(1, 2, 4, 4, p=0.6)
-    out = block_sparse_attention(q, k, v, mask, block_size=64, scale=0.3, backend="reference")
+    out = block_sparse_attention(q, k, v, mask, block_size=64, scale=0.3, backend=backend)
     expected = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, 64, 200, 200), scale=0.3)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_global", [4, 7])
-def test_global_tokens_equal_dense_over_concatenation(n_global):
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_global_tokens_equal_dense_over_concatenation(backend, n_global):
     q, k, v = random_inputs(1, 2, 333, 333, 64, torch.float64)
     g = torch.Generator().manual_seed(5)
     gk = torch.randn(1, 2, n_global, 64, generator=g, dtype=torch.float64)
@@ -125,18 +142,19 @@ def test_global_tokens_equal_dense_over_concatenation(n_global):
     mask = random_block_mask(1, 2, 6, 6, p=0.3)
     mask[0, 1, 2] = False  # a row that only sees the global tokens
     out = block_sparse_attention(
-        q, k, v, mask, block_size=64, backend="reference", global_k=gk, global_v=gv, global_bias=bias
+        q, k, v, mask, block_size=64, backend=backend, global_k=gk, global_v=gv, global_bias=bias
     )
     expected = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, 64, 333, 333), gk, gv, bias)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     # Without bias = bias 0.
-    out0 = block_sparse_attention(q, k, v, mask, block_size=64, backend="reference", global_k=gk, global_v=gv)
+    out0 = block_sparse_attention(q, k, v, mask, block_size=64, backend=backend, global_k=gk, global_v=gv)
     expected0 = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, 64, 333, 333), gk, gv, None)
     torch.testing.assert_close(out0, expected0, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_reference_gradients_match_dense(dtype):
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_reference_gradients_match_dense(backend, dtype):
     q, k, v = random_inputs(2, 2, 200, 150, 64, dtype)
     g = torch.Generator().manual_seed(7)
     gk, gv = (torch.randn(2, 2, 5, 64, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
@@ -146,7 +164,7 @@ def test_reference_gradients_match_dense(dtype):
     grad_out = torch.randn(2, 2, 200, 64, generator=g, dtype=torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, gk, gv)]
     out = block_sparse_attention(
-        *leaves[:3], mask, block_size=64, backend="reference", global_k=leaves[3], global_v=leaves[4], global_bias=bias
+        *leaves[:3], mask, block_size=64, backend=backend, global_k=leaves[3], global_v=leaves[4], global_bias=bias
     )
     (out.double() * grad_out).sum().backward()
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, gk, gv)]
@@ -191,10 +209,12 @@ def test_invalid_inputs_raise():
         block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), block_size=64, backend="nope")
 
 
-def test_auto_is_reference_on_cpu():
+def test_auto_on_cpu_is_gather_eagerly_and_reference_when_compiling(monkeypatch):
     from blade.attention import resolve_backend
 
     q, _, _ = random_inputs(1, 1, 64, 64, 64)
+    assert resolve_backend("auto", q, 128) == "gather"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert resolve_backend("auto", q, 128) == "reference"
 
 

@@ -1,8 +1,10 @@
 """``block_sparse_attention``: one semantics, several kernels.
 
-Backends: ``reference`` (plain torch, any dtype/device: the ground truth), ``flex`` (compiled FlexAttention),
-``triton`` (our Triton kernel, Hopper fast path), ``bsa`` (mit-han-lab Block-Sparse-Attention, if built) and
-``auto`` (reference on CPU; on CUDA triton when it supports the inputs, else flex).
+Backends: ``reference`` (plain torch, any dtype/device: the ground truth), ``gather`` (plain torch over packed kept
+key blocks: work ~ the kept fraction; the CPU path), ``flex`` (compiled FlexAttention), ``triton`` (our Triton kernel,
+Hopper fast path), ``bsa`` (mit-han-lab Block-Sparse-Attention, if built) and ``auto`` (on CPU gather, or reference
+under ``torch.compile``, whose graphs cannot take gather's mask-sized shapes; on CUDA triton when it supports the
+inputs, else flex).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import torch
 
 from .bsa import bsa_block_sparse_attention
 from .flex import flex_block_sparse_attention
+from .gather import gather_block_sparse_attention
 from .reference import reference_block_sparse_attention
 
-BACKENDS = ("auto", "reference", "flex", "triton", "bsa")
+BACKENDS = ("auto", "reference", "gather", "flex", "triton", "bsa")
 
 __all__ = ["BACKENDS", "block_sparse_attention", "resolve_backend"]
 
@@ -55,7 +58,7 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
     if backend != "auto":
         return backend
     if not q.is_cuda:
-        return "reference"
+        return "reference" if torch.compiler.is_compiling() else "gather"
     return "triton" if _triton_supports(q, block_size) else "flex"
 
 
@@ -106,7 +109,7 @@ def block_sparse_attention(
         block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``, True = attend (size-1 dims broadcast).
         block_size: tokens per block (positive multiple of 16; fast backends may support fewer sizes).
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto" | "reference" | "flex" | "triton" | "bsa"``.
+        backend: ``"auto" | "reference" | "gather" | "flex" | "triton" | "bsa"``.
         global_k, global_v: optional ``[B, H, G, D]`` always-visible keys/values.
         global_bias: optional float ``[G]`` additive logit bias of the global tokens (None = 0).
     Returns:
@@ -120,6 +123,8 @@ def block_sparse_attention(
     name = resolve_backend(backend, q, block_size)
     if name == "reference":
         return reference_block_sparse_attention(q, k, v, block_mask, **kwargs)
+    if name == "gather":
+        return gather_block_sparse_attention(q, k, v, block_mask, **kwargs)
     if name == "flex":
         return flex_block_sparse_attention(q, k, v, block_mask, **kwargs)
     if name == "bsa":
