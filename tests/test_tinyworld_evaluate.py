@@ -67,3 +67,23 @@ def test_bad_prompt_is_rejected_with_the_word(tmp_path, tiny_tinyworld, capsys):
 def test_window_and_random_need_a_sparsity(tmp_path, tiny_tinyworld):
     code, _ = _run(tmp_path, tiny_tinyworld, "--attention", "window")
     assert code == 2
+
+
+def test_table3_script_shares_dense_references_without_changing_the_scores(tmp_path, tiny_tinyworld):
+    """benchmarks/tinyworld_table3.py renders each dense reference once; its scores equal the evaluation command's."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "tinyworld_table3.py"
+    spec = importlib.util.spec_from_file_location("tinyworld_table3", script)
+    table3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n")
+    table3.main(["--prompts", str(prompts), "--seeds", "0", "--sparsity", "0.75", "--steps", "2", "--guidance", "1.0",
+                 "--model", str(tiny_tinyworld), "--out_dir", str(tmp_path / "t3")])
+    for mode in ("window", "random"):
+        shared = json.loads((tmp_path / "t3" / f"table3_{mode}_0.75.json").read_text())
+        code, alone = _run(tmp_path, tiny_tinyworld, "--attention", mode, "--sparsity", "0.75", "--compare_dense")
+        assert code == 0
+        assert shared["psnr"] == pytest.approx(alone["psnr"]) and shared["ssim"] == pytest.approx(alone["ssim"])

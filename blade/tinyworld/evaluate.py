@@ -117,8 +117,13 @@ def evaluate(
     dense_steps: int = 0,
     compare_dense: bool = False,
     save_videos: str | None = None,
+    dense_cache: dict | None = None,
 ) -> dict[str, Any]:
-    """Generate every (prompt, seed) video and score it; returns the report (see the module docstring)."""
+    """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
+
+    ``dense_cache``: with ``compare_dense``, a dict that keeps the dense reference videos between calls (keyed by
+    model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
+    """
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = api.load_blade_lora(pipe, lora, asa=False) if lora else None
@@ -139,11 +144,13 @@ def evaluate(
         videos_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(p, s, seed) for p, s in prompts for seed in seeds]
 
-    dense_frames: dict[tuple[str, int], np.ndarray] = {}
+    dense_frames: dict[tuple, np.ndarray] = {} if dense_cache is None else dense_cache
     if compare_dense:
         configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=lora_config)
         for prompt, _, seed in tqdm(jobs, desc="dense reference"):
-            dense_frames[(prompt, seed)] = run(prompt, seed)[0]
+            key = (str(model), str(lora), prompt, seed, steps, guidance)
+            if key not in dense_frames:
+                dense_frames[key] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config)
 
     videos = []
@@ -162,8 +169,9 @@ def evaluate(
             "checks": score.get("checks", {}),
         }
         if compare_dense:
-            entry["psnr"] = min(metrics.psnr(frames, dense_frames[(prompt, seed)]), PSNR_CAP_DB)
-            entry["ssim"] = metrics.ssim(frames, dense_frames[(prompt, seed)])
+            reference = dense_frames[(str(model), str(lora), prompt, seed, steps, guidance)]
+            entry["psnr"] = min(metrics.psnr(frames, reference), PSNR_CAP_DB)
+            entry["ssim"] = metrics.ssim(frames, reference)
         if videos_dir:
             from blade.video import export_mp4
 
