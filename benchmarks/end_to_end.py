@@ -411,7 +411,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--no_compile", action="store_true", help="do not compile the transformer blocks")
     parser.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor)")
-    parser.add_argument("--compile_vae", action="store_true", help="also compile the VAE decoder (slow first call)")
+    parser.add_argument(
+        "--compile_vae", action="store_true", help="also compile the VAE decoder (experimental: recompiles on Wan)"
+    )
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
     parser.add_argument("--fuse_qkv", action="store_true", help="fuse the Q/K/V projections")
     parser.add_argument("--tiny", action="store_true", help="tiny random pipelines (CPU smoke test)")

@@ -156,6 +156,12 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         help="VAE decode dtype, with blade.speed's faster decode (default: the pipeline's dtype, stock decode)",
     )
     p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="store the VAE's 3D convolutions channels-last (NDHWC): faster Wan decode on Hopper, slower "
+        "CogVideoX decode (BENCHMARKS.md) (default: off)",
+    )
+    p.add_argument(
         "--output_dir", default="outputs", help="folder for the videos and their JSON sidecars (default: outputs)"
     )
     p.add_argument(
@@ -277,12 +283,14 @@ def _check_blade_config(config: dict[str, Any], lora_file: Path) -> None:
 
 
 def _check_speed_flags(args: argparse.Namespace) -> None:
-    if not (args.compile or args.vae_dtype):
+    if not (args.compile or args.vae_dtype or args.channels_last):
         return
     try:
         from blade.speed import speed_up_pipeline  # noqa: F401
     except ImportError as err:
-        raise CLIError(f"--compile / --vae_dtype need blade.speed, which cannot be imported: {err}") from None
+        raise CLIError(
+            f"--compile / --vae_dtype / --channels_last need blade.speed, which cannot be imported: {err}"
+        ) from None
 
 
 def _output_paths(output_dir: Path, prompts: list[str], overwrite: bool) -> list[tuple[Path, Path]]:
@@ -377,11 +385,13 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
     if job.attention == "asa":
         enable_asa(pipe, (job.blade_config or {}).get("asa"), dense_steps=job.dense_steps)
     speed_report = None
-    if args.compile or args.vae_dtype:
+    if args.compile or args.vae_dtype or args.channels_last:
         from blade.speed import speed_up_pipeline
 
         vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
-        speed_report = speed_up_pipeline(pipe, compile_transformer=args.compile, vae_dtype=vae_dtype)
+        speed_report = speed_up_pipeline(
+            pipe, compile_transformer=args.compile, vae_dtype=vae_dtype, channels_last=args.channels_last
+        )
     return pipe, speed_report
 
 

@@ -159,8 +159,9 @@ def conv3d_channels_last_(module: torch.nn.Module) -> int:
 
 
 def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
-    """`torch.compile` the VAE decoder module. The causal VAEs decode frame by frame with a feature cache, so expect
-    a long first call and a few recompilations (the first frame differs from the rest)."""
+    """`torch.compile` the VAE decoder module. Experimental, not offered by the inference scripts: the causal VAEs
+    decode frame by frame with a Python-list feature cache whose index changes every call, so dynamo keeps
+    recompiling; on an H200 (torch 2.11) it made the Wan BLADE run 100 s instead of 4.3 s (BENCHMARKS.md)."""
     vae.decoder.compile(**kwargs)
 
 
@@ -212,7 +213,7 @@ def speed_up_pipeline(
             the returned dict's `transformer_fullgraph` turns False, with the reason, if a graph break forced the
             fallback at the first call).
         vae_dtype: run the VAE in this dtype (e.g. bf16); the latents are cast to it before decoding.
-        compile_vae: `torch.compile` the VAE decoder (long first call).
+        compile_vae: `torch.compile` the VAE decoder (experimental: see `compile_vae_decoder`).
         channels_last: channels-last-3D memory format for the VAE's 5D convolution weights (cuDNN NDHWC kernels).
         cudnn_benchmark: let cuDNN autotune convolution algorithms (CUDA only; a no-op elsewhere).
         fuse_qkv: fuse the self-attention Q/K/V projections.

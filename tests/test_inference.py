@@ -297,15 +297,17 @@ def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monk
     out_dir = tmp_path / "out"
     argv = ["--model_path", str(assets["wan"]), "--prompt", "a dog", "--num_frames", "5", "--height", "32"]
     argv += ["--width", "32", "--steps", "2", "--output_dir", str(out_dir), "--vae_dtype", "bfloat16"]
+    argv += ["--channels_last"]
     assert wan_script.main(wan_script.SPEC, argv) == 0, capsys.readouterr().err
     (sidecar,) = _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3))
     assert sidecar["speed"]["vae_dtype"] == "bfloat16" and sidecar["speed"]["compile_transformer"] is False
+    assert sidecar["speed"]["vae_channels_last"] is True
     assert sidecar["attention"] == "dense" and sidecar["sparsity"] is None  # auto without a LoRA: dense
     assert sidecar["scheduler"] == "UniPCMultistepScheduler"
 
     monkeypatch.setitem(sys.modules, "blade.speed", None)  # as if blade/speed.py were absent: its import fails
     assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite", "--compile"]) == 2
-    assert "--compile / --vae_dtype need blade.speed" in capsys.readouterr().err
+    assert "--compile / --vae_dtype / --channels_last need blade.speed" in capsys.readouterr().err
     assert _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3)) == [sidecar]  # untouched
 
 
