@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from blade.collectives import collective_in_place
 from blade.distill import lora
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
@@ -290,12 +291,7 @@ def init_adapters(accelerator, transformer: torch.nn.Module, args) -> None:
         from accelerate.utils import broadcast
 
         params = lora.adapter_parameters(transformer, lora.STUDENT) + lora.adapter_parameters(transformer, lora.FAKE)
-        flat = broadcast(torch.cat([p.detach().reshape(-1) for p in params]), from_process=0)
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        collective_in_place(params, lambda flat: broadcast(flat, from_process=0))
 
 
 def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -322,13 +318,7 @@ def sync_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
     if accelerator.num_processes == 1:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
+    collective_in_place([p.grad for p in params], lambda flat: accelerator.reduce(flat, reduction="mean"))
 
 
 def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float = 1.0) -> float:

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from blade.collectives import collective_in_place
 from blade.tinyworld import metrics, world
 from blade.tinyworld import model as tw
 
@@ -343,14 +344,15 @@ class Processes:
         """Replace every gradient by its mean over the processes (a parameter without a gradient counts as zero)."""
         if self.world == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective for the whole model
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
-            offset += g.numel()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+        def mean(flat: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(flat)
+            return flat.div_(self.world)
+
+        collective_in_place([p.grad for p in params], mean, dtype=torch.float32)  # one collective for the model
 
     def broadcast_parameters(self, modules: dict[str, torch.nn.Module]) -> None:
         """Start every process from process 0's weights."""
