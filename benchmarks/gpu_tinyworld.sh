@@ -27,8 +27,8 @@ OUT=${OUT:-out}
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/tinyworld/eval_prompts.txt}
 mkdir -p "$RUN" "$OUT"
 export PYTHONUNBUFFERED=1
-# Several jobs share the host in the multi-GPU stages; torch's default of one CPU thread per core for each made the
-# CPU-side evaluation code (rendering, metrics) of 4 side-by-side evaluations 10x slower on a 64-core host.
+# Several jobs share the host in the multi-GPU stages, each with torch's default of one CPU thread per core: four
+# side-by-side evaluations on a 64-core host ran ~10x slower than one alone (most likely this oversubscription).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 NPROC=${NPROC:-$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")}
 
