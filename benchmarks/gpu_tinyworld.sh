@@ -13,6 +13,9 @@
 #                                                       # Table 1 / Table 3 runs on GPUs 2/3, then `tdm_2gpu 40` on
 #                                                       # GPUs 2-3 and the students' Table 1 rows on GPUs 0/1
 #   bash benchmarks/gpu_tinyworld.sh tdm_2gpu STEPS     # the wanx launch script on 2 GPUs (accelerate, DDP)
+#   bash benchmarks/gpu_tinyworld.sh student MINUTES    # the ASA student through the launch script on NPROC GPUs
+#                                                       # (data-parallel, batch 16 per GPU, resumes RUN/asa_dp),
+#                                                       # then its Table 1 row on GPU 0
 #   bash benchmarks/gpu_tinyworld.sh pack               # RUN -> OUT/run.tgz.part-* (<= 15 MB each)
 #
 # NPROC (default: every visible GPU) processes train the VAE and the teacher data-parallel (torchrun). RUN (default
@@ -135,6 +138,13 @@ case "$STAGE" in
     CUDA_VISIBLE_DEVICES=1 table1_student asa > "$OUT/eval_table1_asa.log" 2>&1
     wait ;;
   tdm_2gpu) tdm_2gpu "$MINUTES" ;;
+  student)
+    [ -d "$RUN/prompts" ] || prompt_cache
+    MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/asa_dp" NUM_GPUS="$NPROC" \
+      bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
+      --learning_rate_fake 2e-4 --max_train_steps 100000 --checkpointing_steps 100 --validation_steps 0 \
+      --max_train_minutes "$MINUTES" 2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee -a "$OUT/tdm_asa_dp.log"
+    CUDA_VISIBLE_DEVICES=0 table1_student asa_dp > "$OUT/eval_table1_asa_dp.log" 2>&1 ;;
   pack)  # without optimizer-sized checkpoints, which do not fit the transfer limits
     tar czf - --exclude='ckpt_*.pt' --exclude='checkpoint-*' --exclude='prompts' -C "$(dirname "$RUN")" \
       "$(basename "$RUN")" | split -b 15M - "$OUT/run.tgz.part-" ;;
