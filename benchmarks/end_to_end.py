@@ -240,6 +240,12 @@ def _jsonable(value):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def compile_kwargs(args) -> dict[str, Any] | None:
+    """`torch.compile` options of the student arms from `--compile_backend` / `--compile_mode` (None: defaults)."""
+    kwargs = {name: value for name, value in (("backend", args.compile_backend), ("mode", args.compile_mode)) if value}
+    return kwargs or None
+
+
 def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, args) -> dict[str, Any]:
     device = factory.device
     result: dict[str, Any] = {"arm": arm, "family": family}
@@ -274,7 +280,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             channels_last=args.channels_last,
             cudnn_benchmark=True,
             fuse_qkv=args.fuse_qkv,
-            compile_kwargs={"backend": args.compile_backend} if args.compile_backend else None,
+            compile_kwargs=compile_kwargs(args),
         )
     timer = StageTimer(pipe, device)
     try:
@@ -411,6 +417,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_rank", type=int, default=64)
     parser.add_argument("--no_compile", action="store_true", help="do not compile the transformer blocks")
     parser.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor)")
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        help="torch.compile mode of the blocks, e.g. 'reduce-overhead' (CUDA graphs: removes per-kernel launch cost)",
+    )
     parser.add_argument(
         "--compile_vae", action="store_true", help="also compile the VAE decoder (experimental: recompiles on Wan)"
     )

@@ -159,3 +159,10 @@ def test_extrapolation_scales_only_the_denoising_stage():
     out = module._extrapolate(stages, measured_steps=5, steps=50)
     assert out["denoising_s"] == pytest.approx(50.0) and out["total_s"] == pytest.approx(54.5)
     assert out["vae_decode_s"] == 3.0 and module._extrapolate(stages, 50, 50) == stages
+
+
+def test_end_to_end_compile_options_reach_torch_compile():
+    module = _benchmark_module()
+    assert module.compile_kwargs(module.parse_args([])) is None
+    args = module.parse_args(["--compile_backend", "aot_eager", "--compile_mode", "reduce-overhead"])
+    assert module.compile_kwargs(args) == {"backend": "aot_eager", "mode": "reduce-overhead"}
