@@ -15,8 +15,8 @@ over the sampled keys suffices:
 
 The row normalisation is one torch op on the small ``[B, H, Nq, Nk]`` result.
 
-The launches run inside the opaque custom op ``blade::prober_block_importance`` (its fake implementation gives the
-``[B, H, Nq, Nk]`` shape), so ``torch.compile`` keeps a model that calls the prober in one graph.
+The prober calls the launches through its opaque custom op ``blade::prober_importance`` (``attention/prober.py``),
+so ``torch.compile`` keeps a model that calls the prober in one graph.
 """
 
 from __future__ import annotations
@@ -206,13 +206,13 @@ def sampled_block_importance(
     """
     if not supports(q, samples):
         raise ValueError(f"fused prober does not support {q.dtype} {tuple(q.shape)} on {q.device} with s={samples}")
-    return torch.ops.blade.prober_block_importance(q, k, q_positions, k_positions, samples)
+    return _block_importance(q, k, q_positions, k_positions, samples)
 
 
 def _block_importance(
     q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, samples: int
 ) -> torch.Tensor:
-    """`sampled_block_importance` itself (eager code: the two launches and the row normalisation)."""
+    """`sampled_block_importance` without the input check (the two launches and the row normalisation)."""
     batch, heads, _, head_dim = q.shape
     n_qs, n_ks = q_positions.shape[-1], k_positions.shape[-1]
     n_q_blocks, n_k_blocks = n_qs // samples, n_ks // samples
@@ -247,22 +247,3 @@ def _block_importance(
         g, m, l_sum, importance, n_q_blocks, n_k_blocks, SAMPLES=samples, QB=qb, BLOCK_K=block_k
     )
     return importance / importance.sum(dim=-1, keepdim=True)
-
-
-def _register_ops() -> None:
-    @torch.library.custom_op("blade::prober_block_importance", mutates_args=())
-    def block_importance(
-        q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor, samples: int
-    ) -> torch.Tensor:
-        return _block_importance(q, k, q_positions, k_positions, samples)
-
-    @block_importance.register_fake
-    def _(q, k, q_positions, k_positions, samples):
-        shape = (*q.shape[:2], q_positions.shape[-1] // samples, k_positions.shape[-1] // samples)
-        return q.new_empty(shape, dtype=torch.float32)
-
-
-# Registered once per process: a re-import (importlib.reload in the tests) re-executes this file in the same module
-# namespace, so the registered implementation already calls the reloaded helpers.
-if not hasattr(torch.ops.blade, "prober_block_importance"):
-    _register_ops()
