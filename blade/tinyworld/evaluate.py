@@ -145,12 +145,15 @@ def evaluate(
     jobs = [(p, s, seed) for p, s in prompts for seed in seeds]
 
     dense_frames: dict[tuple, np.ndarray] = {} if dense_cache is None else dense_cache
+
+    def dense_key(prompt: str, seed: int) -> tuple:
+        return str(model), str(lora), prompt, seed, steps, guidance
+
     if compare_dense:
         configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=lora_config)
         for prompt, _, seed in tqdm(jobs, desc="dense reference"):
-            key = (str(model), str(lora), prompt, seed, steps, guidance)
-            if key not in dense_frames:
-                dense_frames[key] = run(prompt, seed)[0]
+            if dense_key(prompt, seed) not in dense_frames:
+                dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config)
 
     videos = []
@@ -169,7 +172,7 @@ def evaluate(
             "checks": score.get("checks", {}),
         }
         if compare_dense:
-            reference = dense_frames[(str(model), str(lora), prompt, seed, steps, guidance)]
+            reference = dense_frames[dense_key(prompt, seed)]
             entry["psnr"] = min(metrics.psnr(frames, reference), PSNR_CAP_DB)
             entry["ssim"] = metrics.ssim(frames, reference)
         if videos_dir:

@@ -328,10 +328,6 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every process when `flag` is true on at least one (keeps the processes' loops in step)."""
-        return self.min(0.0 if flag else 1.0, device) == 0.0
-
     def min(self, value: float, device: torch.device) -> float:
         """The smallest `value` over the processes (float64: seconds-sized values keep their precision)."""
         if self.world == 1:
