@@ -75,13 +75,9 @@ table1_student() {  # $1 = asa | dense
 }
 
 table3() {  # training-free, on the teacher: ASA vs window vs random blocks at equal sparsity, against dense
-  head -13 "$EVAL_PROMPTS" > "$RUN/table3_prompts.txt"  # comment line + 12 prompts
-  for sparsity in 0.5 0.75; do
-    for mode in asa window random; do
-      evaluate --prompts "$RUN/table3_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention "$mode" \
-        --sparsity "$sparsity" --compare_dense --out "$OUT/table3_${mode}_${sparsity}.json"
-    done
-  done
+  # (one process: each dense reference video is rendered once for all modes)
+  python3 benchmarks/tinyworld_table3.py --prompts "$EVAL_PROMPTS" --max_prompts 12 --seeds 1000 \
+    --sparsity 0.5 0.75 --steps 50 --guidance 5.0 --model "$RUN/pipeline" --device cuda --out_dir "$OUT"
 }
 
 tdm_2gpu() {  # $1 = steps; the user-facing launch script, unchanged, on 2 GPUs (step time and memory)
