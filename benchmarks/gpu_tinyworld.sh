@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_tinyworld.sh vae MINUTES        # VAE (warm-starts from RUN/pipeline when it exists)
 #   bash benchmarks/gpu_tinyworld.sh teacher MINUTES    # teacher (warm-starts from RUN/pipeline)
+#   bash benchmarks/gpu_tinyworld.sh step               # time a teacher step by part, eager vs compiled (~1 min)
 #   bash benchmarks/gpu_tinyworld.sh quick              # teacher on 6 held-out prompts (a progress check, ~1 min)
 #   bash benchmarks/gpu_tinyworld.sh prompts            # the TDM prompt cache of the training prompts (seconds)
 #   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
@@ -21,7 +22,8 @@
 # NPROC (default: every visible GPU) processes train the VAE and the teacher data-parallel (torchrun). RUN (default
 # runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the logs, the
 # reports and, with `pack`, RUN without optimizer-sized checkpoints (cat parts | tar xzf - to unpack).
-# COOLDOWN=M (vae, teacher) decays the learning rate to a tenth over the stage's last M minutes.
+# COOLDOWN=M (vae, teacher) decays the learning rate to a tenth over the stage's last M minutes. TWO_SHARE=P (teacher)
+# trains on a share P of two-object scenes (default 0.5); COMPILE=1 (teacher) compiles the transformer.
 set -euo pipefail
 STAGE=${1:?stage: vae | teacher | distill | eval}
 MINUTES=${2:-4}
@@ -94,7 +96,10 @@ case "$STAGE" in
       | tee -a "$OUT/vae.log" ;;
   teacher)
     train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 --cooldown-minutes "${COOLDOWN:-0}" \
-      2>&1 | tee -a "$OUT/teacher.log" ;;
+      --two-object-share "${TWO_SHARE:-0.5}" ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
+  step)  # where a teacher step's time goes, eager vs compiled (RUN/step.json's "faster" can set COMPILE)
+    python3 benchmarks/tinyworld_step.py --device cuda --profile --out "$RUN/step.json" 2>&1 | tee "$OUT/step.log"
+    cp "$RUN/step.json" "$OUT/" ;;
   quick)
     head -7 "$EVAL_PROMPTS" > "$RUN/quick_prompts.txt"  # comment line + 6 prompts
     evaluate --prompts "$RUN/quick_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention dense \

@@ -13,7 +13,7 @@ import torch
 
 from blade.tinyworld import model as tw
 from blade.tinyworld import train
-from blade.tinyworld.world import all_words
+from blade.tinyworld.world import all_words, parse_prompt
 
 PROMPT = "a small red circle moves left and a large blue square stays still on a gray background"
 
@@ -80,6 +80,20 @@ def test_flow_sigma_distribution():
     assert 0 < s.min() and s.max() < 1
     assert abs(s.median().item() - 0.75) < 0.01
     assert (s > 0.5).float().mean() > 0.75  # mass at mid/high noise
+
+
+@pytest.mark.parametrize("share, expected", [(0.0, 1), (1.0, 2)])
+def test_two_object_share_sets_the_object_count(share, expected):
+    rng = np.random.default_rng(0)
+    _, prompts = train.sample_videos(rng, 6, train.TOY_VIDEO, torch.device("cpu"), two_object_share=share)
+    assert [len(parse_prompt(p).objects) for p in prompts] == [expected] * 6
+
+
+def test_two_object_share_mixes_at_the_requested_rate():
+    rng = np.random.default_rng(1)
+    _, prompts = train.sample_videos(rng, 200, {**train.TOY_VIDEO, "num_frames": 1}, torch.device("cpu"), 0.8)
+    share = sum(" and " in p for p in prompts) / 200
+    assert abs(share - 0.8) < 0.08
 
 
 def test_latent_stats_normalize():

@@ -84,13 +84,16 @@ def stage_setup(toy: bool) -> StageSetup:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sample_videos(rng: np.random.Generator, batch: int, video: dict, device: torch.device) -> tuple[torch.Tensor, list]:
-    """Fresh random scenes and seeds, rendered on `device`.
+def sample_videos(
+    rng: np.random.Generator, batch: int, video: dict, device: torch.device, two_object_share: float = 0.5
+) -> tuple[torch.Tensor, list]:
+    """Fresh random scenes and seeds, rendered on `device`; a `two_object_share` of the scenes hold two objects.
 
     Returns:
         videos [B, 3, F, H, W] in [-1, 1] (the VAE's layout and range) and the B prompts.
     """
-    scenes = [world.sample_scene(rng) for _ in range(batch)]
+    counts = np.where(rng.random(batch) < two_object_share, 2, 1)
+    scenes = [world.sample_scene(rng, num_objects=int(n)) for n in counts]
     seeds = rng.integers(0, 2**31 - 1, size=batch).tolist()
     frames = world.render(scenes, seeds, device=device, **video)  # [B, F, 3, H, W] in [0, 1]
     return to_vae_input(frames), [s.prompt for s in scenes]
@@ -639,12 +642,12 @@ def train_teacher(
         procs,
         f"[teacher] transformer {tw.parameter_count(transformer) / 1e6:.2f}M, text encoder "
         f"{tw.parameter_count(text_encoder) / 1e6:.2f}M params, batch {batch} per process x {procs.world} "
-        f"process(es), latent reuse {reuse}, device {device}",
+        f"process(es), latent reuse {reuse}, two-object share {args.two_object_share}, device {device}",
     )
 
     def encode_fresh(n: int) -> tuple[torch.Tensor, list[str]]:
         with torch.no_grad(), autocast(device):
-            x, prompts = sample_videos(np_rng, n, setup.video, device)
+            x, prompts = sample_videos(np_rng, n, setup.video, device, args.two_object_share)
             return normalize_latents(vae.encode(x).latent_dist.mean.float(), vae), prompts
 
     def next_batch() -> tuple[torch.Tensor, list[str]]:
@@ -754,6 +757,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decay the learning rate linearly to a tenth over this run's last MINUTES (0: constant)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--two-object-share", type=float, default=0.5,
+                   help="teacher: fraction of training scenes with two objects (attribute binding is learned there)")
     p.add_argument("--latent-reuse", type=int, default=1,
                    help="teacher: each encoded clip serves about this many steps from a GPU pool (1 = always fresh)")
     p.add_argument("--pool-batches", type=int, default=64, help="teacher: pool capacity in batches (--latent-reuse)")
@@ -763,7 +768,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.two_object_share <= 1.0:
+        p.error(f"--two-object-share must be in [0, 1], got {args.two_object_share}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
