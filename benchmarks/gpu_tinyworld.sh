@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_tinyworld.sh student MINUTES    # the ASA student through the launch script on NPROC GPUs
 #                                                       # (data-parallel, batch 16 per GPU, resumes RUN/asa_dp),
 #                                                       # then its Table 1 row on GPU 0
+#   bash benchmarks/gpu_tinyworld.sh table3_only        # Table 3 alone (ASA vs window vs random at 0.5 and 0.75)
 #   bash benchmarks/gpu_tinyworld.sh pack               # RUN -> OUT/run.tgz.part-* (<= 15 MB each)
 #
 # NPROC (default: every visible GPU) processes train the VAE and the teacher data-parallel (torchrun). RUN (default
@@ -138,6 +139,7 @@ case "$STAGE" in
     CUDA_VISIBLE_DEVICES=0 table1_student dense > "$OUT/eval_table1_dense.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 table1_student asa > "$OUT/eval_table1_asa.log" 2>&1
     wait ;;
+  table3_only) table3 ;;
   tdm_2gpu) tdm_2gpu "$MINUTES" ;;
   student)
     [ -d "$RUN/prompts" ] || prompt_cache
