@@ -24,7 +24,8 @@
 # runs/tw) is carried between calls; OUT (the device tool's output folder, default ./out) receives the logs, the
 # reports and, with `pack`, RUN without optimizer-sized checkpoints (cat parts | tar xzf - to unpack).
 # COOLDOWN=M (vae, teacher) decays the learning rate to a tenth over the stage's last M minutes. TWO_SHARE=P (teacher)
-# trains on a share P of two-object scenes (default 0.5); COMPILE=1 (teacher) compiles the transformer.
+# trains on a share P of two-object scenes (default 0.5); COMPILE=1 (teacher) compiles the transformer; REUSE=R
+# (teacher) serves each encoded clip about R steps (default 4).
 set -euo pipefail
 STAGE=${1:?stage: vae | teacher | distill | eval}
 MINUTES=${2:-4}
@@ -96,8 +97,8 @@ case "$STAGE" in
       --cooldown-minutes "${COOLDOWN:-0}" 2>&1 \
       | tee -a "$OUT/vae.log" ;;
   teacher)
-    train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse 4 --cooldown-minutes "${COOLDOWN:-0}" \
-      --two-object-share "${TWO_SHARE:-0.5}" ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
+    train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse "${REUSE:-4}" \
+      --cooldown-minutes "${COOLDOWN:-0}" --two-object-share "${TWO_SHARE:-0.5}" ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
   step)  # where a teacher step's time goes, eager vs compiled (RUN/step.json's "faster" can set COMPILE)
     python3 benchmarks/tinyworld_step.py --device cuda --profile --out "$RUN/step.json" 2>&1 | tee "$OUT/step.log"
     cp "$RUN/step.json" "$OUT/" ;;

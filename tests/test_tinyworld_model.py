@@ -89,6 +89,12 @@ def test_two_object_share_sets_the_object_count(share, expected):
     assert [len(parse_prompt(p).objects) for p in prompts] == [expected] * 6
 
 
+def test_two_object_share_outside_0_1_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["teacher", "--out", "x", "--two-object-share", "1.5"])
+    assert "--two-object-share must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_two_object_share_mixes_at_the_requested_rate():
     rng = np.random.default_rng(1)
     _, prompts = train.sample_videos(rng, 200, {**train.TOY_VIDEO, "num_frames": 1}, torch.device("cpu"), 0.8)
