@@ -25,7 +25,7 @@
 # reports and, with `pack`, RUN without optimizer-sized checkpoints (cat parts | tar xzf - to unpack).
 # COOLDOWN=M (vae, teacher) decays the learning rate to a tenth over the stage's last M minutes. TWO_SHARE=P (teacher)
 # trains on a share P of two-object scenes (default 0.5); COMPILE=1 (teacher) compiles the transformer; REUSE=R
-# (teacher) serves each encoded clip about R steps (default 4).
+# (teacher) serves each encoded clip about R steps (default 4); LR (teacher) is its peak learning rate (default 3e-4).
 set -euo pipefail
 STAGE=${1:?stage: vae | teacher | distill | eval}
 MINUTES=${2:-4}
@@ -98,7 +98,8 @@ case "$STAGE" in
       | tee -a "$OUT/vae.log" ;;
   teacher)
     train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse "${REUSE:-4}" \
-      --cooldown-minutes "${COOLDOWN:-0}" --two-object-share "${TWO_SHARE:-0.5}" ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
+      --cooldown-minutes "${COOLDOWN:-0}" --two-object-share "${TWO_SHARE:-0.5}" --lr "${LR:-3e-4}" \
+      ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
   step)  # where a teacher step's time goes, eager vs compiled (RUN/step.json's "faster" can set COMPILE)
     python3 benchmarks/tinyworld_step.py --device cuda --profile --out "$RUN/step.json" 2>&1 | tee "$OUT/step.log"
     cp "$RUN/step.json" "$OUT/" ;;
