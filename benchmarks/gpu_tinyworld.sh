@@ -100,9 +100,8 @@ case "$STAGE" in
     train_tw teacher --out "$RUN" --minutes "$MINUTES" --resume --latent-reuse "${REUSE:-4}" \
       --cooldown-minutes "${COOLDOWN:-0}" --two-object-share "${TWO_SHARE:-0.5}" --lr "${LR:-3e-4}" \
       ${COMPILE:+--compile} 2>&1 | tee -a "$OUT/teacher.log" ;;
-  step)  # where a teacher step's time goes, eager vs compiled (RUN/step.json's "faster" can set COMPILE)
-    python3 benchmarks/tinyworld_step.py --device cuda --profile --out "$RUN/step.json" 2>&1 | tee "$OUT/step.log"
-    cp "$RUN/step.json" "$OUT/" ;;
+  step)  # where a teacher step's time goes, eager vs compiled (OUT/step.json's "faster": whether to set COMPILE)
+    python3 benchmarks/tinyworld_step.py --device cuda --profile --out "$OUT/step.json" 2>&1 | tee "$OUT/step.log" ;;
   quick)
     head -7 "$EVAL_PROMPTS" > "$RUN/quick_prompts.txt"  # comment line + 6 prompts
     evaluate --prompts "$RUN/quick_prompts.txt" --seeds 1000 --steps 50 --guidance 5.0 --attention dense \

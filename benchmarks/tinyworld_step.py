@@ -5,7 +5,8 @@
 Times, at the training sizes (`blade.tinyworld.train`'s defaults): rendering the fresh clips, encoding them with the
 VAE, and one optimizer step of the transformer + text encoder (forward, backward, AdamW) in bf16 autocast, first
 eager and then with `transformer.compile()` (what `--compile` does). Prints a markdown table and writes JSON whose
-`faster` names the quicker transformer mode, which `benchmarks/gpu_tinyworld.sh` reads to pick `--compile`.
+`faster` names the quicker transformer mode (when it says "compile", train with `--compile`, or `COMPILE=1` in
+`benchmarks/gpu_tinyworld.sh`).
 `--profile` adds the top GPU kernels of an eager step (torch.profiler). Weights are random: time does not depend on
 them. `--toy` runs the toy sizes (CPU smoke test).
 """
