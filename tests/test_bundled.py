@@ -39,11 +39,12 @@ def test_main_command_generates_a_playable_video(tmp_path):
 
 
 # Regression guard for the shipped BLADE student (not a timing): its adherence on the first held-out prompts must
-# stay above a floor set well below what it measured (BENCHMARKS.md, TinyWorld Table 1: these 4 videos scored
-# 1.0, 0.27, 0.09 and 0.09 on CPU, mean 0.36). The floor sits above what blank videos would score on these prompts
-# (only the background right: ~0.11), so a student that draws nothing fails.
+# stay above a floor set well below what it measured (BENCHMARKS.md, TinyWorld Table 1, run 6's student: these 4
+# videos scored 1.0, 0.55, 0.36 and 0.45 on CPU, mean 0.59; a CPU with other vector units may round differently
+# and draw other videos, hence the margin). The floor sits well above what blank videos would score on these
+# prompts (only the background right: ~0.11), so a student that draws nothing fails.
 STUDENT_PROMPTS = 4
-ADHERENCE_FLOOR = 0.2
+ADHERENCE_FLOOR = 0.3
 
 
 @pytest.mark.slow
