@@ -84,11 +84,15 @@ table3() {  # training-free, on the teacher: ASA vs window vs random blocks at e
     --sparsity 0.5 0.75 --steps 50 --guidance 5.0 --model "$RUN/pipeline" --device cuda --out_dir "$OUT"
 }
 
-tdm_2gpu() {  # $1 = steps; the user-facing launch script, unchanged, on 2 GPUs (step time and memory)
-  MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/tdm_2gpu" NUM_GPUS=2 \
+launch_tdm() {  # $1 = output folder under RUN, $2 = GPUs, then extra flags: the user-facing launch script, unchanged
+  local name=$1 gpus=$2; shift 2
+  MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/$name" NUM_GPUS="$gpus" \
     bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
-    --learning_rate_fake 2e-4 --max_train_steps "$1" --checkpointing_steps "$1" --validation_steps 0 \
-    2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_2gpu.log"
+    --learning_rate_fake 2e-4 --validation_steps 0 "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s]$"
+}
+
+tdm_2gpu() {  # $1 = steps; the launch script on 2 GPUs (step time and memory)
+  launch_tdm tdm_2gpu 2 --max_train_steps "$1" --checkpointing_steps "$1" | tee "$OUT/tdm_2gpu.log"
 }
 
 case "$STAGE" in
@@ -144,10 +148,8 @@ case "$STAGE" in
   tdm_2gpu) tdm_2gpu "$MINUTES" ;;
   student)
     [ -d "$RUN/prompts" ] || prompt_cache
-    MODEL_PATH="$RUN/pipeline" PROMPT_DIR="$RUN/prompts" OUTPUT_DIR="$RUN/asa_dp" NUM_GPUS="$NPROC" \
-      bash wanx/train_wanx_tdm.sh --tinyworld --train_batch_size 16 --gradient_accumulation_steps 1 \
-      --learning_rate_fake 2e-4 --max_train_steps 100000 --checkpointing_steps 100 --validation_steps 0 \
-      --max_train_minutes "$MINUTES" 2>&1 | tr '\r' '\n' | grep -v "it/s]$" | tee -a "$OUT/tdm_asa_dp.log"
+    launch_tdm asa_dp "$NPROC" --max_train_steps 100000 --checkpointing_steps 100 --max_train_minutes "$MINUTES" \
+      | tee -a "$OUT/tdm_asa_dp.log"
     CUDA_VISIBLE_DEVICES=0 table1_student asa_dp > "$OUT/eval_table1_asa_dp.log" 2>&1 ;;
   pack)  # without optimizer-sized checkpoints, which do not fit the transfer limits
     tar czf - --exclude='ckpt_*.pt' --exclude='checkpoint-*' --exclude='prompts' -C "$(dirname "$RUN")" \
