@@ -11,6 +11,7 @@ from blade.distill.schedule import (
     COGVIDEOX_5B_DDPM_CONFIG,
     FlowMatchingSchedule,
     VPredictionDDPMSchedule,
+    build_schedule,
     student_anchors,
     student_step,
 )
@@ -239,3 +240,23 @@ def test_inside_cogvideox_pipeline():
     assert torch.isfinite(out1).all()
     with pytest.raises(ValueError, match="distilled for 4 steps"):
         pipe(**kwargs, num_inference_steps=50, output_type="latent")
+
+
+@pytest.mark.parametrize("prediction_type", ["flow", "v_prediction"])
+def test_schedule_follows_the_device_of_its_timesteps(prediction_type):
+    """Coefficients, conversions and forward diffusion run on the timesteps' device (regression: the CogVideoX
+    trainer crashed at its first CUDA step indexing the CPU ``alphas_cumprod`` table with CUDA timesteps). The
+    meta device stands in for a second device: any CPU tensor met on the way raises."""
+    from blade.distill.tdm import forward_diffuse
+
+    schedule = build_schedule(prediction_type)
+    t = torch.tensor([10.5, 874.0], device="meta")
+    x = torch.empty(2, 3, 4, device="meta")
+    assert schedule.alpha(t).device.type == "meta" and schedule.sigma(t).device.type == "meta"
+    assert schedule.to_x0(x, x, t).device.type == "meta"
+    assert schedule.to_eps(x, x, t).device.type == "meta"
+    assert forward_diffuse(schedule, x, t * 0.5, t, x).device.type == "meta"
+    # The CPU result is unchanged by the per-device tables.
+    ref = build_schedule(prediction_type)
+    cpu_t = torch.tensor([10.5, 874.0])
+    torch.testing.assert_close(schedule.alpha(cpu_t), ref.alpha(cpu_t), rtol=0, atol=0)

@@ -159,6 +159,9 @@ class VPredictionDDPMSchedule(NoiseSchedule):
         if acp.numel() < 2:
             raise ValueError("alphas_cumprod needs at least two entries")
         self.alphas_cumprod = acp.clamp(0.0, 1.0)
+        # One copy of the table per device: timesteps arrive on the latents' device (CUDA in training), and
+        # indexing a CPU table with CUDA indices fails (the CogVideoX trainer's first-step crash).
+        self._tables: dict[torch.device, torch.Tensor] = {acp.device: self.alphas_cumprod}
 
     def __repr__(self) -> str:
         return f"VPredictionDDPMSchedule(num_train_timesteps={self.alphas_cumprod.numel()})"
@@ -177,12 +180,17 @@ class VPredictionDDPMSchedule(NoiseSchedule):
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._tables:
+            self._tables[device] = self.alphas_cumprod.to(device)
+        return self._tables[device]
+
     def _acp(self, t: TimestepLike) -> torch.Tensor:
         t = _as_float64(t).clamp(0.0, self.num_train_timesteps - 1)
         lo = t.floor().long()
         hi = torch.clamp(lo + 1, max=self.num_train_timesteps - 1)
         frac = t - lo.to(torch.float64)
-        table = self.alphas_cumprod
+        table = self._table_on(t.device)
         return table[lo] + frac * (table[hi] - table[lo])
 
     def alpha(self, t: TimestepLike) -> torch.Tensor:
