@@ -170,7 +170,11 @@ def segment_end(anchors: list[int], i: int) -> int:
 
 
 def sample_tau(t_mid: int, batch: int, tau_max: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer tau ~ U{t_mid+1, ..., tau_max} per sample, as float [B] (tau > t_mid: strictly noisier)."""
+    """Integer tau ~ U{t_mid+1, ..., tau_max} per sample, as float [B] (tau > t_mid: strictly noisier).
+
+    The TDM README's two noise modes are two values of `tau_max`: the released BLADE code's "to the top"
+    (``tau_max`` = 979 for every step) and "fully separate" (``tau_max`` = the step's own anchor ``t_i``).
+    """
     low = t_mid + 1
     if low > tau_max:
         raise ValueError(f"no tau in [{low}, {tau_max}]: tau_max must exceed the segment end {t_mid}")
@@ -275,6 +279,15 @@ class TDMConfig:
     huber_c: float | None = None  # None: the family's default from the latent size
     normalize_cap: float = 5.0
     fake_skip_threshold: float | None = None  # skip the fake step when its loss exceeds this (released Wan: 2.0)
+    tau_mode: str = "to_max"  # "to_max": tau in (t_mid, tau_max] (released BLADE); "segment": (t_mid, t_i] (TDM)
+    generator_loss: str = "huber"  # "huber": pseudo-Huber (released); "l2": squared error (DMD2)
+    normalize_generator: bool | None = None  # per-sample 1/mean|x0 - teacher| (None: the family's default)
+
+    def __post_init__(self) -> None:
+        if self.tau_mode not in ("to_max", "segment"):
+            raise ValueError(f"tau_mode must be 'to_max' or 'segment', got {self.tau_mode!r}")
+        if self.generator_loss not in ("huber", "l2"):
+            raise ValueError(f"generator_loss must be 'huber' or 'l2', got {self.generator_loss!r}")
 
 
 @dataclass
@@ -398,16 +411,25 @@ class TDMObjective:
         t_mid = None if draw.t_mid == 0 else self._times(draw.t_mid, batch, device)
         with torch.no_grad():
             x_mid, x0 = student_step(sched, out.detach(), x_ti, t_i, t_mid, self.config.eta, generator)
-            tau = sample_tau(draw.t_mid, batch, self.config.tau_max, tau_generator).to(device)
+            tau_max = self.config.tau_max if self.config.tau_mode == "to_max" else min(draw.t_i, self.config.tau_max)
+            tau = sample_tau(draw.t_mid, batch, tau_max, tau_generator).to(device)
             z = torch.randn(x_ti.shape, generator=generator, device=device, dtype=torch.float32)
             x_tau = forward_diffuse(sched, x_mid.float(), float(draw.t_mid), tau, z)
         return x0.float(), x_tau, tau
 
     # ---- losses ---------------------------------------------------------------------------------------------
 
-    def fake_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
+    def fake_loss(
+        self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator, diagnose: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         """Fake-score loss (grad flows into the "fake" adapter only). Call `backward` on it before any other forward
-        of the transformer (the fake adapter is left active for a gradient-checkpointed backward)."""
+        of the transformer (the fake adapter is left active for a gradient-checkpointed backward).
+
+        The batch is a fresh student rollout, so the loss before this update is the fake score's denoising error on
+        samples it has not trained on. With `diagnose`, the logs also hold the (conditional, dense) teacher's error
+        on the same noisy samples and targets, ``loss_teacher_dsm``: a fake that tracks the student denoises its
+        samples better than the teacher does (ratio < 1); a lagging fake does not.
+        """
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         with torch.no_grad():
             out = self.predict("student", x_ti, t_i, emb)
@@ -416,9 +438,13 @@ class TDMObjective:
         sched, space = self.family.schedule, self.family.fake_loss_space
         loss = fake_score_loss(sched, fake_out, x_tau, tau, x0, space)
         logs = {"loss_fake_dsm": loss.detach()}
-        if self.config.lambda_reg > 0:
+        teacher_out = None
+        if self.config.lambda_reg > 0 or diagnose:
             with torch.no_grad():
                 teacher_out = self.predict("teacher", x_tau, tau, emb)
+        if diagnose:
+            logs["loss_teacher_dsm"] = fake_score_loss(sched, teacher_out, x_tau, tau, x0, space).detach()
+        if self.config.lambda_reg > 0:
             x0_teacher = sched.to_x0(teacher_out, x_tau, tau)
             reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
             logs["loss_fake_reg"] = reg.detach()
@@ -438,12 +464,20 @@ class TDMObjective:
         with torch.no_grad():
             x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb), x_tau, tau)
         target = generator_target(x0, x0_teacher, x0_fake)
-        c = self.config.huber_c
-        if c is None:
-            c = default_huber_c(x0[0].numel(), self.family.huber_mode)
-        per_sample = pseudo_huber(x0, target, c)
-        if self.family.normalize_generator:
+        if self.config.generator_loss == "l2":
+            # DMD2: 0.5 * ||x0 - target||^2, whose gradient is the score difference itself (not its sign).
+            per_sample = 0.5 * (x0.float() - target.float()).pow(2).flatten(1).mean(1)
+        else:
+            c = self.config.huber_c
+            if c is None:
+                c = default_huber_c(x0[0].numel(), self.family.huber_mode)
+            per_sample = pseudo_huber(x0, target, c)
+        normalize = self.config.normalize_generator
+        if normalize is None:
+            normalize = self.family.normalize_generator
+        if normalize:
             per_sample = per_sample * teacher_gap_weight(x0, x0_teacher, self.config.normalize_cap)
         # The fake ran last: switch back, or a checkpointed backward recomputes the student with the fake adapter.
         self._activate("student")
-        return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean()}
+        score_gap = (x0_fake - x0_teacher).abs().mean()  # |fake - real| in x0 space: the size of the update signal
+        return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean(), "score_gap": score_gap}

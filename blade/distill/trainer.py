@@ -25,7 +25,8 @@ import pickle
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from blade.collectives import collective_in_place
 from blade.distill import lora
+from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
@@ -115,6 +117,42 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Skip the fake update when its loss exceeds this (released Wan code: 2.0; default off).")
     p.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (default: the family's rule).")
     p.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"], help="Logger.")
+    # Recipe options studied for issue 16 (BENCHMARKS.md, "Distillation study"); defaults keep the released recipe.
+    p.add_argument("--lr_scheduler", default="cosine_with_restarts",
+                   choices=["cosine_with_restarts", "cosine", "linear", "constant", "constant_with_warmup"],
+                   help="Student learning-rate schedule over --max_train_steps (released: one cosine cycle).")
+    p.add_argument("--lr_warmup_steps", type=int, default=5, help="Student learning-rate warm-up steps.")
+    p.add_argument("--fake_updates", type=int, default=1,
+                   help="Fake-score optimizer steps per generator step (DMD2's two-time-scale rule uses 5), each on "
+                   "a fresh step/tau draw of the same rollout; > 1 needs --gradient_accumulation_steps 1.")
+    p.add_argument("--tau_mode", default="to_max", choices=["to_max", "segment"],
+                   help="tau range of the fake/teacher scores: (t_mid, tau_max] (released BLADE) or the step's own "
+                   "segment (t_mid, t_i] (TDM's 'fully separate' mode).")
+    p.add_argument("--generator_loss", default="huber", choices=["huber", "l2"],
+                   help="Generator regression: pseudo-Huber (released; near L1 at these sizes) or squared error "
+                   "(DMD2), toward stopgrad(x0 + teacher_cfg - fake).")
+    p.add_argument("--normalize_generator", default="auto", choices=["auto", "on", "off"],
+                   help="Divide the generator loss per sample by mean|x0 - teacher_cfg| (DMD2; auto: the family's "
+                   "released choice, on for CogVideoX, off for Wan).")
+    p.add_argument("--ema_decay", type=float, default=0.0,
+                   help="EMA of the student LoRA (0 = off); the saved LoRA and the in-training evaluation use it.")
+    p.add_argument("--reflow_steps", type=int, default=0,
+                   help="First N optimizer steps regress the student onto the teacher's ODE solution from the same "
+                   "noise (data-free pairs from the prompt cache, sample with --eta 0); a number >= "
+                   "--max_train_steps gives the plain-distillation control.")
+    p.add_argument("--reflow_pairs", type=int, default=1024, help="(noise, teacher sample) pairs for --reflow_steps.")
+    p.add_argument("--reflow_teacher_steps", type=int, default=50,
+                   help="Steps of the teacher's own scheduler for the reflow pairs (with --cfg).")
+    p.add_argument("--fake_warmup_steps", type=int, default=0,
+                   help="Optimizer steps that train only the fake score (after any reflow phase), before TDM.")
+    p.add_argument("--diag_every", type=int, default=0,
+                   help="Every N steps also log the dense teacher's denoising error on the fake's batch (0 = off).")
+    p.add_argument("--eval_every", type=int, default=0,
+                   help="TinyWorld models: score the student's samples every N steps (adherence, fidelity) into "
+                   "output_dir/logs.jsonl (0 = off).")
+    p.add_argument("--eval_prompts", default=None,
+                   help="Grammar prompts for --eval_every (default: assets/tinyworld/eval_prompts.txt).")
+    p.add_argument("--eval_seeds", type=int, nargs="+", default=[1000], help="Seeds for --eval_every.")
     if family == "wan":
         p.add_argument("--shift", type=float, default=1.0,
                        help="Flow shift of the student's anchor schedule (1.0 = anchors uniform in sigma).")
@@ -145,6 +183,11 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
             setattr(args, key, defaults[key])
     if args.learning_rate_g is None:
         args.learning_rate_g = args.learning_rate
+    if args.fake_updates < 1:
+        raise SystemExit("error: --fake_updates must be >= 1")
+    if args.fake_updates > 1 and args.gradient_accumulation_steps != 1:
+        raise SystemExit("error: --fake_updates > 1 needs --gradient_accumulation_steps 1 (one fake optimizer step "
+                         "per fake batch)")
     if args.validation_steps is None:
         args.validation_steps = args.checkpointing_steps
     if args.prompt_dir is None:
@@ -380,7 +423,7 @@ def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, family, optimizers: dict,
-                    schedulers: dict, trainer_state: dict, generators: dict, config: dict) -> Path:
+                    schedulers: dict, trainer_state: dict, generators: dict, config: dict, ema=None) -> Path:
     """Write output_dir/checkpoint-`step` atomically (every rank writes its own RNG state)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -394,6 +437,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, famil
         save_lora_folder(tmp, family, transformer, config)
         fake = lora.adapter_state_dict(transformer, lora.FAKE)
         save_file({k: v.detach().float().cpu().contiguous() for k, v in fake.items()}, str(tmp / FAKE_WEIGHT_NAME))
+        if ema is not None:
+            ema.save(tmp)
         torch.save(
             {
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -513,10 +558,108 @@ def run_validation(pipe, objective: TDMObjective, cache: PromptEmbeddingCache, a
 def _make_schedulers(args, opt_g, opt_f):
     from diffusers.optimization import get_scheduler
 
-    sched_g = get_scheduler("cosine_with_restarts", optimizer=opt_g, num_warmup_steps=5,
-                            num_training_steps=args.max_train_steps, num_cycles=1)
+    # The student's schedule runs over its own updates: fake-only warm-up steps do not step it.
+    extra = {"num_cycles": 1} if args.lr_scheduler == "cosine_with_restarts" else {}
+    sched_g = get_scheduler(args.lr_scheduler, optimizer=opt_g, num_warmup_steps=args.lr_warmup_steps,
+                            num_training_steps=max(1, args.max_train_steps - args.fake_warmup_steps), **extra)
     sched_f = get_scheduler("constant", optimizer=opt_f)
     return sched_g, sched_f
+
+
+def training_phase(args, global_step: int) -> str:
+    """"reflow" for the first --reflow_steps, then "fake_warmup" for --fake_warmup_steps, then "tdm"."""
+    if global_step < args.reflow_steps:
+        return "reflow"
+    if global_step < args.reflow_steps + args.fake_warmup_steps:
+        return "fake_warmup"
+    return "tdm"
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON line per record (a resumed run appends; readers keep the last record of a step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+class StudentEMA:
+    """Exponential moving average of the student LoRA parameters (fp32 shadow), swapped in to save or evaluate."""
+
+    FILE = "student_ema.safetensors"
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1), got {decay}")
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, saved):
+                    p.copy_(v)
+
+    def save(self, folder: Path) -> None:
+        save_file({str(i): s.cpu().contiguous() for i, s in enumerate(self.shadow)}, str(folder / self.FILE))
+
+    def load(self, folder: Path) -> None:
+        path = folder / self.FILE
+        if not path.is_file():
+            raise CheckpointError(f"{folder} has no {self.FILE}: it was written without --ema_decay")
+        tensors = load_file(str(path))
+        for i, s in enumerate(self.shadow):
+            s.copy_(tensors[str(i)].to(s.device))
+
+
+def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddingCache, neg: torch.Tensor,
+                      shape: tuple, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """The teacher's ODE samples for --reflow_steps: {"noise", "x0", "emb"} [N, ...] on `device`.
+
+    Made once (seeded: prompt choice and noise) and kept in output_dir/reflow_pairs_<rank>.pt, so a resumed run
+    reuses the same pairs instead of sampling the teacher again.
+    """
+    from blade.distill.reflow import teacher_ode_pairs
+
+    path = Path(args.output_dir) / f"reflow_pairs_{rank}.pt"
+    key = {"n": args.reflow_pairs, "steps": args.reflow_teacher_steps, "cfg": args.cfg, "seed": args.seed}
+    if path.is_file():
+        stored = torch.load(path, map_location=device, weights_only=True)
+        if stored.get("key") == key:
+            return stored
+    g = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    pick = torch.randint(0, len(cache), (args.reflow_pairs,), generator=g).tolist()
+    emb = torch.stack([cache[i] for i in pick]).to(device)
+    noise = torch.randn((args.reflow_pairs, *shape[1:]), generator=g).to(device)
+    logger.info("sampling %d teacher ODE pairs (%d steps, cfg %s)", args.reflow_pairs, args.reflow_teacher_steps,
+                args.cfg)
+    x0 = teacher_ode_pairs(objective, pipe.scheduler, noise, emb, neg, args.reflow_teacher_steps, args.cfg,
+                           batch_size=max(args.train_batch_size, 16))
+    pairs = {"noise": noise, "x0": x0, "emb": emb, "key": key}
+    torch.save({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in pairs.items()}, path)
+    return pairs
+
+
+def build_monitor(args, shape: tuple, device: torch.device):
+    """The in-training evaluator for --eval_every (TinyWorld models: the world's metrics need its grammar)."""
+    from blade.tinyworld.model import bundled_pipeline_path
+    from blade.tinyworld.monitor import TinyWorldMonitor, read_prompt_lines
+
+    prompts_file = args.eval_prompts or bundled_pipeline_path().parent / "eval_prompts.txt"
+    return TinyWorldMonitor(args.pretrained_model_name_or_path, read_prompt_lines(prompts_file), args.eval_seeds,
+                            tuple(shape[1:]), (args.num_frames, args.height, args.width), device,
+                            batch_size=max(args.train_batch_size, 8))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -542,12 +685,13 @@ def train(args: argparse.Namespace) -> dict:
         logger.warning("DeepSpeed config detected: it provides the processes; the LoRA optimizers are this "
                        "trainer's own (one shared base transformer cannot be a DeepSpeed engine per role).")
     device = accelerator.device
+    output_dir.mkdir(parents=True, exist_ok=True)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
     cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
     if getattr(args, "tinyworld", False):
         check_tinyworld_prompt_cache(cache)
-    want_vae = args.validation_steps > 0 and accelerator.is_main_process
+    want_vae = (args.validation_steps > 0 or args.eval_every > 0) and accelerator.is_main_process
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.family, weight_dtype, with_vae=want_vae)
     if pipe.vae is not None:
         pipe.vae.to(device)
@@ -567,7 +711,9 @@ def train(args: argparse.Namespace) -> dict:
     transformer.train()
 
     tdm_config = TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, lambda_reg=args.lambda_reg,
-                           tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip)
+                           tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
+                           tau_mode=args.tau_mode, generator_loss=args.generator_loss,
+                           normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
     objective = TDMObjective(transformer, family, tdm_config, asa_handle, autocast=autocast, model_dtype=weight_dtype)
     config_json = blade_config(args, family, objective, asa_config)
@@ -578,6 +724,7 @@ def train(args: argparse.Namespace) -> dict:
     opt_f = torch.optim.AdamW(params_f, lr=args.learning_rate_fake, betas=(0.0, 0.95), weight_decay=1e-4, eps=1e-8)
     sched_g, sched_f = _make_schedulers(args, opt_g, opt_f)
     optimizers, schedulers = {"g": opt_g, "fake": opt_f}, {"g": sched_g, "fake": sched_f}
+    ema = StudentEMA(params_g, args.ema_decay) if args.ema_decay > 0 else None
 
     rank = accelerator.process_index
     noise_gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
@@ -596,6 +743,8 @@ def train(args: argparse.Namespace) -> dict:
             logger.info("no complete checkpoint in %s: starting from scratch", output_dir)
         else:
             state.update(load_checkpoint(accelerator, path, transformer, optimizers, schedulers, generators))
+            if ema is not None:
+                ema.load(path)
             logger.info("resumed from %s at step %d", path, state["global_step"])
 
     if args.report_to != "none":
@@ -604,6 +753,20 @@ def train(args: argparse.Namespace) -> dict:
     neg = cache.negative().to(device)
     shape = family.latent_shape(args.train_batch_size, args.num_frames, args.height, args.width)
     accum = args.gradient_accumulation_steps
+    pairs = make_reflow_pairs(args, objective, pipe, cache, neg, shape, device, rank) if args.reflow_steps else None
+    monitor = build_monitor(args, shape, device) if accelerator.is_main_process and args.eval_every > 0 else None
+    log_path = output_dir / "logs.jsonl"
+
+    def evaluate_student(step: int) -> dict:
+        with ema.swapped_in() if ema is not None else nullcontext():
+            result = monitor(objective, lambda x0: decode_latents(pipe, family, x0))
+        record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+        append_jsonl(output_dir / "eval.jsonl", record)
+        logger.info("step %d: %s", step, record)
+        return record
+
+    if monitor is not None and state["global_step"] == 0:
+        evaluate_student(0)
     start_time = time.monotonic()
     progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="TDM",
                     disable=not accelerator.is_local_main_process)
@@ -617,40 +780,61 @@ def train(args: argparse.Namespace) -> dict:
         for emb in loader:
             state["batch_in_epoch"] += 1
             state["micro_step"] += 1
+            phase = training_phase(args, state["global_step"])
+            sync = state["micro_step"] % accum == 0
             emb = emb.to(device)
             batch = emb.shape[0]
-            negb = neg.unsqueeze(0).expand(batch, -1, -1)
-            noise = torch.randn((batch, *shape[1:]), generator=noise_gen, device=device)
-            draw_f, draw_g = objective.draw_step(draw_gen), objective.draw_step(draw_gen)
-            states = objective.rollout(noise, emb, max(draw_f.i, draw_g.i), noise_gen)
-
-            loss_f, extra = objective.fake_loss(states[draw_f.i], draw_f, emb, negb, noise_gen, draw_gen)
-            threshold = tdm_config.fake_skip_threshold
-            skip = threshold is not None and float(loss_f.detach()) > threshold
-            if not skip:
-                (loss_f / accum).backward()
-                fake_stepped += 1
-            sync = state["micro_step"] % accum == 0
-            if sync:
-                # Skip the fake step only when every process skipped it (keeps the processes in lockstep).
-                if float(accelerator.reduce(fake_stepped.clone(), reduction="sum")) > 0:
-                    optimizer_step(accelerator, opt_f, sched_f, params_f)
-                else:
-                    opt_f.zero_grad(set_to_none=True)
-                fake_stepped.zero_()
-
-            loss_g, extra_g = objective.generator_loss(states[draw_g.i], draw_g, emb, negb, noise_gen, draw_gen)
-            (loss_g / accum).backward()
-            logs = {"loss_fake": float(loss_f.detach()), "loss_g": float(loss_g.detach()), "fake_skipped": float(skip),
-                    **{k: float(v) for k, v in {**extra, **extra_g}.items()}}
+            logs = {"phase": phase}
+            if phase == "reflow":
+                # Pairs are drawn from the pool; the loader only paces the epoch (same prompts, seeded order).
+                pick = torch.randint(0, pairs["x0"].shape[0], (batch,), generator=draw_gen)
+                loss_g, extra_g = reflow_loss(objective, pairs["x0"][pick], pairs["noise"][pick],
+                                              pairs["emb"][pick], draw_gen)
+                (loss_g / accum).backward()
+                logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
+            else:
+                negb = neg.unsqueeze(0).expand(batch, -1, -1)
+                noise = torch.randn((batch, *shape[1:]), generator=noise_gen, device=device)
+                draws_f = [objective.draw_step(draw_gen) for _ in range(args.fake_updates)]
+                draw_g = objective.draw_step(draw_gen) if phase == "tdm" else None
+                deepest = max(d.i for d in (*draws_f, draw_g) if d is not None)
+                states = objective.rollout(noise, emb, deepest, noise_gen)
+                diagnose = args.diag_every > 0 and (state["global_step"] + 1) % args.diag_every == 0
+                for r, draw_f in enumerate(draws_f):
+                    loss_f, extra = objective.fake_loss(states[draw_f.i], draw_f, emb, negb, noise_gen, draw_gen,
+                                                        diagnose=diagnose and r == 0)
+                    threshold = tdm_config.fake_skip_threshold
+                    skip = threshold is not None and float(loss_f.detach()) > threshold
+                    if not skip:
+                        (loss_f / accum).backward()
+                        fake_stepped += 1
+                    if r == 0:
+                        logs.update({"loss_fake": float(loss_f.detach()), "fake_skipped": float(skip),
+                                     **{k: float(v) for k, v in extra.items()}})
+                    if sync:
+                        # Skip the fake step only when every process skipped it (keeps the processes in lockstep).
+                        if float(accelerator.reduce(fake_stepped.clone(), reduction="sum")) > 0:
+                            logs["grad_norm_fake"] = optimizer_step(accelerator, opt_f, sched_f, params_f)
+                        else:
+                            opt_f.zero_grad(set_to_none=True)
+                        fake_stepped.zero_()
+                if draw_g is not None:
+                    loss_g, extra_g = objective.generator_loss(states[draw_g.i], draw_g, emb, negb, noise_gen,
+                                                               draw_gen)
+                    (loss_g / accum).backward()
+                    logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
             if not sync:
                 continue
-            grad_norm = optimizer_step(accelerator, opt_g, sched_g, params_g)
+            if phase != "fake_warmup":
+                logs["grad_norm_g"] = optimizer_step(accelerator, opt_g, sched_g, params_g)
+                state["generator_updates"] = state.get("generator_updates", 0) + 1
+                if ema is not None:
+                    ema.update()
             state["global_step"] += 1
             step = state["global_step"]
             now = time.monotonic()
-            logs.update({"grad_norm_g": grad_norm, "lr": sched_g.get_last_lr()[0], "lr_fake": sched_f.get_last_lr()[0],
-                         "step_time": now - step_start})
+            logs.update({"generator_updates": state.get("generator_updates", 0), "lr": sched_g.get_last_lr()[0],
+                         "lr_fake": sched_f.get_last_lr()[0], "step_time": now - step_start})
             if device.type == "cuda":  # this process's peak since the start (all adapters, activations, optimizer)
                 logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             step_start = now
@@ -658,10 +842,14 @@ def train(args: argparse.Namespace) -> dict:
                 stats = asa_handle.stats() or {}
                 if "sparsity" in stats:
                     logs["sparsity"] = float(stats["sparsity"])
+            if monitor is not None and step % args.eval_every == 0:
+                logs.update({k: v for k, v in evaluate_student(step).items() if k != "step"})
+            if accelerator.is_main_process:
+                append_jsonl(log_path, {"step": step, **logs})
             if args.report_to != "none":
-                accelerator.log(logs, step=step)
+                accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
             progress.update(1)
-            progress.set_postfix(loss_g=f"{logs['loss_g']:.4g}", loss_fake=f"{logs['loss_fake']:.4g}")
+            progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss_g", "loss_fake") if k in logs})
 
             out_of_time = torch.tensor(
                 float(args.max_train_minutes is not None and (now - start_time) / 60 > args.max_train_minutes),
@@ -671,9 +859,10 @@ def train(args: argparse.Namespace) -> dict:
             if step % args.checkpointing_steps == 0 or stop:
                 check_replicas_agree(accelerator, params_g + params_f)
                 last_ckpt = save_checkpoint(accelerator, output_dir, step, transformer, family, optimizers,
-                                            schedulers, dict(state), generators, config_json)
+                                            schedulers, dict(state), generators, config_json, ema)
             if args.validation_steps > 0 and step % args.validation_steps == 0 and pipe.vae is not None:
-                run_validation(pipe, objective, cache, args, step, device)
+                with ema.swapped_in() if ema is not None else nullcontext():
+                    run_validation(pipe, objective, cache, args, step, device)
             if stop:
                 break
         else:
@@ -681,7 +870,8 @@ def train(args: argparse.Namespace) -> dict:
             state["batch_in_epoch"] = 0
 
     if accelerator.is_main_process:
-        save_lora_folder(output_dir, family, transformer, config_json)
+        with ema.swapped_in() if ema is not None else nullcontext():
+            save_lora_folder(output_dir, family, transformer, config_json)
     accelerator.wait_for_everyone()
     progress.close()
     if args.report_to != "none":
