@@ -193,6 +193,18 @@ class ShardedEpochBatchSampler(Sampler):
         return self.batches_per_epoch() - self.start_batch
 
 
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """The DataLoader's private generator for one epoch.
+
+    Creating a DataLoader iterator draws its workers' base seed from a generator: torch's global one unless the
+    loader has its own. A resumed run creates one iterator more than the uninterrupted run (at the resume point),
+    so drawing from the global RNG would shift every later global draw, e.g. ASA's prober (seed None) sample
+    positions, and the resumed run would diverge. A private generator seeded by (seed, epoch) keeps the global
+    stream untouched and gives workers the same base seed in both runs.
+    """
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def check_tinyworld_prompt_cache(cache: PromptEmbeddingCache) -> None:
     """Refuse a prompt cache that feeds the TinyWorld teacher text inputs it was never trained on.
 
@@ -613,7 +625,8 @@ def train(args: argparse.Namespace) -> dict:
 
     while state["global_step"] < args.max_train_steps and not stop:
         sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
-        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers)
+        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                            generator=loader_generator(args.seed, state["epoch"]))
         for emb in loader:
             state["batch_in_epoch"] += 1
             state["micro_step"] += 1
