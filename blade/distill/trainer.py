@@ -983,6 +983,8 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     try:
         summary = train(args)
     except USER_ERRORS as err:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error is its own
+            bar.close()
         print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not one per process
