@@ -720,7 +720,7 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
     rng = (_load_checkpoint_file(path, rng_name, lambda f: torch.load(f, map_location="cpu", weights_only=False))
            if (path / rng_name).is_file() else None)
 
-    def restore(_file: Path) -> None:
+    def restore(_path: Path) -> None:
         prefix = "transformer."
         lora.load_adapter_state_dict(
             transformer, lora.STUDENT, {k[len(prefix):]: v for k, v in student.items() if k.startswith(prefix)}
@@ -734,7 +734,14 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
             set_rng_state(rng, generators)
 
     # A mismatched (rather than corrupt) file fails here: another rank / model / optimizer layout.
-    _load_checkpoint_file(path, "its LoRA, optimizer and RNG states", restore)
+    try:
+        restore(path)
+    except _LOAD_ERRORS as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: its LoRA / optimizer / RNG states do not fit this run (another model, "
+            f"--rank or flags?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            f"{_resume_advice(path)}"
+        ) from err
     if trainer_state.get("num_processes", 1) != accelerator.num_processes:
         logger.warning("checkpoint written with %s processes, resuming with %s: the run is not bit-identical",
                        trainer_state.get("num_processes"), accelerator.num_processes)
