@@ -24,6 +24,7 @@ from blade.pipelines.loading import (
     FAMILIES,
     LoraError,
     ModelFolderError,
+    check_lora_finite,
     check_lora_keys,
     check_model_folder,
     empty_transformer,
@@ -265,6 +266,7 @@ def _check_lora(family: str, model_path: Path, lora_path: str) -> tuple[Path, di
     if blade_config is not None:
         _check_blade_config(blade_config, lora_file)
     state_dict, _ = read_lora_state_dict(family, lora_file)
+    check_lora_finite(state_dict, lora_file)  # a diverged run's LoRA renders black videos: refuse before loading
     check_lora_keys(empty_transformer(family, model_path), state_dict)
     return lora_file, blade_config
 

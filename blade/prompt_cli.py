@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure
 from blade.prompts import (
     PromptCacheError,
     PromptCacheWriter,
@@ -158,14 +159,20 @@ def run(args: argparse.Namespace, defaults: FamilyDefaults) -> dict:
     else:
         validation = prompts[: args.num_validation]
 
+    # Before the text encoder loads: a file / read-only / uncreatable folder is refused in a second.
+    check_output_dir(args.output_dir)
     dtype = _resolve_dtype(args.dtype, args.device)
+    early = {"family": defaults.family, "model_path": str(Path(args.model_path).resolve()), "dtype": str(dtype)}
+    if args.max_length is not None:
+        early["max_length"] = args.max_length
+    PromptCacheWriter.read_existing(args.output_dir, early, args.negative_prompt)  # refuse a mismatch before loading
     pipe = load_text_pipeline(args.model_path, defaults, args.device, dtype)
     max_length = resolve_max_length(args.max_length, defaults, pipe.tokenizer, args.model_path)
     truncated = warn_truncated(pipe.tokenizer, prompts + [args.negative_prompt] + validation, max_length)
 
     meta = {"family": defaults.family, "model_path": str(Path(args.model_path).resolve()), "max_length": max_length,
             "dtype": str(dtype), "source_file": str(args.input_file)}
-    writer = PromptCacheWriter.open(args.output_dir, meta)
+    writer = PromptCacheWriter.open(args.output_dir, meta, negative_prompt=args.negative_prompt)
     known = writer.known_hashes()
     todo = [p for p in prompts if prompt_hash(p) not in known]
     skipped = len(prompts) - len(todo)
@@ -202,8 +209,13 @@ def main(defaults: FamilyDefaults, argv: list[str] | None = None) -> int:
     args = build_parser(defaults).parse_args(argv)
     try:
         summary = run(args, defaults)
-    except (CLIError, PromptCacheError) as err:
+    except (CLIError, PromptCacheError, OutputLocationError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write failing mid-run (disk full, permissions changed): what is written stays valid
+        why = describe_write_failure(err, args.output_dir)
+        print(f"error: writing the prompt cache {args.output_dir} failed: {why}; the entries already in its "
+              "index.json are intact, rerun to finish", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

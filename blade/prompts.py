@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
+
+from blade.outputs import make_readable
 
 INDEX_NAME = "index.json"
 NEGATIVE_NAME = "negative.safetensors"
@@ -128,6 +130,7 @@ def _fsync_write_json(path: Path, obj) -> None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    make_readable(tmp)  # safetensors creates files 0600: others on a shared machine could not read the cache
     os.replace(tmp, path)
 
 
@@ -139,19 +142,50 @@ class PromptCacheWriter:
     meta: dict
     entries: list[dict] = field(default_factory=list)
 
+    @staticmethod
+    def read_existing(out_dir: str | os.PathLike, meta: dict, negative_prompt: str | None = None) -> dict | None:
+        """The index of an existing cache in `out_dir` (None if there is none), checked against `meta`.
+
+        One cache holds one setting: mixing dtypes, text lengths, families or CFG negatives in one cache would feed
+        the trainer inconsistent inputs. Keys missing from `meta` (or from an old index) are not compared; callers
+        may check before the text encoder loads with what they know by then.
+
+        Raises:
+            PromptCacheError: naming the setting, its value in the cache and the new one.
+        """
+        index_path = Path(out_dir) / INDEX_NAME
+        if not index_path.is_file():
+            return None
+        try:
+            old = json.loads(index_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PromptCacheError(
+                f"{index_path} is corrupt ({err}): delete {out_dir} and rerun, or use another --output_dir"
+            ) from None
+        flags = {"max_length": "--max_length", "model_path": "--model_path", "dtype": "--dtype",
+                 "family": "the model family"}
+        for key, flag in flags.items():
+            if key in old and key in meta and str(old[key]) != str(meta[key]):
+                raise PromptCacheError(
+                    f"{out_dir} was encoded with {key}={old[key]!r}, now {meta[key]!r} ({flag}): one cache holds "
+                    f"one setting; rerun with {key}={old[key]!r} or use another --output_dir"
+                )
+        old_negative = (old.get("negative") or {}).get("prompt")
+        if negative_prompt is not None and old_negative is not None and old_negative != negative_prompt:
+            raise PromptCacheError(
+                f"{out_dir} was encoded with --negative_prompt {old_negative[:60]!r}, now {negative_prompt[:60]!r}: "
+                "the teacher's CFG would change mid-cache; pass the same --negative_prompt or use another --output_dir"
+            )
+        return old
+
     @classmethod
-    def open(cls, out_dir: str | os.PathLike, meta: dict) -> PromptCacheWriter:
+    def open(cls, out_dir: str | os.PathLike, meta: dict, negative_prompt: str | None = None) -> PromptCacheWriter:
+        """Open (create) a cache folder; an existing cache must match `meta` and `negative_prompt`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         entries: list[dict] = []
-        index_path = out_dir / INDEX_NAME
-        if index_path.is_file():
-            old = json.loads(index_path.read_text(encoding="utf-8"))
-            for key in ("max_length", "model_path"):
-                if key in old and key in meta and str(old[key]) != str(meta[key]):
-                    raise PromptCacheError(
-                        f"{out_dir} was encoded with {key}={old[key]!r}, now {meta[key]!r}: use another --output_dir"
-                    )
+        old = cls.read_existing(out_dir, meta, negative_prompt)
+        if old is not None:
             # Keep only entries whose file is still there, so a half-written earlier run is simply redone.
             entries = [e for e in old.get("prompts", []) if (out_dir / e["file"]).is_file()]
             meta = {**old, **meta}
@@ -269,11 +303,33 @@ class PromptEmbeddingCache(Dataset):
         if not path.is_file():
             raise PromptCacheError(f"embedding file missing: {path} (listed in {self.directory / INDEX_NAME})")
         # Handles are opened lazily per process (DataLoader workers each get their own after fork).
-        handle = self._handles.get(entry["file"])
-        if handle is None:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            self._handles[entry["file"]] = handle
-        return handle.get_tensor(entry["key"])
+        try:
+            handle = self._handles.get(entry["file"])
+            if handle is None:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+                self._handles[entry["file"]] = handle
+            tensor = handle.get_tensor(entry["key"])
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise PromptCacheError(
+                f"embedding file {path} is corrupt or truncated ({err}). {self._redo(path)}"
+            ) from None
+        # Garbage bytes of the right size load "fine" as NaN/Inf: training would silently produce NaN LoRAs.
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+            raise PromptCacheError(
+                f"embedding file {path} holds non-finite values (NaN/Inf) for {entry.get('prompt', '')[:60]!r}: "
+                f"it is corrupt. {self._redo(path)}"
+            )
+        return tensor
+
+    def _redo(self, path: Path) -> str:
+        """What to do about a bad file: the prompt CLI re-encodes exactly the prompts whose file is missing."""
+        return (f"Delete {path} and re-run utils/process_prompts_*.py with --output_dir {self.directory} (it "
+                "re-encodes only the missing prompts).")
+
+    @property
+    def family(self) -> str | None:
+        """The model family the cache was encoded for ("wan" / "cogvideox"), None for caches that predate it."""
+        return self.index.get("family")
 
     def __getstate__(self):  # safetensors handles do not pickle (spawned DataLoader workers)
         state = self.__dict__.copy()

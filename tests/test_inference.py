@@ -236,6 +236,29 @@ def test_mismatched_lora_is_refused_by_the_api(assets, wan_pipe):
     assert not hasattr(wan_pipe.transformer, "peft_config")  # nothing was loaded
 
 
+def _nan_lora(assets, folder: Path) -> Path:
+    """The matching Wan LoRA with NaN in one tensor, as a diverged training run would leave it."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    state = load_file(str(assets["wan_lora"] / "pytorch_lora_weights.safetensors"))
+    key = sorted(state)[0]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(folder / "pytorch_lora_weights.safetensors"))
+    (folder / "blade_config.json").write_text((assets["wan_lora"] / "blade_config.json").read_text())
+    return folder
+
+
+def test_non_finite_lora_is_refused_by_the_api(assets, wan_pipe, tmp_path):
+    from blade.pipelines.loading import LoraError
+
+    folder = _nan_lora(assets, tmp_path / "nan")
+    with pytest.raises(LoraError, match="non-finite") as info:
+        load_blade_lora(wan_pipe, folder)
+    assert str(folder / "pytorch_lora_weights.safetensors") in str(info.value)
+    assert not hasattr(wan_pipe.transformer, "peft_config")  # nothing was loaded
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -260,7 +283,9 @@ def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
     )
     (bad_config / "blade_config.json").write_text(json.dumps({**_blade_config("wan", {"block_size": 10}), "eta": 2}))
     wan = ["--model_path", str(assets["wan"])]
+    nan_lora = _nan_lora(assets, tmp / "nan_lora")
     return {
+        "non-finite lora": ([*wan, "--lora_path", str(nan_lora)], "non-finite values"),
         "missing model": (["--model_path", str(tmp / "nowhere")], "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B"),
         "incomplete model": (["--model_path", str(incomplete)], "missing vae/"),
         "bad height": ([*wan, "--height", "40"], "--height 40 must be a positive multiple of 16"),

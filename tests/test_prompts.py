@@ -135,3 +135,70 @@ def test_prompt_lists_shipped():
 
     for p in tw[:50]:
         assert parse_prompt(p).prompt == p
+
+
+def test_cache_reuse_refuses_other_dtype_or_negative_and_bad_output_dirs(wan, tmp_path, capsys):
+    """One cache = one dtype and one negative prompt; unusable output folders are one-line errors (exit 2)."""
+    import os
+    import stat
+
+    src = _write(tmp_path / "p.txt", ["a cat", "a dog runs"])
+    out = tmp_path / "c"
+    base = ["--input_file", str(src), "--output_dir", str(out), "--model_path", str(wan[1]), "--max_length", "8",
+            "--negative_prompt", ""]
+    assert main(WAN, [*base, "--dtype", "float32"]) == 0
+    before = (out / "index.json").read_bytes()
+    capsys.readouterr()
+    assert main(WAN, [*base, "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "error:" in err and "dtype" in err and "float32" in err and len(err.splitlines()) == 1
+    assert main(WAN, [*base[:-1], "low quality"]) == 2
+    err = capsys.readouterr().err
+    assert "--negative_prompt" in err and "low quality" in err
+    assert (out / "index.json").read_bytes() == before  # nothing mixed into the cache
+    # files are readable by others (0666 minus the umask), not safetensors' 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.glob("*.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask
+
+    a_file = _write(tmp_path / "afile", ["x"])
+    capsys.readouterr()
+    assert main(WAN, ["--input_file", str(src), "--output_dir", str(a_file), "--model_path", str(wan[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a file" in err and str(a_file) in err and "Traceback" not in err
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case cannot be made here
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            assert main(WAN, ["--input_file", str(src), "--output_dir", str(ro / "c"), "--model_path",
+                              str(wan[1])]) == 2
+            assert "cannot be created" in capsys.readouterr().err
+        finally:
+            ro.chmod(0o700)
+
+
+def test_cache_reader_names_corrupt_and_nonfinite_files(wan, tmp_path):
+    src = _write(tmp_path / "p.txt", ["a cat", "a dog runs"])
+    out = tmp_path / "c"
+    assert main(WAN, ["--input_file", str(src), "--output_dir", str(out), "--model_path", str(wan[1]),
+                      "--max_length", "8", "--negative_prompt", "", "--num_validation", "0"]) == 0
+    shard = out / "shard-00000.safetensors"
+    good = shard.read_bytes()
+    # same size, tensor bytes overwritten with 0xFF (NaN in float32): loads "fine" unless checked
+    header = 8 + int.from_bytes(good[:8], "little")
+    shard.write_bytes(good[:header] + b"\xff" * (len(good) - header))
+    with pytest.raises(PromptCacheError, match="non-finite") as info:
+        PromptEmbeddingCache(out)[0]
+    assert str(shard) in str(info.value) and "process_prompts" in str(info.value)
+    shard.write_bytes(good[: len(good) // 3])  # truncated
+    with pytest.raises(PromptCacheError, match="corrupt or truncated") as info:
+        PromptEmbeddingCache(out)[0]
+    assert str(shard) in str(info.value)
+    # the advice works: delete the shard and rerun, every prompt is back
+    shard.unlink()
+    assert main(WAN, ["--input_file", str(src), "--output_dir", str(out), "--model_path", str(wan[1]),
+                      "--max_length", "8", "--negative_prompt", "", "--num_validation", "0"]) == 0
+    cache = PromptEmbeddingCache(out)
+    assert len(cache) == 2 and all(torch.isfinite(cache[i]).all() for i in range(2))

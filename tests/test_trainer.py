@@ -154,3 +154,206 @@ def test_tinyworld_prompt_cache_check():
         check_tinyworld_prompt_cache(cache("Bright tones, overexposed", 32))
     with pytest.raises(PromptCacheError, match="512 text tokens"):
         check_tinyworld_prompt_cache(cache("", 512))
+
+
+def _tensors_equal(a, b) -> bool:
+    """Bit-for-bit equality of nested optimizer/scheduler states (tensors, numbers, dicts, lists)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_asa_resume_equals_uninterrupted(assets, tmp_path):
+    """With --use_sparsity the prober draws from torch's global RNG: a run stopped by --max_train_minutes and
+    resumed from 'latest' must end bit-identical (student, fake, optimizer) to an uninterrupted run.
+
+    128x128 with 9 frames gives 3 x 8 x 8 = 192 video tokens = 2 ASA blocks of 128, so the prober's random sample
+    positions change the mask (with one block the mask is always full and an RNG drift would go unseen)."""
+    size = ["--height", "128", "--width", "128", "--use_sparsity", "--validation_steps", "0", "--report_to", "none",
+            "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert train(_args(assets, full, *size))["global_step"] == 4
+    # stop after the first optimizer step (any step takes longer than 1e-6 minutes), then resume in a new train()
+    first = train(_args(assets, stopped, *size, "--max_train_minutes", "1e-6"))
+    assert first["global_step"] == 1 and (stopped / "checkpoint-1" / "COMPLETE").is_file()
+    assert train(_args(assets, stopped, *size, "--resume_from_checkpoint", "latest"))["global_step"] == 4
+
+    a, b = _lora(full), _lora(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa = load_file(str(full / "checkpoint-4" / "fake_lora.safetensors"))
+    fb = load_file(str(stopped / "checkpoint-4" / "fake_lora.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    oa = torch.load(full / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    ob = torch.load(stopped / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    assert _tensors_equal(oa, ob)
+    # the run really trained with a non-trivial sparse mask (else the test would not see RNG drift)
+    cfg = (full / "blade_config.json").read_text()
+    assert '"asa": {' in cfg
+
+
+# ------------------------------------------------------------------------------------------- fault injection (issue 21)
+
+
+def _main_error(capsys, argv) -> str:
+    """Run the trainer's main() and return its one-line error (it must exit 2)."""
+    from blade.distill.trainer import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main("wan", argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def _argv(assets, out, *extra, prompts=None):
+    return ["--pretrained_model_name_or_path", str(assets / "pipe"), "--prompt_dir", str(prompts or assets / "prompts"),
+            "--output_dir", str(out), *SMALL, "--validation_steps", "0", "--report_to", "none", *extra]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--checkpointing_steps", "0"),
+    ("--rank", "0"), ("--max_train_steps", "0"), ("--learning_rate", "-1e-4"), ("--learning_rate_fake", "nan"),
+    ("--eta", "1.5"), ("--eta", "-0.1"), ("--tau_max", "1000"), ("--k_step", "0"), ("--max_train_minutes", "0"),
+    ("--seed", "-1"), ("--height", "0"), ("--dense_steps", "-1"),
+])
+def test_numeric_flags_validated_at_parse_time(assets, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:
+        parse_args("wan", _argv(assets, tmp_path / "o", flag, value))
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tau_max_must_exceed_the_last_segment_end(assets, tmp_path):
+    """K = 2: anchors 999, 499, so tau in (499, tau_max] needs tau_max >= 500 (student_anchors is the reference)."""
+    from blade.distill.schedule import student_anchors
+
+    last_mid = student_anchors(2)[1]
+    parse_args("wan", _argv(assets, tmp_path, "--tau_max", str(last_mid + 1)))
+    with pytest.raises(SystemExit):
+        parse_args("wan", _argv(assets, tmp_path, "--tau_max", str(last_mid)))
+
+
+def _copy_cache(assets, dst: Path) -> Path:
+    shutil.copytree(assets / "prompts", dst)
+    return dst
+
+
+def test_bad_outputs_refused_before_the_model_loads(assets, tmp_path, capsys, monkeypatch):
+    import blade.distill.trainer as trainer
+    import blade.outputs as outputs
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the output folder was checked")
+
+    monkeypatch.setattr(trainer, "load_pipeline", no_load)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    err = _main_error(capsys, _argv(assets, a_file))
+    assert "is a file" in err and str(a_file) in err
+    err = _main_error(capsys, _argv(assets, a_file / "sub"))
+    assert "cannot be created" in err
+    # not enough space for one checkpoint (the estimate, from the transformer config, is > 0)
+    assert trainer.estimate_checkpoint_bytes(parse_args("wan", _argv(assets, tmp_path / "o"))) > 0
+    real = shutil.disk_usage
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    err = _main_error(capsys, _argv(assets, tmp_path / "full"))
+    assert "free" in err and "one checkpoint needs about" in err
+
+
+def test_prompt_cache_checked_against_the_model(assets, tmp_path, capsys, monkeypatch):
+    import json
+
+    import blade.distill.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cases = {
+        "family": (lambda ix: {**ix, "family": "cogvideox"}, "encoded for 'cogvideox'"),
+        "width": (lambda ix: {**ix, "prompts": [{**e, "shape": [e["shape"][0], 64]} for e in ix["prompts"]],
+                              "negative": {**ix["negative"], "shape": [ix["negative"]["shape"][0], 64]}},
+                  "64-wide text embeddings"),
+        "dtype": (lambda ix: {**ix, "prompts": [{**ix["prompts"][0], "dtype": "torch.bfloat16"}, *ix["prompts"][1:]]},
+                  "mixes dtypes"),
+    }
+    for name, (edit, message) in cases.items():
+        cache = _copy_cache(assets, tmp_path / name)
+        index = json.loads((cache / "index.json").read_text())
+        (cache / "index.json").write_text(json.dumps(edit(index)))
+        err = _main_error(capsys, _argv(assets, tmp_path / f"o_{name}", prompts=cache))
+        assert message in err and str(cache) in err, (name, err)
+
+
+def _overwrite_tensor_bytes(file: Path, value: float) -> None:
+    """Overwrite every float32 of a safetensors file with `value`, keeping its header and size."""
+    import struct
+
+    data = file.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    body = struct.pack("<f", value) * ((len(data) - header) // 4)
+    file.write_bytes(data[:header] + body)
+
+
+def test_garbage_embeddings_stop_training_before_a_checkpoint(assets, tmp_path, capsys):
+    # NaN bytes: the cache refuses the file itself, naming it
+    cache = _copy_cache(assets, tmp_path / "nan")
+    shard = next(cache.glob("shard-*.safetensors"))
+    _overwrite_tensor_bytes(shard, float("nan"))
+    err = _main_error(capsys, _argv(assets, tmp_path / "o_nan", "--max_train_steps", "2", prompts=cache))
+    assert str(shard) in err and "non-finite" in err
+    # huge but finite bytes: training goes non-finite; it stops at step 1, before checkpoint-1, naming the cause
+    cache = _copy_cache(assets, tmp_path / "huge")
+    _overwrite_tensor_bytes(next(cache.glob("shard-*.safetensors")), 3e38)
+    out = tmp_path / "o_huge"
+    err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                    prompts=cache))
+    assert "step 1" in err and "non-finite" in err and "prompt embeddings" in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_failed_save_and_corrupt_checkpoints_name_the_file(assets, tmp_path, capsys, monkeypatch):
+    import errno
+    import stat
+
+    import blade.distill.trainer as trainer
+
+    out = tmp_path / "run"
+    real_write = trainer._write_checkpoint_files
+
+    def full_disk_at_step_2(tmp, step, *a, **k):
+        if step == 2:
+            (tmp / "optimizer.pt").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(tmp, step, *a, **k)
+
+    monkeypatch.setattr(trainer, "_write_checkpoint_files", full_disk_at_step_2)
+    err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "3", "--checkpointing_steps", "1"))
+    assert "checkpoint-2" in err and "no space left" in err and f"{out / 'checkpoint-1'} is intact" in err
+    assert not (out / "checkpoint-2.tmp").exists() and (out / "checkpoint-1" / "COMPLETE").is_file()
+    monkeypatch.setattr(trainer, "_write_checkpoint_files", real_write)
+
+    # files are readable by others (0666 minus the umask), not safetensors' 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (out / "checkpoint-1").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+    # resume completes the run; then corrupt the latest checkpoint's files one at a time
+    assert train(_args(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps",
+                       "0", "--report_to", "none", "--resume_from_checkpoint", "latest"))["global_step"] == 2
+    latest = out / "checkpoint-2"
+    for name in ("pytorch_lora_weights.safetensors", "fake_lora.safetensors", "rng_state_0.pt", "optimizer.pt"):
+        good = (latest / name).read_bytes()
+        (latest / name).write_bytes(good[: len(good) // 2])  # truncated
+        err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+        assert str(latest) in err and name in err and f"--resume_from_checkpoint {out / 'checkpoint-1'}" in err, err
+        (latest / name).write_bytes(good)
+    # the suggested previous checkpoint resumes
+    assert train(_args(assets, tmp_path / "other", "--max_train_steps", "2", "--validation_steps", "0",
+                       "--report_to", "none", "--resume_from_checkpoint", str(out / "checkpoint-1")))["global_step"] \
+        == 2

@@ -24,6 +24,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -39,6 +41,8 @@ from blade.collectives import collective_in_place
 from blade.distill import lora
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
+from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
+from blade.pipelines.loading import LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
 logger = logging.getLogger("blade.trainer")
@@ -57,7 +61,11 @@ FAMILY_DEFAULTS = {
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be resumed from (incomplete, corrupt, mismatched)."""
+    """A checkpoint folder that cannot be resumed from (incomplete, corrupt, mismatched), or a save that failed."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss, gradient or weight: stopped before any checkpoint could hold it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,7 +171,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and fill the size defaults: explicit flag > model folder's blade_hints.json > preset > family."""
-    args = build_parser(family).parse_args(argv)
+    parser = build_parser(family)
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
     args.family = family
     defaults = dict(FAMILY_DEFAULTS[family])
     if getattr(args, "tinyworld", False):
@@ -183,11 +193,6 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
             setattr(args, key, defaults[key])
     if args.learning_rate_g is None:
         args.learning_rate_g = args.learning_rate
-    if args.fake_updates < 1:
-        raise SystemExit("error: --fake_updates must be >= 1")
-    if args.fake_updates > 1 and args.gradient_accumulation_steps != 1:
-        raise SystemExit("error: --fake_updates > 1 needs --gradient_accumulation_steps 1 (one fake optimizer step "
-                         "per fake batch)")
     if args.validation_steps is None:
         args.validation_steps = args.checkpointing_steps
     if args.prompt_dir is None:
@@ -197,6 +202,63 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     if not hasattr(args, "shift"):
         args.shift = None
     return args
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse impossible numeric flags at parse time (argparse error: usage + one line, exit 2).
+
+    Without this, zeros surface as ZeroDivisionError mid-run (batch size, accumulation, checkpointing), a PEFT error
+    (rank 0), a ValueError at the first fake step (tau_max), or an untrained LoRA saved with exit 0 (no steps).
+    Size flags left at None are filled from the model folder / family later and not checked here.
+    """
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def finite(name: str) -> bool:
+        value = getattr(args, name)
+        return value is None or math.isfinite(value)
+
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "rank", "lora_alpha",
+                 "max_train_steps", "k_step"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("num_frames", "height", "width", "fps"):
+        value = getattr(args, name)
+        need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
+    for name in ("fake_updates", "reflow_pairs", "reflow_teacher_steps"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    need(args.fake_updates == 1 or args.gradient_accumulation_steps == 1,
+         "--fake_updates > 1 needs --gradient_accumulation_steps 1 (one fake optimizer step per fake batch)")
+    need(finite("ema_decay") and 0.0 <= args.ema_decay < 1.0, f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    for name in ("validation_steps", "num_validation_videos", "dataloader_num_workers", "dense_steps",
+                 "lr_warmup_steps", "reflow_steps", "fake_warmup_steps", "diag_every", "eval_every"):
+        value = getattr(args, name)
+        need(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
+    for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg"):
+        value = getattr(args, name)
+        need(value is None or (math.isfinite(value) and value >= 0), f"--{name} must be a finite number >= 0, "
+             f"got {value}")
+    for name in ("max_train_minutes", "fake_loss_skip", "huber_c", "shift"):
+        value = getattr(args, name, None)
+        need(value is None or (math.isfinite(value) and value > 0),
+             f"--{name} must be a finite number > 0, got {value}")
+    need(finite("eta") and 0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1], got {args.eta}")
+    need(0 <= args.seed < 2**32 - 2**16, f"--seed must be in [0, 2**32 - 65536), got {args.seed}")  # numpy's range
+    if args.k_step >= 1:
+        need(args.k_step <= 1000, f"--k_step must be <= 1000, got {args.k_step}")
+        # tau is drawn in (t_mid, tau_max]; the largest segment end is the second anchor 999 - 1000 // K.
+        last_mid = 999 - 1000 // args.k_step if args.k_step >= 2 else 0
+        need(last_mid < args.tau_max <= 999,
+             f"--tau_max must be in [{last_mid + 1}, 999] for --k_step {args.k_step}, got {args.tau_max}")
+        need(args.dense_steps <= args.k_step, f"--dense_steps ({args.dense_steps}) exceeds --k_step ({args.k_step})")
+    if args.prompt_dir is None:
+        problems.append("--prompt_dir is required (run utils/process_prompts_*.py first)")
+    if args.pretrained_model_name_or_path is None and not getattr(args, "tinyworld", False):
+        problems.append("--pretrained_model_name_or_path is required")
+    if problems:
+        parser.error("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,6 +298,18 @@ class ShardedEpochBatchSampler(Sampler):
         return self.batches_per_epoch() - self.start_batch
 
 
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """The DataLoader's private generator for one epoch.
+
+    Creating a DataLoader iterator draws its workers' base seed from a generator: torch's global one unless the
+    loader has its own. A resumed run creates one iterator more than the uninterrupted run (at the resume point),
+    so drawing from the global RNG would shift every later global draw, e.g. ASA's prober (seed None) sample
+    positions, and the resumed run would diverge. A private generator seeded by (seed, epoch) keeps the global
+    stream untouched and gives workers the same base seed in both runs.
+    """
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def check_tinyworld_prompt_cache(cache: PromptEmbeddingCache) -> None:
     """Refuse a prompt cache that feeds the TinyWorld teacher text inputs it was never trained on.
 
@@ -257,6 +331,106 @@ def check_tinyworld_prompt_cache(cache: PromptEmbeddingCache) -> None:
             f"{cache.directory} does not match the TinyWorld teacher: {'; '.join(problems)}. Re-encode the prompts "
             f"with utils/process_prompts_wanx.py ... --negative_prompt '' --max_length {want}."
         )
+
+
+def check_prompt_cache(cache: PromptEmbeddingCache, args: argparse.Namespace) -> None:
+    """The cache must have been encoded for this family and the model's text width, in one dtype and one shape.
+
+    A mismatch would otherwise fail deep in the model with a matrix-shape error (or, for mixed dtypes/shapes, in the
+    DataLoader's collate) after the model has loaded. Only index.json is read (shapes and dtypes are recorded there).
+    """
+    from blade.pipelines.loading import check_model_folder, read_component_config
+
+    model = Path(args.pretrained_model_name_or_path)
+    check_model_folder(args.family, model)  # ModelFolderError naming what is missing, before anything else
+    where = f"prompt cache {cache.directory}"
+    redo = "re-encode the prompts with utils/process_prompts_{}.py --model_path {}".format(
+        "wanx" if args.family == "wan" else "cogvideox", model)
+    if cache.family is not None and cache.family != args.family:
+        raise PromptCacheError(f"{where} was encoded for {cache.family!r}, this trainer is {args.family!r}: {redo}")
+    config = read_component_config(model, "transformer")
+    width = config.get("text_dim" if args.family == "wan" else "text_embed_dim")
+    entries = list(cache.entries)
+    negative = cache.index.get("negative")
+    if negative is None:
+        raise PromptCacheError(f"{where} holds no negative-prompt embedding (CFG needs it): {redo}")
+    shapes = {tuple(e.get("shape", ())) for e in entries + [negative]}
+    dtypes = {e.get("dtype") for e in entries + [negative]}
+    if len(shapes) > 1:
+        raise PromptCacheError(f"{where} mixes embedding shapes {sorted(shapes)} (prompts and negative): {redo}")
+    (shape,) = shapes
+    if width is not None and shape and shape[-1] != width:
+        raise PromptCacheError(
+            f"{where} holds {shape[-1]}-wide text embeddings, the transformer in {model} takes {width} "
+            f"(another text encoder or model?): {redo}"
+        )
+    recorded = cache.index.get("dtype")
+    if len(dtypes) > 1 or (recorded is not None and dtypes != {recorded}):
+        raise PromptCacheError(
+            f"{where} mixes dtypes {sorted(d for d in dtypes if d)} (its index says {recorded}): it was extended by a "
+            f"run with another --dtype; {redo} into a new folder"
+        )
+
+
+def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
+    """About what one checkpoint + the final LoRA take on disk, from the transformer config (no weights read).
+
+    fp32 student + fake LoRAs (4 bytes x rank x (in + out) per targeted Linear, each), AdamW's two moments for
+    both, and the final student copy: 7 adapter sizes, plus 10% and 1 MiB for JSON, RNG states and headers.
+    """
+    from blade.pipelines.loading import empty_transformer
+
+    transformer = empty_transformer(args.family, args.pretrained_model_name_or_path)
+    targets = lora.DEFAULT_TARGET_MODULES
+    params = 0
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            params += args.rank * (module.in_features + module.out_features)
+    return int(7 * 4 * params * 1.1) + 2**20
+
+
+def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespace) -> None:
+    """Everything that can be refused in seconds, before the model loads: the prompt cache against the model, the
+    output folder (creatable, writable, room for one checkpoint), and an explicit checkpoint to resume from."""
+    check_prompt_cache(cache, args)
+    check_output_dir(args.output_dir, estimate_checkpoint_bytes(args))
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest":
+        check_checkpoint(Path(resume))
+
+
+def guard_finite(accelerator, step: int, logs: dict, params_g: list, params_f: list, emb: torch.Tensor,
+                 args: argparse.Namespace) -> None:
+    """Stop at the first non-finite loss, gradient norm or LoRA weight, before the step's checkpoint is written.
+
+    Every process takes the same decision (one max-reduce of a flag), so none waits forever at a collective.
+    The message names the step, what went non-finite, the likely cause and the checkpoint to go back to.
+    """
+    bad = [k for k in ("loss_fake", "loss_g", "grad_norm_g") if k in logs and not math.isfinite(logs[k])]
+    for name, params in (("student", params_g), ("fake", params_f)):
+        if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+            bad.append(f"{name} LoRA weights")
+    flag = torch.tensor(float(bool(bad)), device=accelerator.device)
+    if float(accelerator.reduce(flag, reduction="max")) == 0:
+        return
+    emb_max = float(emb.detach().float().abs().max()) if emb.numel() else 0.0
+    if not math.isfinite(emb_max):
+        cause = f"non-finite prompt embeddings (corrupt prompt cache {args.prompt_dir}: re-run the prompt CLI)"
+    elif emb_max > 1e4:
+        cause = (f"prompt embeddings with huge values (max |x| = {emb_max:.3g}; a corrupt prompt cache "
+                 f"{args.prompt_dir}? re-run the prompt CLI)")
+    elif args.mixed_precision == "fp16":
+        cause = "fp16 overflow (try --mixed_precision bf16)"
+    else:
+        cause = (f"diverging training (learning rates {args.learning_rate_g:g} / {args.learning_rate_fake:g} too "
+                 "high?)")
+    latest = find_latest_checkpoint(Path(args.output_dir))
+    back = (f"the last complete checkpoint is {latest} (written before this step; resume from it with "
+            "--resume_from_checkpoint)" if latest else "no checkpoint was written")
+    raise NonFiniteError(
+        f"step {step}: non-finite {', '.join(bad) or 'values on another process'}; likely cause: {cause}. Training "
+        f"stopped without saving this step: {back}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,14 +586,32 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         g.set_state(state["generators"][k])
 
 
-def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict) -> None:
-    """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json."""
+def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict) -> None:
+    """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json, readable by all."""
     state = lora.adapter_state_dict(transformer, lora.STUDENT)
     state = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in state.items()}
+    bad = nonfinite_keys(state)
+    if bad:  # last line of defence: never write a LoRA that renders black videos
+        raise NonFiniteError(f"refusing to save {folder / LORA_WEIGHT_NAME}: {len(bad)} of {len(state)} student LoRA "
+                             f"tensors hold NaN/Inf (e.g. {bad[0]})")
     family.pipeline_class.save_lora_weights(
         str(folder), transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
     )
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    make_readable(folder / LORA_WEIGHT_NAME, folder / CONFIG_NAME)  # safetensors writes 0600
+
+
+def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict) -> None:
+    """The final student LoRA folder; a failed write says what failed (space, permission)."""
+    try:
+        _write_lora_folder(folder, family, transformer, config)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, NonFiniteError):
+            raise
+        raise CheckpointError(
+            f"saving the student LoRA to {folder} failed: {describe_write_failure(err, folder)}. The checkpoint-N "
+            "folders already written are intact."
+        ) from err
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, family, optimizers: dict,
@@ -427,36 +619,66 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, famil
     """Write output_dir/checkpoint-`step` atomically (every rank writes its own RNG state)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    with _save_errors(output_dir, tmp, step):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
-    torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora_folder(tmp, family, transformer, config)
-        fake = lora.adapter_state_dict(transformer, lora.FAKE)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in fake.items()}, str(tmp / FAKE_WEIGHT_NAME))
-        if ema is not None:
-            ema.save(tmp)
-        torch.save(
-            {
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            },
-            tmp / "optimizer.pt",
-        )
-        (tmp / "trainer_state.json").write_text(
-            json.dumps({**trainer_state, "num_processes": accelerator.num_processes}, indent=1)
-        )
-        _fsync_tree(tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")  # written last: its presence means "all there"
-        _fsync_tree(tmp)
+        with _save_errors(output_dir, tmp, step):
+            _write_checkpoint_files(tmp, step, transformer, family, optimizers, schedulers, trainer_state, config,
+                                    accelerator.num_processes, ema)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def _save_errors(output_dir: Path, tmp: Path, step: int):
+    """Turn a failed write into a CheckpointError that says what failed and that the previous checkpoint is intact.
+
+    The half-written folder is removed (it has no COMPLETE marker, so it would never be trusted, but it takes
+    space the user needs back).
+    """
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, (NonFiniteError, CheckpointError)):
+            raise
+        why = describe_write_failure(err, tmp if tmp.exists() else output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = find_latest_checkpoint(output_dir)
+        intact = (f"the previous checkpoint {previous} is intact: resume from it with --resume_from_checkpoint "
+                  "latest once fixed" if previous else "no earlier checkpoint exists")
+        raise CheckpointError(f"saving checkpoint-{step} into {output_dir} failed: {why}; {intact}") from err
+
+
+def _write_checkpoint_files(tmp: Path, step: int, transformer, family, optimizers: dict, schedulers: dict,
+                            trainer_state: dict, config: dict, num_processes: int, ema=None) -> None:
+    """The main process's part of a checkpoint, into the temporary folder; COMPLETE is written last."""
+    _write_lora_folder(tmp, family, transformer, config)
+    fake = lora.adapter_state_dict(transformer, lora.FAKE)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in fake.items()}, str(tmp / FAKE_WEIGHT_NAME))
+    if ema is not None:
+        ema.save(tmp)
+    torch.save(
+        {
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        },
+        tmp / "optimizer.pt",
+    )
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({**trainer_state, "num_processes": num_processes}, indent=1)
+    )
+    make_readable(tmp)  # safetensors writes 0600: a shared machine's other users must be able to read it
+    _fsync_tree(tmp)
+    (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")  # written last: its presence means "all there"
+    _fsync_tree(tmp)
 
 
 def find_latest_checkpoint(output_dir: Path) -> Path | None:
@@ -469,6 +691,27 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def previous_checkpoint(path: Path) -> Path | None:
+    """The complete checkpoint-N beside `path` with the largest N below `path`'s (None if there is none)."""
+    suffix = path.name.split("-", 1)[-1].removesuffix(".tmp")
+    below = int(suffix) if suffix.isdigit() else None
+    found = []
+    for other in path.parent.glob("checkpoint-*"):
+        n = other.name.split("-", 1)[1]
+        if n.isdigit() and (below is None or int(n) < below) and (other / COMPLETE_MARKER).is_file():
+            found.append((int(n), other))
+    return max(found)[1] if found else None
+
+
+def _resume_advice(path: Path) -> str:
+    """What to do when `path` cannot be resumed from: the previous complete checkpoint, or a fresh start."""
+    previous = previous_checkpoint(path)
+    if previous is not None:
+        return f"resume from the previous complete checkpoint with --resume_from_checkpoint {previous}"
+    return (f"no earlier complete checkpoint exists beside it: start again without --resume_from_checkpoint "
+            f"(or remove {path})")
+
+
 def check_checkpoint(path: Path) -> None:
     """Refuse a folder that is not a complete checkpoint, with a clear message."""
     if not path.is_dir():
@@ -476,38 +719,78 @@ def check_checkpoint(path: Path) -> None:
     if not (path / COMPLETE_MARKER).is_file():
         raise CheckpointError(
             f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker): it was interrupted while being "
-            "written. Resume from an earlier checkpoint-N folder (or 'latest', which skips incomplete ones)."
+            "written. Resume from an earlier checkpoint-N folder (or 'latest', which skips incomplete ones); "
+            f"{_resume_advice(path)}."
         )
     for name in (LORA_WEIGHT_NAME, FAKE_WEIGHT_NAME, "optimizer.pt", "trainer_state.json"):
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} lacks {name}; it is corrupt")
+            raise CheckpointError(f"checkpoint {path} lacks {name}; it is corrupt: {_resume_advice(path)}")
+
+
+_LOAD_ERRORS = (SafetensorError, ValueError, RuntimeError, OSError, EOFError, KeyError, TypeError,
+                pickle.UnpicklingError)
+
+
+def _load_checkpoint_file(path: Path, name: str, loader):
+    """`loader(path / name)`, or a CheckpointError naming the file and the checkpoint to fall back to."""
+    try:
+        value = loader(path / name)
+    except _LOAD_ERRORS as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {name} is corrupt or truncated ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); {_resume_advice(path)}"
+        ) from err
+    if isinstance(value, dict) and name.endswith(".safetensors"):
+        bad = nonfinite_keys(value)
+        if bad:
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: {name} holds NaN/Inf in {len(bad)} tensor(s) (e.g. {bad[0]}); "
+                f"{_resume_advice(path)}"
+            )
+    return value
 
 
 def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, schedulers: dict,
                     generators: dict) -> dict:
-    """Restore LoRAs, optimizer/scheduler states and RNG states; returns the trainer state (step, epoch...)."""
+    """Restore LoRAs, optimizer/scheduler states and RNG states; returns the trainer state (step, epoch...).
+
+    Every file is read before anything is restored, and a bad one is named with the checkpoint to fall back to.
+    """
     check_checkpoint(path)
-    try:
-        student = load_file(str(path / LORA_WEIGHT_NAME))
+    student = _load_checkpoint_file(path, LORA_WEIGHT_NAME, lambda f: load_file(str(f)))
+    fake = _load_checkpoint_file(path, FAKE_WEIGHT_NAME, lambda f: load_file(str(f)))
+    states = _load_checkpoint_file(path, "optimizer.pt",
+                                   lambda f: torch.load(f, map_location="cpu", weights_only=False))
+    trainer_state = _load_checkpoint_file(path, "trainer_state.json", lambda f: json.loads(f.read_text()))
+    rng_name = f"rng_state_{accelerator.process_index}.pt"
+    rng = (_load_checkpoint_file(path, rng_name, lambda f: torch.load(f, map_location="cpu", weights_only=False))
+           if (path / rng_name).is_file() else None)
+
+    def restore(_path: Path) -> None:
         prefix = "transformer."
         lora.load_adapter_state_dict(
             transformer, lora.STUDENT, {k[len(prefix):]: v for k, v in student.items() if k.startswith(prefix)}
         )
-        lora.load_adapter_state_dict(transformer, lora.FAKE, load_file(str(path / FAKE_WEIGHT_NAME)))
-        states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-    except (ValueError, RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
-        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-    for k, o in optimizers.items():
-        o.load_state_dict(states["optimizers"][k])
-    for k, s in schedulers.items():
-        s.load_state_dict(states["schedulers"][k])
+        lora.load_adapter_state_dict(transformer, lora.FAKE, fake)
+        for k, o in optimizers.items():
+            o.load_state_dict(states["optimizers"][k])
+        for k, s in schedulers.items():
+            s.load_state_dict(states["schedulers"][k])
+        if rng is not None:
+            set_rng_state(rng, generators)
+
+    # A mismatched (rather than corrupt) file fails here: another rank / model / optimizer layout.
+    try:
+        restore(path)
+    except _LOAD_ERRORS as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: its LoRA / optimizer / RNG states do not fit this run (another model, "
+            f"--rank or flags?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            f"{_resume_advice(path)}"
+        ) from err
     if trainer_state.get("num_processes", 1) != accelerator.num_processes:
         logger.warning("checkpoint written with %s processes, resuming with %s: the run is not bit-identical",
                        trainer_state.get("num_processes"), accelerator.num_processes)
-    rng_path = path / f"rng_state_{accelerator.process_index}.pt"
-    if rng_path.is_file():
-        set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=False), generators)
     return trainer_state
 
 
@@ -685,12 +968,13 @@ def train(args: argparse.Namespace) -> dict:
         logger.warning("DeepSpeed config detected: it provides the processes; the LoRA optimizers are this "
                        "trainer's own (one shared base transformer cannot be a DeepSpeed engine per role).")
     device = accelerator.device
-    output_dir.mkdir(parents=True, exist_ok=True)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
     cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
     if getattr(args, "tinyworld", False):
         check_tinyworld_prompt_cache(cache)
+    check_before_model_load(cache, args)  # prompt cache vs model, output folder, resume folder: before loading
+    output_dir.mkdir(parents=True, exist_ok=True)
     want_vae = (args.validation_steps > 0 or args.eval_every > 0) and accelerator.is_main_process
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.family, weight_dtype, with_vae=want_vae)
     if pipe.vae is not None:
@@ -776,7 +1060,8 @@ def train(args: argparse.Namespace) -> dict:
 
     while state["global_step"] < args.max_train_steps and not stop:
         sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
-        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers)
+        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                            generator=loader_generator(args.seed, state["epoch"]))
         for emb in loader:
             state["batch_in_epoch"] += 1
             state["micro_step"] += 1
@@ -856,6 +1141,7 @@ def train(args: argparse.Namespace) -> dict:
                 device=device,
             )
             stop = float(accelerator.reduce(out_of_time, reduction="max")) > 0 or step >= args.max_train_steps
+            guard_finite(accelerator, step, logs, params_g, params_f, emb, args)  # before any checkpoint of it
             if step % args.checkpointing_steps == 0 or stop:
                 check_replicas_agree(accelerator, params_g + params_f)
                 last_ckpt = save_checkpoint(accelerator, output_dir, step, transformer, family, optimizers,
@@ -880,10 +1166,25 @@ def train(args: argparse.Namespace) -> dict:
             "output_dir": str(output_dir), **logs}
 
 
+# The trainer's own errors: one line `error: ...` and exit status 2, like the prompt and inference CLIs.
+USER_ERRORS = (CheckpointError, NonFiniteError, PromptCacheError, ModelFolderError, OutputLocationError, LoraError)
+
+
 def main(family: str, argv: list[str] | None = None) -> dict:
+    """Entry point of both launch scripts: parse (argparse errors exit 2), train, log a summary.
+
+    Raises:
+        SystemExit(2): after printing `error: <one line>` for an input, checkpoint, output or non-finite problem.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(family, argv)
-    summary = train(args)
+    try:
+        summary = train(args)
+    except USER_ERRORS as err:
+        for bar in list(getattr(tqdm, "_instances", ())):  # end an open progress bar's line: the error is its own
+            bar.close()
+        print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per launch, not one per process
         logger.info("done: %s", summary)
     return summary

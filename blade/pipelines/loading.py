@@ -26,6 +26,7 @@ __all__ = [
     "LoraMismatchError",
     "LoraNotFoundError",
     "ModelFolderError",
+    "check_lora_finite",
     "check_lora_keys",
     "check_model_folder",
     "empty_transformer",
@@ -381,6 +382,20 @@ def check_lora_keys(transformer: torch.nn.Module, state_dict: dict[str, torch.Te
         )
 
 
+def check_lora_finite(state_dict: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
+    """Raise `LoraError` naming `file` when a LoRA tensor holds NaN or Inf.
+
+    A LoRA saved from a diverged run loads without complaint and renders all-black videos; refuse it instead.
+    """
+    bad = [k for k, v in state_dict.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoraError(
+            f"LoRA file {file} holds non-finite values (NaN/Inf) in {len(bad)} of {len(state_dict)} tensors (e.g. "
+            f"{bad[0]}): it comes from a diverged or corrupted training run; use an earlier checkpoint's "
+            "pytorch_lora_weights.safetensors"
+        )
+
+
 def empty_transformer(family: str, model_path: str | os.PathLike) -> torch.nn.Module:
     """The folder's transformer with meta-device weights (no memory, no file read but config.json): for checks."""
     from accelerate import init_empty_weights
@@ -407,6 +422,7 @@ def load_blade_lora_weights(pipe, weights: str | os.PathLike, *, adapter_name: s
     family = family_of_transformer(pipe.transformer)
     weights = Path(weights)
     state_dict, _ = read_lora_state_dict(family, weights)
+    check_lora_finite(state_dict, weights)
     check_lora_keys(pipe.transformer, state_dict)
     pipe.load_lora_weights(
         str(weights.parent), weight_name=weights.name, adapter_name=adapter_name, local_files_only=True
