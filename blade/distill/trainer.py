@@ -950,6 +950,7 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration
 
+    start_time = time.monotonic()  # the --max_train_minutes box counts everything: loading, reflow pairs, evaluation
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need this to see their process group
@@ -1042,16 +1043,18 @@ def train(args: argparse.Namespace) -> dict:
     log_path = output_dir / "logs.jsonl"
 
     def evaluate_student(step: int) -> dict:
+        decode = lambda x0: decode_latents(pipe, family, x0)  # noqa: E731
         with ema.swapped_in() if ema is not None else nullcontext():
-            result = monitor(objective, lambda x0: decode_latents(pipe, family, x0))
+            result = monitor(objective, decode)
         record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+        if ema is not None:  # the raw weights too: what the average gains is the difference
+            record.update({f"eval_raw_{k}": v for k, v in monitor(objective, decode).items()})
         append_jsonl(output_dir / "eval.jsonl", record)
         logger.info("step %d: %s", step, record)
         return record
 
     if monitor is not None and state["global_step"] == 0:
         evaluate_student(0)
-    start_time = time.monotonic()
     progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="TDM",
                     disable=not accelerator.is_local_main_process)
     last_ckpt, logs, stop = None, {}, False
