@@ -549,7 +549,8 @@ def vae_decode_progress(pipe: Any) -> Iterator[None]:
 
     def decode(z, *args, **kwargs):
         frames = z.shape[2] if getattr(z, "ndim", 0) == 5 and type(vae).__name__ == "AutoencoderKLWan" else None
-        with tqdm(total=frames, desc="VAE decode", unit="frame" if frames else "call", leave=False) as bar:
+        unit = "frame" if frames else "call"
+        with tqdm(total=frames, desc="VAE decode", unit=unit, leave=False, mininterval=0, miniters=1) as bar:
             state["bar"] = bar
             try:
                 return original(z, *args, **kwargs)
