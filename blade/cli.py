@@ -9,17 +9,28 @@ sidecar `NNN_slug.json` (settings, realized sparsity, per-stage timings, version
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
+import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from blade.pipelines.hints import (
+    HINT_KEYS,
+    MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
+    ModelHintsError,
+    read_model_hints,
+)
 from blade.pipelines.loading import (
     FAMILIES,
     LoraError,
@@ -33,11 +44,11 @@ from blade.pipelines.loading import (
     video_size_rules,
 )
 
-__all__ = ["CLIError", "ScriptSpec", "build_parser", "main", "read_prompts", "slugify"]
+__all__ = ["CLIError", "ScriptSpec", "build_parser", "main", "output_stem", "read_prompts", "slugify"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HINT_KEYS = ("num_frames", "height", "width", "fps", "max_sequence_length")
-MODEL_HINTS_FILE = "blade_defaults.json"  # optional, in a model folder: defaults for HINT_KEYS
+# HINT_KEYS / MODEL_HINTS_FILE (blade_defaults.json, optional in a model folder; the older blade_hints.json is read
+# too): see blade.pipelines.hints.
 
 
 class CLIError(ValueError):
@@ -83,6 +94,12 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         help="BLADE student LoRA: the .safetensors file or its folder; a blade_config.json beside it sets the "
         "sampler (K anchors, eta) and the ASA config. 'none' runs the base model with its own scheduler. Default: "
         + (f"{spec.default_lora_path} with the default model, else none" if spec.default_lora_path else "none"),
+    )
+    p.add_argument(
+        "--lora_without_config",
+        action="store_true",
+        help="accept a LoRA that has no blade_config.json beside it: it then samples with the pipeline's own "
+        "scheduler and --steps, dense unless --attention asa (default: off, such a LoRA is refused)",
     )
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the text prompt (one of --prompt / --prompt_file is required)")
@@ -193,6 +210,20 @@ def slugify(text: str, max_len: int = 60) -> str:
     return slug[:max_len].rstrip("-") or "video"
 
 
+def output_stem(index: int, prompt: str, max_len: int = 60) -> str:
+    """`NNN_slug`, plus `-` and 8 hex digits of the prompt's SHA-1 when the slug loses anything of the prompt.
+
+    A prompt of lower-case words, digits and single spaces (case and an end period aside) keeps its plain slug
+    (`000_a-dog`); a longer one (cut at `max_len`) or one with other characters gets the hash, so two prompts that
+    differ only past the cut or in punctuation never share a file name.
+    """
+    slug = slugify(prompt, max_len)
+    plain = " ".join(prompt.strip().lower().removesuffix(".").split())
+    if plain.replace(" ", "-") != slug:
+        slug = f"{slug}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
+    return f"{index:03d}_{slug}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation (no weights loaded)
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,16 +260,54 @@ def _resolve_device(gpu: int) -> torch.device:
 
 
 def _model_hints(spec: ScriptSpec, model_path: Path) -> dict[str, Any]:
-    """Defaults for sizes / fps / text length: the model folder's blade_defaults.json, or the script's hints."""
-    hints_file = model_path / MODEL_HINTS_FILE
-    if hints_file.is_file():
-        try:
-            return {k: v for k, v in json.loads(hints_file.read_text()).items() if k in HINT_KEYS}
-        except (OSError, ValueError) as err:
-            raise CLIError(f"cannot read {hints_file}: {err}") from None
+    """Defaults for sizes / fps / text length (and `"tinyworld"`): the model folder's blade_defaults.json (or
+    blade_hints.json; TinyWorld's for a TinyWorld folder), else the script's hints for its default model."""
+    try:
+        hints = read_model_hints(model_path)
+    except ModelHintsError as err:
+        raise CLIError(str(err)) from None
+    if hints:
+        return hints
     if _is_default_model(spec, model_path):
-        return {k: v for k, v in spec.default_model_hints.items() if k in HINT_KEYS}
+        return {k: v for k, v in spec.default_model_hints.items() if k in (*HINT_KEYS, "tinyworld")}
     return {}
+
+
+def _check_tinyworld_prompts(prompts: list[str]) -> None:
+    """TinyWorld only knows its grammar: refuse any other prompt, naming the bad word (as `evaluate` does)."""
+    from blade.tinyworld.world import PromptError, parse_prompt
+
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except PromptError as err:
+            where = f"prompt {i + 1} " if len(prompts) > 1 else "the prompt "
+            raise CLIError(f"{where}{prompt!r} is outside the TinyWorld grammar: {err}") from None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _warn_long_prompts(family: str, model_path: Path, prompts: list[str], max_length: int | None) -> None:
+    """Warn for each prompt longer than the text encoder's window (the pipeline cuts it there, silently)."""
+    from diffusers import CogVideoXPipeline, WanPipeline
+
+    pipeline_cls = {"wan": WanPipeline, "cogvideox": CogVideoXPipeline}[family]
+    if max_length is None:
+        max_length = inspect.signature(pipeline_cls.__call__).parameters["max_sequence_length"].default
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path / "tokenizer"), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - a tokenizer we cannot load here only costs the warning
+        _warn(f"cannot load {model_path / 'tokenizer'} to check prompt lengths ({type(err).__name__}: {err})")
+        return
+    for i, prompt in enumerate(prompts):
+        n = len(tokenizer(prompt, add_special_tokens=True).input_ids)
+        if n > max_length:
+            _warn(f"prompt {i + 1} is {n} tokens long; the text encoder takes the first {max_length} tokens "
+                  f"(max_sequence_length), the rest is cut")
 
 
 def _is_default_model(spec: ScriptSpec, model_path: Path) -> bool:
@@ -295,11 +364,31 @@ def _check_speed_flags(args: argparse.Namespace) -> None:
         ) from None
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output_dir that is a file, sits under a file, or cannot be created or written to."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CLIError(f"--output_dir {output_dir} exists and is not a folder")
+    ancestor = output_dir
+    while not ancestor.exists():  # the nearest existing folder above it, where it would be created
+        if ancestor.parent == ancestor:
+            break
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise CLIError(f"--output_dir {output_dir}: {ancestor} is a file, not a folder")
+    if ancestor.exists() and not os.access(ancestor, os.W_OK | os.X_OK):
+        what = "is not writable" if ancestor == output_dir else f"cannot be created: {ancestor} is not writable"
+        raise CLIError(f"--output_dir {output_dir} {what}")
+
+
 def _output_paths(output_dir: Path, prompts: list[str], overwrite: bool) -> list[tuple[Path, Path]]:
+    _check_output_dir(output_dir)
     outputs = []
     for i, prompt in enumerate(prompts):
-        stem = f"{i:03d}_{slugify(prompt)}"
+        stem = output_stem(i, prompt)
         outputs.append((output_dir / f"{stem}.mp4", output_dir / f"{stem}.json"))
+    folders = [str(p) for pair in outputs for p in pair if p.is_dir()]
+    if folders:
+        raise CLIError(f"output path is a folder: {', '.join(folders[:3])}")
     existing = [str(p) for pair in outputs for p in pair if p.exists()]
     if existing and not overwrite:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
@@ -311,18 +400,29 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     """Validate the command line against the model folder and LoRA without loading any weight."""
     family = FAMILIES[spec.family]
     prompts = read_prompts(args)
+    outputs_dir = Path(args.output_dir)
+    _check_output_dir(outputs_dir)  # before anything slow: a bad output folder must not cost a whole generation
     model_path = Path(args.model_path)
     hint = spec.default_model_missing if _is_default_model(spec, model_path) else None
     check_model_folder(spec.family, model_path, hint=hint)
+    model_hints = _model_hints(spec, model_path)
+    if model_hints.get("tinyworld"):
+        _check_tinyworld_prompts(prompts)
     lora_path = args.lora_path
     if lora_path is None and spec.default_lora_path is not None and _is_default_model(spec, model_path):
         lora_path = str(spec.default_lora_path) if Path(spec.default_lora_path).exists() else None
     if lora_path is not None and lora_path.lower() == "none":
         lora_path = None
     lora_file, blade_config = _check_lora(spec.family, model_path, lora_path) if lora_path else (None, None)
+    if lora_file is not None and blade_config is None and not args.lora_without_config:
+        raise LoraError(
+            f"no blade_config.json beside {lora_file}: without it the student's sampler (K anchors, eta) and ASA "
+            "config are unknown, and it would sample with the pipeline's own scheduler. Use the folder the trainer "
+            "wrote (it has blade_config.json), or pass --lora_without_config to run it that way anyway"
+        )
     cfg = blade_config or {}
 
-    hints = {**_model_hints(spec, model_path), **{k: cfg[k] for k in HINT_KEYS if k in cfg}}
+    hints = {**model_hints, **{k: cfg[k] for k in HINT_KEYS if k in cfg}}
     defaults = {"num_frames": family.default_num_frames, "height": family.default_height, "width": family.default_width}
     num_frames, height, width = (
         getattr(args, key) if getattr(args, key) is not None else int(hints.get(key, default))
@@ -344,9 +444,14 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
 
     device = _resolve_device(args.gpu)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if dtype == torch.float16 and device.type == "cpu":
+        _warn("--dtype float16 on a CPU: the VAE decode runs ~180x slower than in float32 (no fast float16 "
+              "kernels on CPUs); use float32 (the CPU default) or bfloat16")
     pipeline_kwargs = {}
     if "max_sequence_length" in hints:  # TinyWorld trains with 32 text tokens, not Wan's 512
         pipeline_kwargs["max_sequence_length"] = int(hints["max_sequence_length"])
+    outputs = _output_paths(outputs_dir, prompts, args.overwrite)
+    _warn_long_prompts(spec.family, model_path, prompts, pipeline_kwargs.get("max_sequence_length"))
     return Job(
         family=spec.family,
         model_path=model_path,
@@ -363,7 +468,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         lora_file=lora_file,
         blade_config=blade_config,
         pipeline_kwargs=pipeline_kwargs,
-        outputs=_output_paths(Path(args.output_dir), prompts, args.overwrite),
+        outputs=outputs,
     )
 
 
@@ -383,7 +488,12 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
 
     pipe = load_pipeline(job.family, job.model_path, dtype=job.dtype, device=job.device)
     if job.lora_file is not None:
-        load_blade_lora(pipe, job.lora_file, fuse=True, asa=False)  # ASA below, with the CLI's dense_steps
+        with warnings.catch_warnings():  # a LoRA without blade_config.json was accepted with --lora_without_config
+            warnings.filterwarnings("ignore", message="no blade_config.json beside")
+            load_blade_lora(pipe, job.lora_file, fuse=True, asa=False)  # ASA below, with the CLI's dense_steps
+        if job.blade_config is None:
+            _warn(f"no blade_config.json beside {job.lora_file} (--lora_without_config): sampling with "
+                  f"{type(pipe.scheduler).__name__}, {job.steps} steps, {job.attention} attention")
     if job.attention == "asa":
         enable_asa(pipe, (job.blade_config or {}).get("asa"), dense_steps=job.dense_steps)
     speed_report = None
@@ -422,6 +532,46 @@ def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
 
 
+@contextmanager
+def vae_decode_progress(pipe: Any) -> Iterator[None]:
+    """Show a tqdm bar while `pipe.vae.decode` runs: one tick per call of the VAE's decoder module.
+
+    Wan's VAE runs its decoder once per latent frame (the bar then knows its total); CogVideoX's once per batch of
+    latent frames. The bar lives on stderr and closes with each decode.
+    """
+    from tqdm.auto import tqdm
+
+    vae = pipe.vae
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None or not hasattr(vae, "decode"):
+        yield
+        return
+    state: dict[str, Any] = {}
+    original = vae.decode
+
+    def decode(z, *args, **kwargs):
+        frames = z.shape[2] if getattr(z, "ndim", 0) == 5 and type(vae).__name__ == "AutoencoderKLWan" else None
+        unit = "frame" if frames else "call"
+        with tqdm(total=frames, desc="VAE decode", unit=unit, leave=False, mininterval=0, miniters=1) as bar:
+            state["bar"] = bar
+            try:
+                return original(z, *args, **kwargs)
+            finally:
+                state.pop("bar", None)
+
+    def tick(module, inputs, output):
+        if "bar" in state:
+            state["bar"].update(1)
+
+    hook = decoder.register_forward_hook(tick)
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        hook.remove()
+        del vae.decode  # back to the class's method
+
+
 def run(job: Job, args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -434,18 +584,19 @@ def run(job: Job, args: argparse.Namespace) -> None:
         tqdm(list(zip(job.prompts, job.outputs)), desc="prompts", unit="video")
     ):
         seed = args.seed + i
-        frames, info = generate(
-            pipe,
-            prompt,
-            seed=seed,
-            steps=job.steps,
-            guidance_scale=args.guidance_scale,
-            num_frames=job.num_frames,
-            height=job.height,
-            width=job.width,
-            negative_prompt=args.negative_prompt,
-            **job.pipeline_kwargs,
-        )
+        with vae_decode_progress(pipe):
+            frames, info = generate(
+                pipe,
+                prompt,
+                seed=seed,
+                steps=job.steps,
+                guidance_scale=args.guidance_scale,
+                num_frames=job.num_frames,
+                height=job.height,
+                width=job.width,
+                negative_prompt=args.negative_prompt,
+                **job.pipeline_kwargs,
+            )
         export_mp4(frames, video_path, fps=job.fps)
         sidecar = {
             "video": video_path.name,

@@ -1,4 +1,8 @@
-"""Video export and read-back through imageio-ffmpeg (H.264, yuv420p: plays in browsers and common players)."""
+"""Video export and read-back through imageio-ffmpeg (H.264, yuv420p: plays in browsers and common players).
+
+Where imageio-ffmpeg (or its ffmpeg binary) is unavailable, OpenCV's `cv2.VideoWriter` / `cv2.VideoCapture` are used
+instead when cv2 is importable (MPEG-4 part 2, `mp4v`: plays in VLC/ffmpeg-based players, not in every browser).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "export_mp4", "frames_to_uint8", "read_mp4"]
+__all__ = ["atomic_path", "export_mp4", "ffmpeg_available", "frames_to_uint8", "read_mp4"]
 
 
 def frames_to_uint8(frames) -> np.ndarray:
@@ -69,6 +73,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.remove(tmp_name)
 
 
+def ffmpeg_available() -> bool:
+    """True when imageio-ffmpeg is importable and finds an ffmpeg binary."""
+    try:
+        import imageio_ffmpeg
+
+        return bool(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError, OSError):
+        return False
+
+
+def _import_cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise RuntimeError(
+            "cannot write or read mp4: imageio-ffmpeg (or its ffmpeg binary) is unavailable and OpenCV is not "
+            "installed; `pip install imageio-ffmpeg` (or opencv-python-headless)"
+        ) from None
+    return cv2
+
+
+def _export_cv2(video: np.ndarray, path: str, fps: float) -> None:
+    """Write uint8 RGB frames with OpenCV's VideoWriter (mp4v in an mp4 container)."""
+    cv2 = _import_cv2()
+    height, width = video.shape[1:3]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"cv2.VideoWriter cannot open {path} for mp4v")
+    try:
+        for frame in video:
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # RGB -> BGR
+    finally:
+        writer.release()
+
+
 def export_mp4(frames, path: str | os.PathLike, fps: float, *, quality: float = 8.0) -> Path:
     """Write `frames` to an H.264 mp4 at `path`, atomically.
 
@@ -81,12 +120,17 @@ def export_mp4(frames, path: str | os.PathLike, fps: float, *, quality: float = 
         quality: imageio-ffmpeg quality in [1, 10] (8 maps to x264 CRF 10: near-lossless for small clips).
 
     Sizes are kept as they are (`macro_block_size=1`, no rescaling to multiples of 16); an odd height or width is
-    padded by one replicated row/column because yuv420p needs even sizes.
+    padded by one replicated row/column because yuv420p needs even sizes. Without imageio-ffmpeg's ffmpeg, the
+    video is written by OpenCV (`mp4v`) when cv2 is installed (`quality` then has no effect).
     """
-    import imageio_ffmpeg
-
     video = _pad_to_even(frames_to_uint8(frames))
     path = Path(path)
+    if not ffmpeg_available():
+        with atomic_path(path) as tmp_name:
+            _export_cv2(video, tmp_name, fps)
+        return path
+    import imageio_ffmpeg
+
     with atomic_path(path) as tmp_name:
         writer = imageio_ffmpeg.write_frames(
             tmp_name,
@@ -109,12 +153,28 @@ def export_mp4(frames, path: str | os.PathLike, fps: float, *, quality: float = 
 
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
-    """Decode every frame of a video file into a uint8 array `[F, H, W, 3]` (RGB)."""
-    import imageio_ffmpeg
-
+    """Decode every frame of a video file into a uint8 array `[F, H, W, 3]` (RGB); through OpenCV when imageio-ffmpeg's
+    ffmpeg is unavailable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no video at {path}")
+    if not ffmpeg_available():
+        cv2 = _import_cv2()
+        capture = cv2.VideoCapture(str(path))
+        frames = []
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                frames.append(frame[:, :, ::-1])  # BGR -> RGB
+        finally:
+            capture.release()
+        if not frames:
+            raise ValueError(f"{path} holds no video frames")
+        return np.ascontiguousarray(np.stack(frames))
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     width, height = meta["size"]

@@ -352,3 +352,122 @@ def test_help_documents_every_flag_with_its_default():
         for action in parser._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help and ("default" in action.help.lower() or "required" in action.help), action.dest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 15: grammar, output paths and names, LoRA without its JSON, long prompts, float16 on CPU, decode progress
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, bad_word",
+    [
+        ("a cat surfing a wave", "cat"),
+        ("a large purple circle moves right on a black background", "purple"),
+        ("a small red circle moves left and a large red square stays still on a black background", "red"),
+    ],
+)
+def test_tinyworld_prompt_outside_the_grammar_exits_2_before_loading(prompt, bad_word, tmp_path, capsys, monkeypatch):
+    import blade.pipelines.loading as loading
+
+    wan_script = _load_script(WAN_SCRIPT)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded"))
+    out_dir = tmp_path / "out"
+    assert wan_script.main(wan_script.SPEC, ["--prompt", prompt, "--output_dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "outside the TinyWorld grammar" in err and repr(bad_word) in err, err
+    assert not out_dir.exists()
+
+
+def test_output_dir_problems_exit_2_before_loading(assets, tmp_path, capsys):
+    wan_script = _load_script(WAN_SCRIPT)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {
+        "a file": (a_file, "exists and is not a folder"),
+        "under a file": (a_file / "videos", "is a file, not a folder"),
+    }
+    for name, (out_dir, message) in cases.items():
+        argv = ["--model_path", str(assets["wan"]), "--prompt", "a dog", *WAN_SIZE, "--output_dir", str(out_dir)]
+        assert wan_script.main(wan_script.SPEC, argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (name, err)
+    assert a_file.read_text() == "not a folder"
+    (tmp_path / "out" / "000_a-dog.mp4").mkdir(parents=True)  # an output path taken by a folder
+    argv = ["--model_path", str(assets["wan"]), "--prompt", "a dog", *WAN_SIZE, "--output_dir", str(tmp_path / "out")]
+    assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite"]) == 2
+    assert "output path is a folder" in capsys.readouterr().err
+
+
+def test_output_names_never_collide_and_keep_readable_slugs():
+    from blade.cli import output_stem
+
+    readme = "a large red circle moves right on a black background"
+    assert output_stem(0, readme) == "000_a-large-red-circle-moves-right-on-a-black-background"  # README's name
+    assert output_stem(3, "A dog.") == "003_a-dog"
+    long_a = "a panda playing guitar in a bamboo forest at sunset with fireflies and a river, then it rains"
+    long_b = "a panda playing guitar in a bamboo forest at sunset with fireflies and a river, then it snows"
+    stem_a, stem_b = output_stem(0, long_a), output_stem(0, long_b)
+    assert stem_a != stem_b and len(stem_a) <= 4 + 60 + 9
+    assert stem_a.startswith("000_a-panda-playing-guitar-in-a-bamboo-forest")
+    import hashlib
+
+    assert stem_a.endswith("-" + hashlib.sha1(long_a.encode()).hexdigest()[:8])
+    assert output_stem(0, "a dog!") != output_stem(0, "a dog?")  # the slug drops punctuation: the hash keeps it
+
+
+def test_lora_folder_without_blade_config_is_refused_or_explicitly_accepted(assets, tmp_path, capsys):
+    wan_script = _load_script(WAN_SCRIPT)
+    bare = tmp_path / "bare_lora"
+    bare.mkdir()
+    (bare / "pytorch_lora_weights.safetensors").write_bytes(
+        (assets["wan_lora"] / "pytorch_lora_weights.safetensors").read_bytes()
+    )
+    out_dir = tmp_path / "out"
+    argv = ["--model_path", str(assets["wan"]), "--lora_path", str(bare), "--prompt", "a dog", "--num_frames", "5",
+            "--height", "32", "--width", "32", "--steps", "2", "--output_dir", str(out_dir)]
+    assert wan_script.main(wan_script.SPEC, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no blade_config.json beside" in err and "--lora_without_config" in err
+    assert not out_dir.exists()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no raw UserWarning either
+        assert wan_script.main(wan_script.SPEC, [*argv, "--lora_without_config"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no blade_config.json beside" in err and "UniPCMultistepScheduler" in err
+    assert "VAE decode" in err  # the decode's progress bar
+    (sidecar,) = _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3))
+    assert sidecar["blade_config"] is None and sidecar["attention"] == "dense"
+
+
+def test_long_prompt_and_float16_on_cpu_warn(assets, tmp_path, capsys):
+    from blade.cli import build_parser, prepare_job
+
+    wan_script = _load_script(WAN_SCRIPT)
+    long_prompt = " ".join(["dog"] * 600)
+    argv = ["--model_path", str(assets["wan"]), "--prompt", long_prompt, *WAN_SIZE, "--output_dir",
+            str(tmp_path / "out"), "--gpu", "-1"]
+    job = prepare_job(wan_script.SPEC, build_parser(wan_script.SPEC).parse_args(argv))
+    err = capsys.readouterr().err
+    # 600 words + </s> in the tiny word-level tokenizer; WanPipeline's default window is 512 tokens
+    assert "warning: prompt 1 is 601 tokens long; the text encoder takes the first 512 tokens" in err, err
+    assert "float16" not in err and job.dtype == torch.float32
+    job = prepare_job(wan_script.SPEC, build_parser(wan_script.SPEC).parse_args([*argv[:3], "a dog", *argv[4:],
+                                                                                   "--dtype", "float16"]))
+    err = capsys.readouterr().err
+    assert "warning: --dtype float16 on a CPU" in err and "slower" in err and "tokens long" not in err
+    assert job.dtype == torch.float16 and not (tmp_path / "out").exists()
+
+
+def test_vae_decode_progress_counts_wan_latent_frames(wan_pipe, capsys):
+    from blade.cli import vae_decode_progress
+
+    latents = torch.randn(1, 16, 3, 8, 8)
+    with vae_decode_progress(wan_pipe):
+        wan_pipe.vae.decode(latents)
+    assert "decode" not in vars(wan_pipe.vae)  # the class's method is back
+    err = capsys.readouterr().err
+    assert "VAE decode" in err and "3/3" in err, err

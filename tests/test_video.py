@@ -68,3 +68,42 @@ def test_failed_export_leaves_old_file_untouched(tmp_path):
         export_mp4(smooth_clip(3, 32, 32), path, fps=8, quality=99)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["keep.mp4"]
+
+
+def test_mp4_falls_back_to_opencv_without_ffmpeg(tmp_path, monkeypatch):
+    """As on the GPU machine (no imageio-ffmpeg, OpenCV installed): the mp4 is written by cv2 and plays back."""
+    cv2 = pytest.importorskip("cv2", reason="opencv is not installed (optional: the fallback writer)")
+    import blade.video as video
+
+    clip = frames_to_uint8(smooth_clip(9, 48, 64))
+    monkeypatch.setattr(video, "ffmpeg_available", lambda: False)
+    out = export_mp4(clip, tmp_path / "fallback.mp4", fps=8)
+    assert out.is_file() and not list(tmp_path.glob(".*partial*"))
+    # independent read-back: OpenCV's own capture (and ffmpeg's too, where imageio-ffmpeg is installed)
+    capture = cv2.VideoCapture(str(out))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame[:, :, ::-1])
+    capture.release()
+    assert len(frames) == 9 and frames[0].shape == (48, 64, 3)
+    assert psnr(np.stack(frames), clip) > 25
+    assert np.array_equal(read_mp4(out), np.stack(frames))  # read_mp4 falls back to cv2 as well
+    monkeypatch.undo()
+    if video.ffmpeg_available():
+        back = read_mp4(out)
+        assert back.shape == (9, 48, 64, 3) and psnr(back, clip) > 25
+
+
+def test_mp4_without_ffmpeg_or_opencv_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    import blade.video as video
+
+    monkeypatch.setattr(video, "ffmpeg_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # its import fails
+    with pytest.raises(RuntimeError, match="imageio-ffmpeg"):
+        export_mp4(smooth_clip(2, 16, 16), tmp_path / "x.mp4", fps=8)
+    assert not list(tmp_path.iterdir())  # nothing left behind

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sparsity-aware TDM distillation of Wan2.1-T2V-1.3B (paper hyperparameters: K=8, eta 0.9, cfg 5.0, LoRA 64/64,
 # lr 1e-4 / fake 5e-4, 5 videos x 4 accumulation x 4 GPUs = batch 80, 300 steps, checkpoint every 15).
-# DeepSpeed is optional: train/config.yaml (ZeRO-2, documented, not run here) is used when it is installed,
-# otherwise train/config_ddp.yaml (plain multi-GPU).
+# Plain multi-GPU data parallelism (train/config_ddp.yaml) by default. DeepSpeed ZeRO-2 (train/config.yaml +
+# ds_config.json) is opt-in with USE_DEEPSPEED=1: it is documented, not run on a GPU in this project, and the trainer
+# builds its own LoRA optimizers, which ZeRO does not shard.
 set -euo pipefail
 
 MODEL_PATH=${MODEL_PATH:-./Wan2.1-T2V-1.3B-Diffusers}
@@ -14,7 +15,12 @@ MODEL_PATH=$(realpath -m "$MODEL_PATH"); PROMPT_DIR=$(realpath -m "$PROMPT_DIR")
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CONFIG="$HERE/train/config_ddp.yaml"
-if python -c "import deepspeed" 2>/dev/null; then CONFIG="$HERE/train/config.yaml"; fi
+if [ "${USE_DEEPSPEED:-0}" = "1" ]; then
+  CONFIG="$HERE/train/config.yaml"
+  echo "USE_DEEPSPEED=1: DeepSpeed ZeRO-2 (train/config.yaml); never run on a GPU in this project, and the trainer's LoRA optimizers are its own (not sharded)" >&2
+elif python -c "import deepspeed" 2>/dev/null; then
+  echo "deepspeed is installed but not used: DeepSpeed ZeRO-2 was never run on a GPU in this project and the trainer's LoRA optimizers are its own; set USE_DEEPSPEED=1 to try it" >&2
+fi
 cd "$HERE/train"  # config.yaml points at ../../ds_config.json
 
 accelerate launch --config_file "$CONFIG" --num_processes "$NUM_GPUS" --mixed_precision bf16 \

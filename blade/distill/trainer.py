@@ -42,6 +42,7 @@ from blade.distill import lora
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
+from blade.pipelines.hints import LEGACY_HINTS_FILE, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
@@ -51,7 +52,7 @@ COMPLETE_MARKER = "COMPLETE"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_WEIGHT_NAME = "fake_lora.safetensors"
 CONFIG_NAME = "blade_config.json"
-HINTS_NAME = "blade_hints.json"  # optional per-model-folder defaults (num_frames, height, width, fps)
+HINTS_NAME = LEGACY_HINTS_FILE  # older name of a model folder's defaults; blade_defaults.json is read first
 
 # Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2).
 FAMILY_DEFAULTS = {
@@ -170,7 +171,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 
 def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and fill the size defaults: explicit flag > model folder's blade_hints.json > preset > family."""
+    """Parse and fill the size defaults: explicit flag > the model folder's blade_defaults.json (or blade_hints.json;
+    TinyWorld's size for a TinyWorld folder) > the --tinyworld preset > the family's."""
     parser = build_parser(family)
     args = parser.parse_args(argv)
     validate_args(parser, args)
@@ -184,10 +186,15 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
             args.pretrained_model_name_or_path = str(bundled_pipeline_path())
     if args.pretrained_model_name_or_path is None:
         raise SystemExit("error: --pretrained_model_name_or_path is required")
-    hints_path = Path(args.pretrained_model_name_or_path) / HINTS_NAME
-    if hints_path.is_file():
-        hints = json.loads(hints_path.read_text())
-        defaults.update({k: hints[k] for k in ("num_frames", "height", "width", "fps") if k in hints})
+    # The model folder's own size: blade_defaults.json (or the older blade_hints.json), or TinyWorld's for a
+    # TinyWorld pipeline folder (recognised by its tokenizer), so MODEL_PATH=assets/tinyworld/pipeline just works.
+    try:
+        hints = read_model_hints(args.pretrained_model_name_or_path)
+    except ModelHintsError as err:
+        raise SystemExit(f"error: {err}") from None
+    defaults.update({k: hints[k] for k in ("num_frames", "height", "width", "fps") if k in hints})
+    if hints.get("tinyworld") and hasattr(args, "tinyworld"):
+        args.tinyworld = True  # its prompt cache is then checked against the TinyWorld teacher's text inputs
     for key in ("num_frames", "height", "width", "fps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,8 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 
 def save_pipeline(pipe: WanPipeline, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Save `pipe` with weights cast to `dtype` (bf16 keeps the bundle small). Returns the weights' size in bytes.
+    """Save `pipe` with weights cast to `dtype` (bf16 keeps the bundle small) and its `blade_defaults.json`
+    (TinyWorld's video size, text length and grammar flag). Returns the weights' size in bytes.
 
     The pipeline's modules are left untouched (a cast copy is saved).
     """
@@ -218,6 +220,10 @@ def save_pipeline(pipe: WanPipeline, path: str | Path, dtype: torch.dtype = torc
     out = WanPipeline(tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, **cast)
     with _quiet():
         out.save_pretrained(path, safe_serialization=True)
+    # the folder's own video size and grammar flag, read by the inference scripts and the trainer
+    from blade.pipelines.hints import MODEL_HINTS_FILE, tinyworld_hints
+
+    (path / MODEL_HINTS_FILE).write_text(json.dumps(tinyworld_hints(), indent=2) + "\n")
     return sum(f.stat().st_size for f in path.rglob("*.safetensors"))
 
 

@@ -21,7 +21,7 @@ SPEC = ScriptSpec(
     description="Generate videos with a Wan2.1 pipeline and an 8-step BLADE student LoRA (ASA block-sparse "
     "attention). Default model: the bundled TinyWorld miniature (17x128x128, runs on a CPU).",
     default_model_path=bundled_pipeline_path(),
-    default_model_hints=TINYWORLD_DEFAULTS,
+    default_model_hints={**TINYWORLD_DEFAULTS, "tinyworld": True},
     default_lora_path=bundled_pipeline_path().parent / "blade_lora",
     default_model_missing="The bundled TinyWorld pipeline (assets/tinyworld/pipeline) is missing: restore it from "
     "the repository (git checkout -- assets/tinyworld) or pass --model_path to a Wan2.1 diffusers folder, e.g. "
