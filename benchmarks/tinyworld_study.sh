@@ -8,7 +8,8 @@
 # at TinyWorld size: batch 16, K 8, cfg 5, LoRA 64/64, lr 1e-4, fake lr 2e-4, bf16) and its own flags after them, so
 # a run's flags override the common ones. MINUTES boxes every run (loading and evaluation included); runs resume
 # from RUN/<name> when it holds a checkpoint (a second call on a warm machine continues them).
-# Results: OUT/study.tgz (each run's logs.jsonl, eval.jsonl, log) and a table of the evaluation curves, printed last.
+# Results: OUT/study.tgz (each run's logs.jsonl, eval.jsonl, log), OUT/loras.tgz (each run's final LoRA folder) and
+# a table of the evaluation curves, printed last.
 set -euo pipefail
 PLAN=${1:?plan file}
 MINUTES=${2:-8}
@@ -44,5 +45,7 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 
 (cd "$RUN" && tar czf - --exclude='checkpoint-*' --exclude='prompts' --exclude='*.safetensors' \
   --exclude='reflow_pairs_*' .) > "$OUT/study.tgz"
-python3 benchmarks/study_table.py "$RUN" | tee "$OUT/study_table.md"
+(cd "$RUN" && tar czf - $(ls -d */pytorch_lora_weights.safetensors */blade_config.json 2>/dev/null)) \
+  > "$OUT/loras.tgz"  # each run's final student LoRA folder (~4 MB each in fp32)
+python3 benchmarks/study_table.py "$RUN" --every "$EVAL_EVERY" | tee "$OUT/study_table.md"
 exit $status

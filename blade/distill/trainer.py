@@ -935,7 +935,7 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
     logger.info("sampling %d teacher ODE pairs (%d steps, cfg %s)", args.reflow_pairs, args.reflow_teacher_steps,
                 args.cfg)
     x0 = teacher_ode_pairs(objective, pipe.scheduler, noise, emb, neg, args.reflow_teacher_steps, args.cfg,
-                           batch_size=max(args.train_batch_size, 16))
+                           batch_size=max(args.train_batch_size, 64))
     pairs = {"noise": noise, "x0": x0, "emb": emb, "key": key}
     torch.save({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in pairs.items()}, path)
     return pairs
