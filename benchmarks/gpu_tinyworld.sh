@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_tinyworld.sh quick              # teacher on 6 held-out prompts (a progress check, ~1 min)
 #   bash benchmarks/gpu_tinyworld.sh prompts            # the TDM prompt cache of the training prompts (seconds)
 #   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
-#                                                       # (in parallel when 2 GPUs; fake lr 2e-4: rank 64 is a
-#                                                       # quarter of this model's width)
+#                                                       # (in parallel when 2 GPUs) with the study's recipe v1
+#                                                       # (BENCHMARKS.md "Distillation study": L2 + per-sample
+#                                                       # normalisation, 2 fake updates, lr 2e-4 cosine over STEPS)
 #   bash benchmarks/gpu_tinyworld.sh eval               # Table 1 and Table 3 reports (JSON) on held-out prompts
 #   bash benchmarks/gpu_tinyworld.sh distill_eval4 MINUTES  # 4 GPUs: students on GPUs 0/1 while the teacher's
 #                                                       # Table 1 / Table 3 runs on GPUs 2/3, then `tdm_2gpu 40` on
@@ -52,7 +53,8 @@ distill() {  # $1 = name, remaining = extra flags
   python3 wanx/train/train_wanx_tdm.py --tinyworld --pretrained_model_name_or_path "$RUN/pipeline" \
     --prompt_dir "$RUN/prompts" --output_dir "$RUN/$name" --mixed_precision bf16 --gradient_checkpointing \
     --train_batch_size 16 --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 \
-    --learning_rate 1e-4 --learning_rate_fake 2e-4 --max_train_steps 100000 --checkpointing_steps 100 \
+    --learning_rate 2e-4 --learning_rate_fake 2e-4 --lr_scheduler cosine --max_train_steps "${STEPS:-450}" \
+    --fake_updates 2 --generator_loss l2 --normalize_generator on --checkpointing_steps 100 \
     --validation_steps 0 --max_train_minutes "$MINUTES" --resume_from_checkpoint latest "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_$name.log"
 }

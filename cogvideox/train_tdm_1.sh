@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Sparsity-aware TDM distillation of CogVideoX-5B (paper hyperparameters: K=8, eta 0.9, cfg 3.5, lambda_reg 0.5,
 # LoRA 64/64, lr 1e-4 / fake 5e-4, 5 videos x 4 accumulation x 4 GPUs = batch 80, 300 steps, checkpoint every 15).
+# Generator loss: squared error with DMD2's per-sample normalisation (--generator_loss l2 --normalize_generator on,
+# the trainer's default), not the released pseudo-Huber: on TinyWorld it was the strongest single change of the
+# distillation study (BENCHMARKS.md, "Distillation study"); --generator_loss huber --normalize_generator auto
+# restores the paper's. --fake_updates 2 (the study's recipe) needs --gradient_accumulation_steps 1.
 # Plain multi-GPU data parallelism (train/config_ddp.yaml) by default. DeepSpeed ZeRO-2 (train/config.yaml +
 # ds_config.json) is opt-in with USE_DEEPSPEED=1: it is documented, not run on a GPU in this project, and the trainer
 # builds its own LoRA optimizers, which ZeRO does not shard.
@@ -34,6 +38,8 @@ accelerate launch --config_file "$CONFIG" --num_processes "$NUM_GPUS" --mixed_pr
   --learning_rate 1e-4 \
   --learning_rate_g 1e-4 \
   --learning_rate_fake 5e-4 \
+  --generator_loss l2 \
+  --normalize_generator on \
   --lambda_reg 0.5 \
   --k_step 8 \
   --cfg 3.5 \

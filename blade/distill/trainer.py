@@ -137,12 +137,15 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--tau_mode", default="to_max", choices=["to_max", "segment"],
                    help="tau range of the fake/teacher scores: (t_mid, tau_max] (released BLADE) or the step's own "
                    "segment (t_mid, t_i] (TDM's 'fully separate' mode).")
-    p.add_argument("--generator_loss", default="huber", choices=["huber", "l2"],
-                   help="Generator regression: pseudo-Huber (released; near L1 at these sizes) or squared error "
-                   "(DMD2), toward stopgrad(x0 + teacher_cfg - fake).")
-    p.add_argument("--normalize_generator", default="auto", choices=["auto", "on", "off"],
-                   help="Divide the generator loss per sample by mean|x0 - teacher_cfg| (DMD2; auto: the family's "
-                   "released choice, on for CogVideoX, off for Wan).")
+    # Default changed from the released code's pseudo-Huber (near L1 at these sizes, so a sign gradient) after the
+    # TinyWorld study (BENCHMARKS.md, "Distillation study"): squared error with DMD2's per-sample normalisation was
+    # the strongest single change of the screen. `--generator_loss huber --normalize_generator auto` is the paper's.
+    p.add_argument("--generator_loss", default="l2", choices=["huber", "l2"],
+                   help="Generator regression toward stopgrad(x0 + teacher_cfg - fake): squared error (DMD2) or "
+                   "pseudo-Huber (the released code; near L1 at these sizes).")
+    p.add_argument("--normalize_generator", default="on", choices=["auto", "on", "off"],
+                   help="Divide the generator loss per sample by mean|x0 - teacher_cfg| (DMD2); auto = the released "
+                   "code's per-family choice (on for CogVideoX, off for Wan).")
     p.add_argument("--ema_decay", type=float, default=0.0,
                    help="EMA of the student LoRA (0 = off); the saved LoRA and the in-training evaluation use it.")
     p.add_argument("--reflow_steps", type=int, default=0,

@@ -1,0 +1,60 @@
+"""Learning curves of the distillation study: in-training adherence against optimizer step, with the teacher's line.
+
+    python benchmarks/plot_study.py --runs DIR/run ... --labels ... --teacher 0.924 --out curves.png
+
+Each run folder holds the trainer's eval.jsonl (--eval_every); for a run trained with --ema_decay the raw weights'
+curve (eval_raw_adherence) is drawn, so every line is the weights as trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def curve(run: Path) -> tuple[list[int], list[float]]:
+    records: dict[int, dict] = {}
+    for line in (run / "eval.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[int(record["step"])] = record
+    steps = sorted(records)
+    key = "eval_raw_adherence" if "eval_raw_adherence" in records[steps[-1]] else "eval_adherence"
+    return steps, [records[s].get(key, records[s]["eval_adherence"]) for s in steps]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders (each with eval.jsonl)")
+    parser.add_argument("--labels", nargs="+", default=None, help="legend labels (default: folder names)")
+    parser.add_argument("--teacher", type=float, default=None, help="the teacher's adherence on the same prompts")
+    parser.add_argument("--title", default="TinyWorld distillation: adherence during training")
+    parser.add_argument("--out", required=True, help="PNG path")
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = args.labels or [Path(r).name for r in args.runs]
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    for run, label in zip(args.runs, labels):
+        steps, values = curve(Path(run))
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    if args.teacher is not None:
+        ax.axhline(args.teacher, color="black", linestyle="--", label=f"teacher, 50 steps CFG 5 ({args.teacher:.3f})")
+    ax.set_xlabel("optimizer step (batch 16)")
+    ax.set_ylabel("adherence (24 held-out videos)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.set_title(args.title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
