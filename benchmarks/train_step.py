@@ -235,9 +235,6 @@ def main(argv=None) -> int:
         raise SystemExit("error: --device cuda but CUDA is not available (use --tiny --device cpu for a CPU check)")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rows = []
-    for family in args.models:
-        rows += run_model(family, args, device, dtype)
     import importlib.metadata as md
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -245,9 +242,16 @@ def main(argv=None) -> int:
             "gradient_checkpointing": not args.no_gradient_checkpointing, "rank": args.rank,
             "steps": args.steps, "tiny": args.tiny, "num_layers": args.num_layers,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    rows = []
+
+    def write_json() -> None:  # after every model: a run stopped by a time limit keeps what it measured
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+    for family in args.models:
+        rows += run_model(family, args, device, dtype)
+        write_json()
     print(json.dumps(meta))
     print(markdown_table(rows))
     return 0
