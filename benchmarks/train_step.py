@@ -106,7 +106,8 @@ def _sync(device: torch.device) -> float:
 def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, snapshot) -> dict:
     """1 + args.steps trainer iterations of one arm; returns its row (times, peak memory, sparsity, draws)."""
     transformer = pipe.transformer
-    ns = SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=5, fake_warmup_steps=0, family=family, shift=1.0 if family == "wan" else None, max_train_steps=300,
+    ns = SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=5, fake_warmup_steps=0, family=family,
+                         shift=1.0 if family == "wan" else None, max_train_steps=300,
                          **{k: v for k, v in tr.FAMILY_DEFAULTS[family].items() if k in ("cfg", "lambda_reg")})
     handle = tr.apply_sparsity(transformer, family, dense_steps=0)[0] if attention == "asa" else None
     lora.load_adapter_state_dict(transformer, lora.STUDENT, snapshot[lora.STUDENT])
