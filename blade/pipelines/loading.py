@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from blade.config import CONFIG_NAME, BladeConfig, BladeConfigError
+
 __all__ = [
     "FAMILIES",
     "BLADE_CONFIG_NAME",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-BLADE_CONFIG_NAME = "blade_config.json"
+BLADE_CONFIG_NAME = CONFIG_NAME
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+def resolve_lora(path: str | os.PathLike) -> tuple[Path, BladeConfig | None]:
     """Find the LoRA weights file and read the blade_config.json beside it.
 
     Args:
@@ -261,11 +263,13 @@ def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
             .safetensors file).
 
     Returns:
-        `(safetensors_file, blade_config)`; the config is None when there is no blade_config.json.
+        `(safetensors_file, blade_config)`; the config (a `blade.config.BladeConfig`) is None when there is no
+        blade_config.json.
 
     Raises:
         LoraNotFoundError: nothing at `path`, or no unambiguous .safetensors file in the folder.
-        LoraError: the file is not a readable safetensors file, holds no tensor, or the JSON is invalid.
+        LoraError: the file is not a readable safetensors file, holds no tensor, or the JSON is invalid (not JSON,
+            not an object, or a value BladeConfig refuses).
     """
     path = Path(path)
     if path.is_dir():
@@ -284,7 +288,7 @@ def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
     if weights.suffix != ".safetensors":
         raise LoraError(f"LoRA weights must be a .safetensors file, got {weights}")
     _check_safetensors_readable(weights)
-    return weights, _read_blade_config(weights.parent / BLADE_CONFIG_NAME)
+    return weights, _read_blade_config(weights)
 
 
 def _check_safetensors_readable(file: Path) -> None:
@@ -299,16 +303,14 @@ def _check_safetensors_readable(file: Path) -> None:
         raise LoraError(f"LoRA file {file} holds no tensors")
 
 
-def _read_blade_config(path: Path) -> dict[str, Any] | None:
+def _read_blade_config(weights: Path) -> BladeConfig | None:
+    path = weights.parent / BLADE_CONFIG_NAME
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise LoraError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise LoraError(f"{path} should hold a JSON object, got {type(config).__name__}")
-    return config
+        return BladeConfig.load(path)
+    except (OSError, BladeConfigError) as err:
+        raise LoraError(f"{BLADE_CONFIG_NAME} beside {weights} is invalid: {err}") from None
 
 
 def read_lora_state_dict(family: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
