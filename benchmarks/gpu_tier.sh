@@ -69,7 +69,7 @@ launch_one() {  # launch_one FAMILY FxHxW
   python - "$family" "$size" "$folder" "$DEVICE" <<'EOF' || return 1
 import json, sys
 import torch
-from blade.pipelines import full_size
+from blade.testing import full_size
 family, size, folder, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 frames, height, width = (int(x) for x in size.split("x"))
 pipe = full_size.build_full_size_pipeline(family, device, torch.bfloat16, num_layers=2,

@@ -95,10 +95,10 @@ def model_folder(root: Path, family: str) -> tuple[Path, Path]:
     key = ("folder", family)
     if key in _CACHE:
         return _CACHE[key]
-    from blade.pipelines import full_size
     from blade.prompt_cli import COGVIDEOX, WAN
     from blade.prompt_cli import main as encode_main
     from blade.prompts import PromptEmbeddingCache
+    from blade.testing import full_size
 
     folder, prompts = root / f"{family}_pipeline", root / f"{family}_prompts"
     start = _sync()
