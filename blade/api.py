@@ -16,7 +16,6 @@ wrapping `pipe.encode_prompt`, the transformer's forward and `pipe.vae.decode` f
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 import warnings
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from blade.config import BladeConfig
+from blade.families import get_family
 from blade.pipelines.loading import family_of_transformer, load_blade_lora_weights, resolve_lora
 
 __all__ = ["disable_asa", "enable_asa", "generate", "load_blade_lora", "asa_handle"]
@@ -43,7 +43,7 @@ _ADAPTER_NAME = "blade"
 
 def _family_module(family: str):
     """`blade.models.wan` or `blade.models.cogvideox` (imported lazily: they pull in the attention kernels)."""
-    return importlib.import_module(f"blade.models.{family}")
+    return get_family(family).adapter()
 
 
 def asa_handle(pipe):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from blade.config import BladeConfig
+from blade.families import get_family
 from blade.pipelines.hints import (
     HINT_KEYS,
     MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
@@ -292,9 +293,7 @@ def _warn(message: str) -> None:
 
 def _warn_long_prompts(family: str, model_path: Path, prompts: list[str], max_length: int | None) -> None:
     """Warn for each prompt longer than the text encoder's window (the pipeline cuts it there, silently)."""
-    from diffusers import CogVideoXPipeline, WanPipeline
-
-    pipeline_cls = {"wan": WanPipeline, "cogvideox": CogVideoXPipeline}[family]
+    pipeline_cls = get_family(family).pipeline_cls()
     if max_length is None:
         max_length = inspect.signature(pipeline_cls.__call__).parameters["max_sequence_length"].default
     try:

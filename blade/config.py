@@ -124,7 +124,10 @@ class BladeConfig(Mapping):
         """The sampler's prediction type: the stored one, else (older files) the family's."""
         if self.prediction_type is not None:
             return PREDICTION_TYPES[self.prediction_type]
-        return "v_prediction" if self.family == "cogvideox" else "flow"
+        from blade.families import FAMILIES
+
+        family = FAMILIES.get(self.family) if self.family is not None else None
+        return family.prediction_type if family is not None else "flow"
 
     @property
     def num_anchors(self) -> int:

@@ -42,6 +42,7 @@ from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re
 from blade.distill import lora
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
+from blade.families import FAMILIES, get_family
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
@@ -55,11 +56,9 @@ FAKE_WEIGHT_NAME = "fake_lora.safetensors"
 # CONFIG_NAME (blade_config.json) and its content: blade.config.BladeConfig. A model folder's size hints are read by
 # blade.pipelines.hints (blade_defaults.json; the trainer writes no hints file).
 
-# Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2).
-FAMILY_DEFAULTS = {
-    "wan": {"num_frames": 81, "height": 480, "width": 832, "fps": 16, "cfg": 5.0, "lambda_reg": 0.0},
-    "cogvideox": {"num_frames": 49, "height": 480, "width": 720, "fps": 8, "cfg": 3.5, "lambda_reg": 0.5},
-}
+# Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2), owned by
+# the family registry (blade.families).
+FAMILY_DEFAULTS = {name: family.training_defaults() for name, family in FAMILIES.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -484,7 +483,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         anchors=[int(a) for a in objective.anchors],
         eta=args.eta,
         prediction_type=family.schedule.prediction_type,
-        shift=args.shift if family.name == "wan" else None,
+        shift=args.shift if get_family(family.name).flow_shift else None,
         asa=asa_config,
         dense_steps=args.dense_steps if asa_config is not None else 0,
         lora_rank=args.rank,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from blade.config import CONFIG_NAME, BladeConfig, BladeConfigError
+from blade.families import FAMILIES, Family, get_family
 
 __all__ = [
     "FAMILIES",
@@ -45,62 +45,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 BLADE_CONFIG_NAME = CONFIG_NAME
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """What the loaders and the inference CLI need to know about one model family."""
-
-    name: str
-    pipeline_class: str  # diffusers class name, as in model_index.json
-    transformer_class: str
-    default_num_frames: int
-    default_height: int
-    default_width: int
-    fps: int
-    download_name: str  # local folder name suggested to the user
-    hub_id: str
-
-    def download_hint(self) -> str:
-        return (
-            f"Download {self.download_name} from Hugging Face ({self.hub_id}), e.g. with "
-            f"`huggingface-cli download {self.hub_id} --local-dir ./{self.download_name}`, then pass "
-            f"--model_path ./{self.download_name}."
-        )
-
-    def pipeline_cls(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class)
-
-    def transformer_cls(self):
-        import diffusers
-
-        return getattr(diffusers, self.transformer_class)
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "wan": FamilySpec(
-        name="wan",
-        pipeline_class="WanPipeline",
-        transformer_class="WanTransformer3DModel",
-        default_num_frames=81,
-        default_height=480,
-        default_width=832,
-        fps=16,
-        download_name="Wan2.1-T2V-1.3B-Diffusers",
-        hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    ),
-    "cogvideox": FamilySpec(
-        name="cogvideox",
-        pipeline_class="CogVideoXPipeline",
-        transformer_class="CogVideoXTransformer3DModel",
-        default_num_frames=49,
-        default_height=480,
-        default_width=720,
-        fps=8,
-        download_name="CogVideoX-5b",
-        hub_id="THUDM/CogVideoX-5b",
-    ),
-}
+# The model families (what the loaders and the inference CLI need to know about each): blade.families.
+FamilySpec = Family
 
 
 class ModelFolderError(FileNotFoundError):
@@ -120,9 +66,7 @@ class LoraMismatchError(LoraError):
 
 
 def _family(family: str) -> FamilySpec:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[family]
+    return get_family(family)
 
 
 def family_of_transformer(transformer: torch.nn.Module) -> str:
@@ -447,12 +391,4 @@ def video_size_rules(family: str, model_path: str | os.PathLike) -> tuple[int, i
     """
     vae = read_component_config(model_path, "vae")
     transformer = read_component_config(model_path, "transformer")
-    if _family(family).name == "wan":
-        # WanPipeline sizes latents from these two VAE config fields (class defaults 8 and 4).
-        spatial, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
-        _, patch_h, patch_w = transformer.get("patch_size", (1, 2, 2))
-    else:
-        spatial = 2 ** (len(vae.get("block_out_channels", (128, 256, 256, 512))) - 1)
-        temporal = int(vae.get("temporal_compression_ratio", 4))
-        patch_h = patch_w = int(transformer.get("patch_size", 2))
-    return spatial * patch_h, spatial * patch_w, temporal
+    return _family(family).size_rules(vae, transformer)
