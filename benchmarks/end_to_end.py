@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blade.pipelines import full_size, tiny  # noqa: E402
 from blade.speed import speed_up_pipeline  # noqa: E402
+from blade.testing import full_size, tiny  # noqa: E402
 
 ARMS = ("baseline", "blade", "dense")
 PROMPT = "A red fox runs through fresh snow in a pine forest at sunrise, cinematic lighting, slow motion"

@@ -3,7 +3,7 @@
 #   tier   - pytest -m gpu (tests/test_gpu_tier.py + the other gpu-marked kernel/prober/compile tests)
 #   launch - both launch scripts (cogvideox/train_tdm_1.sh, wanx/train_wanx_tdm.sh) for 1 step, as a new user runs
 #            them: MODEL_PATH / PROMPT_DIR / OUTPUT_DIR / NUM_GPUS=1, on 2-layer published-width random-weight folders
-#            (CogVideoX 25x480x720, Wan 33x480x832 from the folder's blade_hints.json), prompts encoded by
+#            (CogVideoX 25x480x720, Wan 33x480x832 from the folder's blade_defaults.json), prompts encoded by
 #            utils/process_prompts_*.py, the scripts' own flags (batch 5 x accumulation 4, ASA, checkpointing,
 #            validation at the checkpoint when an mp4 writer is present)
 #   bench  - benchmarks/train_step.py --models wan cogvideox --steps 3 (full-size, dense vs ASA)
@@ -69,14 +69,14 @@ launch_one() {  # launch_one FAMILY FxHxW
   python - "$family" "$size" "$folder" "$DEVICE" <<'EOF' || return 1
 import json, sys
 import torch
-from blade.pipelines import full_size
+from blade.testing import full_size
 family, size, folder, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 frames, height, width = (int(x) for x in size.split("x"))
 pipe = full_size.build_full_size_pipeline(family, device, torch.bfloat16, num_layers=2,
                                           text_encoder_overrides=dict(num_layers=1, num_heads=2, d_ff=256,
                                                                       vocab_size=1000))
 pipe.save_pretrained(folder)
-with open(f"{folder}/blade_hints.json", "w") as f:
+with open(f"{folder}/blade_defaults.json", "w") as f:
     json.dump({"num_frames": frames, "height": height, "width": width, "fps": 16 if family == "wan" else 8}, f)
 print(f"{family}: 2-layer published-width folder at {folder}, training size {frames}x{height}x{width}")
 EOF

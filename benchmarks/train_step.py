@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --tiny --device cpu --steps 1       # tiny configs: the CPU test of this script
 
 Models: the published transformer (Wan2.1-T2V-1.3B at 81x480x832 = 32,760 video tokens; CogVideoX-5B at 49x480x720
-= 17,550 video + 226 text tokens) with random weights from `blade.pipelines.full_size`, bf16, no VAE and no text
+= 17,550 video + 226 text tokens) with random weights from `blade.testing.full_size`, bf16, no VAE and no text
 encoder: the prompt embeddings are random, of the real width and length (Wan 512x4096, CogVideoX 226x4096), as the
 trainer reads them from the prompt cache.
 
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="videos per step (one row pair per value)")
     p.add_argument("--attention", nargs="+", choices=("dense", "asa"), default=["dense", "asa"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="tiny configs (blade.pipelines.tiny), for a CPU check")
+    p.add_argument("--tiny", action="store_true", help="tiny configs (blade.testing.tiny), for a CPU check")
     p.add_argument("--num_layers", type=int, default=None, help="override the transformer depth (dry runs)")
     p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"), default=None,
                    help="video size (default: the family's published 81x480x832 / 49x480x720)")
@@ -76,14 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_pipe(family: str, args, device: torch.device, dtype: torch.dtype):
     """A pipeline object carrying only the transformer and scheduler (what the TDM objective needs)."""
     if args.tiny:
-        from blade.pipelines import tiny
+        from blade.testing import tiny
 
         build = tiny.build_tiny_wan_pipeline if family == "wan" else tiny.build_tiny_cogvideox_pipeline
         overrides = {"num_layers": args.num_layers} if args.num_layers else {}
         pipe = build(seed=0, **overrides)
         pipe.transformer.to(device=device, dtype=dtype).requires_grad_(False)
         return pipe
-    from blade.pipelines import full_size
+    from blade.testing import full_size
 
     transformer = full_size.build_transformer(family, device, dtype, num_layers=args.num_layers)
     return full_size.PIPELINE_CLASSES[family](tokenizer=None, text_encoder=None, vae=None, transformer=transformer,

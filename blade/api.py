@@ -16,7 +16,6 @@ wrapping `pipe.encode_prompt`, the transformer's forward and `pipe.vae.decode` f
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 import warnings
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from blade.config import BladeConfig
+from blade.families import get_family
 from blade.pipelines.loading import family_of_transformer, load_blade_lora_weights, resolve_lora
 
 __all__ = ["disable_asa", "enable_asa", "generate", "load_blade_lora", "asa_handle"]
@@ -42,7 +43,7 @@ _ADAPTER_NAME = "blade"
 
 def _family_module(family: str):
     """`blade.models.wan` or `blade.models.cogvideox` (imported lazily: they pull in the attention kernels)."""
-    return importlib.import_module(f"blade.models.{family}")
+    return get_family(family).adapter()
 
 
 def asa_handle(pipe):
@@ -81,7 +82,7 @@ def disable_asa(pipe) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bool = True) -> dict[str, Any]:
+def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bool = True) -> BladeConfig | dict:
     """Load a BLADE student LoRA into `pipe` and set the pipeline up to sample as the student was trained.
 
     Args:
@@ -91,10 +92,12 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
         asa: enable ASA with the config stored in blade_config.json when it has one (`"asa"` not null).
 
     Returns:
-        The blade_config.json content (`{}` when the folder has none: the stock scheduler is then kept).
+        The blade_config.json content as a `blade.config.BladeConfig` (which also reads as a mapping of the JSON
+        keys, e.g. `config["k_step"]`), or `{}` when the folder has none: the stock scheduler is then kept.
 
     Raises:
-        LoraNotFoundError, LoraError, LoraMismatchError (from `blade.pipelines.loading`).
+        LoraNotFoundError, LoraError, LoraMismatchError (from `blade.pipelines.loading`); LoraError also for a
+        blade_config.json that BladeConfig refuses, before any weight loads.
     """
     weights, config = resolve_lora(path)
     load_blade_lora_weights(pipe, weights, adapter_name=_ADAPTER_NAME)
@@ -107,8 +110,8 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
     from blade.distill.sampler import BladeStudentScheduler
 
     pipe.scheduler = BladeStudentScheduler.from_blade_config(config)
-    if asa and config.get("asa"):
-        enable_asa(pipe, config["asa"], dense_steps=int(config.get("dense_steps", 0)))
+    if asa and config.asa:
+        enable_asa(pipe, config.asa_config(), dense_steps=config.dense_steps)
     return config
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from blade.config import BladeConfig
+from blade.families import get_family
 from blade.pipelines.hints import (
     HINT_KEYS,
     MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
@@ -246,7 +248,7 @@ class Job:
     attention: str  # "asa" | "dense"
     dense_steps: int
     lora_file: Path | None
-    blade_config: dict[str, Any] | None
+    blade_config: BladeConfig | None
     pipeline_kwargs: dict[str, Any]
     outputs: list[tuple[Path, Path]]  # (mp4, json) per prompt
 
@@ -291,9 +293,7 @@ def _warn(message: str) -> None:
 
 def _warn_long_prompts(family: str, model_path: Path, prompts: list[str], max_length: int | None) -> None:
     """Warn for each prompt longer than the text encoder's window (the pipeline cuts it there, silently)."""
-    from diffusers import CogVideoXPipeline, WanPipeline
-
-    pipeline_cls = {"wan": WanPipeline, "cogvideox": CogVideoXPipeline}[family]
+    pipeline_cls = get_family(family).pipeline_cls()
     if max_length is None:
         max_length = inspect.signature(pipeline_cls.__call__).parameters["max_sequence_length"].default
     try:
@@ -327,11 +327,12 @@ def _check_size(family: str, model_path: Path, num_frames: int, height: int, wid
         raise CLIError(f"this {family} model cannot take that size: " + "; ".join(problems))
 
 
-def _check_lora(family: str, model_path: Path, lora_path: str) -> tuple[Path, dict[str, Any] | None]:
-    """Resolve the LoRA and check its keys against the transformer built from config.json on the meta device."""
+def _check_lora(family: str, model_path: Path, lora_path: str) -> tuple[Path, BladeConfig | None]:
+    """Resolve the LoRA (its blade_config.json is validated as it is read) and check its keys against the
+    transformer built from config.json on the meta device."""
     lora_file, blade_config = resolve_lora(lora_path)
-    if blade_config is not None and blade_config.get("family") not in (None, family):
-        raise LoraError(f"{lora_file} was trained for {blade_config['family']!r}, not {family!r}")
+    if blade_config is not None and blade_config.family not in (None, family):
+        raise LoraError(f"{lora_file} was trained for {blade_config.family!r}, not {family!r}")
     if blade_config is not None:
         _check_blade_config(blade_config, lora_file)
     state_dict, _ = read_lora_state_dict(family, lora_file)
@@ -340,15 +341,12 @@ def _check_lora(family: str, model_path: Path, lora_path: str) -> tuple[Path, di
     return lora_file, blade_config
 
 
-def _check_blade_config(config: dict[str, Any], lora_file: Path) -> None:
-    """Build the student sampler and the ASA config once, so a bad blade_config.json fails before any weight loads."""
-    from blade.attention.asa import ASAConfig
+def _check_blade_config(config: BladeConfig, lora_file: Path) -> None:
+    """Build the student sampler once, so a config the sampler refuses fails before any weight loads."""
     from blade.distill.sampler import BladeStudentScheduler
 
     try:
         BladeStudentScheduler.from_blade_config(config)
-        if config.get("asa"):
-            ASAConfig.from_dict(config["asa"])
     except (TypeError, ValueError) as err:
         raise LoraError(f"blade_config.json beside {lora_file} is invalid: {err}") from None
 
@@ -420,9 +418,9 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
             "config are unknown, and it would sample with the pipeline's own scheduler. Use the folder the trainer "
             "wrote (it has blade_config.json), or pass --lora_without_config to run it that way anyway"
         )
-    cfg = blade_config or {}
+    cfg = blade_config or BladeConfig()
 
-    hints = {**model_hints, **{k: cfg[k] for k in HINT_KEYS if k in cfg}}
+    hints = {**model_hints, **{k: cfg[k] for k in HINT_KEYS if cfg.get(k) is not None}}
     defaults = {"num_frames": family.default_num_frames, "height": family.default_height, "width": family.default_width}
     num_frames, height, width = (
         getattr(args, key) if getattr(args, key) is not None else int(hints.get(key, default))
@@ -430,14 +428,14 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     )
     _check_size(spec.family, model_path, num_frames, height, width)
 
-    k_step = cfg.get("k_step")
+    k_step = cfg.k_step
     steps = args.steps if args.steps is not None else int(k_step or 8)
     if steps <= 0:
         raise CLIError(f"--steps must be positive, got {steps}")
     if k_step is not None and steps != int(k_step):
         raise CLIError(f"--steps {steps}: this LoRA was distilled for {k_step} steps (its blade_config.json k_step)")
-    attention = args.attention if args.attention != "auto" else ("asa" if cfg.get("asa") else "dense")
-    dense_steps = args.dense_steps if args.dense_steps is not None else int(cfg.get("dense_steps", 0))
+    attention = args.attention if args.attention != "auto" else ("asa" if cfg.asa else "dense")
+    dense_steps = args.dense_steps if args.dense_steps is not None else cfg.dense_steps
     if dense_steps < 0:
         raise CLIError(f"--dense_steps must be >= 0, got {dense_steps}")
     _check_speed_flags(args)
@@ -495,7 +493,7 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
             _warn(f"no blade_config.json beside {job.lora_file} (--lora_without_config): sampling with "
                   f"{type(pipe.scheduler).__name__}, {job.steps} steps, {job.attention} attention")
     if job.attention == "asa":
-        enable_asa(pipe, (job.blade_config or {}).get("asa"), dense_steps=job.dense_steps)
+        enable_asa(pipe, job.blade_config.asa_config() if job.blade_config else None, dense_steps=job.dense_steps)
     speed_report = None
     if args.compile or args.vae_dtype or args.channels_last:
         from blade.speed import speed_up_pipeline
@@ -618,7 +616,7 @@ def run(job: Job, args: argparse.Namespace) -> None:
             "family": job.family,
             "model_path": str(job.model_path),
             "lora_path": str(job.lora_file) if job.lora_file else None,
-            "blade_config": job.blade_config,
+            "blade_config": job.blade_config.to_dict() if job.blade_config is not None else None,
             "scheduler": type(pipe.scheduler).__name__,
             "dtype": str(job.dtype).removeprefix("torch."),
             "speed": speed_report,

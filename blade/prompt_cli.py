@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from blade.families import FAMILIES
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure
 from blade.prompts import (
     PromptCacheError,
@@ -52,9 +53,10 @@ class FamilyDefaults:
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 WAN = FamilyDefaults(
-    "wan", "WanPipeline", 512, WAN_NEGATIVE_PROMPT, str(_REPO_ROOT / "utils" / "all_dimension_aug_wanx.txt")
+    "wan", FAMILIES["wan"].pipeline_class, 512, WAN_NEGATIVE_PROMPT,
+    str(_REPO_ROOT / "utils" / "all_dimension_aug_wanx.txt"),
 )
-COGVIDEOX = FamilyDefaults("cogvideox", "CogVideoXPipeline", 226, "", None)
+COGVIDEOX = FamilyDefaults("cogvideox", FAMILIES["cogvideox"].pipeline_class, 226, "", None)
 
 
 class CLIError(RuntimeError):

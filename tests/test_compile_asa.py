@@ -15,8 +15,8 @@ from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, block_spars
 from blade.attention.kernels import triton_bsa  # noqa: E402
 from blade.attention.prober import estimate_block_mask  # noqa: E402
 from blade.models.wan import apply_asa  # noqa: E402
-from blade.pipelines.tiny import tiny_wan_transformer  # noqa: E402
 from blade.speed import compile_transformer_blocks  # noqa: E402
+from blade.testing.tiny import tiny_wan_transformer  # noqa: E402
 
 if not torch.cuda.is_available() and not triton_bsa._interpreting():
     pytest.skip("the kernels were built before TRITON_INTERPRET was set", allow_module_level=True)

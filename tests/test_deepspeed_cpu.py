@@ -21,9 +21,9 @@ pytest.importorskip(
     "USE_DEEPSPEED=1): this ZeRO-2 path is documented, not run in CI"
 )
 
-from blade.pipelines.tiny import build_tiny_wan_pipeline  # noqa: E402
 from blade.prompt_cli import WAN  # noqa: E402
 from blade.prompt_cli import main as encode_main  # noqa: E402
+from blade.testing.tiny import build_tiny_wan_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",

@@ -17,7 +17,7 @@ from diffusers import (
 )
 from transformers import T5Config, UMT5Config
 
-from blade.pipelines import full_size
+from blade.testing import full_size
 
 # Hand-copied from shared/reference/full_size_configs.md (the published component configs).
 PUBLISHED = {

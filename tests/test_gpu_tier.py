@@ -43,7 +43,7 @@ FAMILIES = ("wan", "cogvideox")
 NUM_LAYERS = 2
 TEXT_ENCODER = dict(num_layers=1, num_heads=2, d_ff=256, vocab_size=1000)  # d_model stays 4096
 FPS = {"wan": 16, "cogvideox": 8}
-# (num_frames, height, width): training size (the model folder's blade_hints.json) and inference size. CogVideoX's
+# (num_frames, height, width): training size (the model folder's blade_defaults.json) and inference size. CogVideoX's
 # VAE decodes an odd number of latent frames (1 + 4k frames) back to 1 + 4k frames; 2 latents would give 8 frames.
 SIZES = {
     "cuda": {"wan": {"train": (33, 480, 832), "infer": (17, 256, 448)},
@@ -95,10 +95,10 @@ def model_folder(root: Path, family: str) -> tuple[Path, Path]:
     key = ("folder", family)
     if key in _CACHE:
         return _CACHE[key]
-    from blade.pipelines import full_size
     from blade.prompt_cli import COGVIDEOX, WAN
     from blade.prompt_cli import main as encode_main
     from blade.prompts import PromptEmbeddingCache
+    from blade.testing import full_size
 
     folder, prompts = root / f"{family}_pipeline", root / f"{family}_prompts"
     start = _sync()
@@ -112,8 +112,8 @@ def model_folder(root: Path, family: str) -> tuple[Path, Path]:
     if ON_GPU:
         torch.cuda.empty_cache()
     frames, height, width = SIZES[family]["train"]
-    # The trainer reads the folder's training size from blade_hints.json (the launch-script run relies on it too).
-    (folder / "blade_hints.json").write_text(json.dumps({"num_frames": frames, "height": height, "width": width,
+    # The trainer reads the folder's training size from blade_defaults.json (the launch-script run relies on it too).
+    (folder / "blade_defaults.json").write_text(json.dumps({"num_frames": frames, "height": height, "width": width,
                                                         "fps": FPS[family]}))
     (root / f"{family}_prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     code = encode_main(WAN if family == "wan" else COGVIDEOX,

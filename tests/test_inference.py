@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from blade.api import enable_asa, generate, load_blade_lora
 from blade.distill.sampler import BladeStudentScheduler
 from blade.pipelines.loading import LoraMismatchError, load_pipeline
-from blade.pipelines.tiny import (
+from blade.testing.tiny import (
     build_tiny_cogvideox_pipeline,
     build_tiny_wan_pipeline,
     tiny_cogvideox_transformer,

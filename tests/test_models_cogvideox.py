@@ -10,7 +10,7 @@ from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embe
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig
 from blade.models.cogvideox import CogVideoXASAProcessor, apply_asa, cogvideox_grid, default_asa_config
-from blade.pipelines.tiny import build_tiny_cogvideox_pipeline, tiny_cogvideox_transformer
+from blade.testing.tiny import build_tiny_cogvideox_pipeline, tiny_cogvideox_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALL = ASAConfig(block_size=16, threshold=1.0, min_keep=1.0, max_keep=1.0, pool_size=None)

@@ -10,7 +10,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig
 from blade.models.wan import WanASAProcessor, apply_asa, default_asa_config, wan_grid
-from blade.pipelines.tiny import build_tiny_wan_pipeline, tiny_wan_transformer
+from blade.testing.tiny import build_tiny_wan_pipeline, tiny_wan_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALL = ASAConfig(block_size=16, threshold=1.0, min_keep=1.0, max_keep=1.0, pool_size=None)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blade.pipelines.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
 from blade.prompt_cli import COGVIDEOX, WAN, main
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
+from blade.testing.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red ball moves left", "a big dog runs on the road", "a red ball moves left", "",

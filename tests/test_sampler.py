@@ -181,7 +181,7 @@ def _record_timesteps(transformer):
 
 
 def test_inside_wan_pipeline():
-    from blade.pipelines.tiny import build_tiny_wan_pipeline
+    from blade.testing.tiny import build_tiny_wan_pipeline
 
     pipe = build_tiny_wan_pipeline()
     pipe.scheduler = BladeStudentScheduler(num_anchors=8, eta=0.9)
@@ -213,7 +213,7 @@ def test_inside_wan_pipeline():
 
 
 def test_inside_cogvideox_pipeline():
-    from blade.pipelines.tiny import build_tiny_cogvideox_pipeline
+    from blade.testing.tiny import build_tiny_cogvideox_pipeline
 
     pipe = build_tiny_cogvideox_pipeline()
     pipe.scheduler = BladeStudentScheduler.from_blade_config(

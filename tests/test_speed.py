@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from blade.pipelines.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 from blade.speed import compile_transformer_blocks, repeated_blocks, speed_up_pipeline
+from blade.testing.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline, tiny_wan_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from blade.distill.tdm import (
     teacher_gap_weight,
     wan_family,
 )
-from blade.pipelines.tiny import build_tiny_wan_pipeline
+from blade.testing.tiny import build_tiny_wan_pipeline
 
 SCHEDULES = [FlowMatchingSchedule(1.0), FlowMatchingSchedule(3.0),
              VPredictionDDPMSchedule.from_scheduler_config(COGVIDEOX_5B_DDPM_CONFIG)]

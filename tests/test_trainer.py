@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from blade.distill.trainer import CheckpointError, check_checkpoint, parse_args, train
-from blade.pipelines.tiny import build_tiny_wan_pipeline
 from blade.prompt_cli import WAN
 from blade.prompt_cli import main as encode_main
 from blade.prompts import PromptCacheError
+from blade.testing.tiny import build_tiny_wan_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",
@@ -121,8 +121,8 @@ def test_two_process_accelerate_launch(assets, tmp_path):
 
 def test_cogvideox_with_asa_smoke(tmp_path):
     """CogVideoX path (v-prediction, [B, F, C, H, W], RoPE from the pipeline, x0-space fake loss, lambda_reg) + ASA."""
-    from blade.pipelines.tiny import build_tiny_cogvideox_pipeline
     from blade.prompt_cli import COGVIDEOX
+    from blade.testing.tiny import build_tiny_cogvideox_pipeline
 
     build_tiny_cogvideox_pipeline(seed=0).save_pretrained(tmp_path / "cog")
     (tmp_path / "p.txt").write_text("a red ball\na dog runs\n")

@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from blade.config import PREDICTION_TYPES, BladeConfig
 from blade.distill.schedule import (
     FlowMatchingSchedule,
     NoiseSchedule,
@@ -29,7 +30,7 @@ from blade.distill.schedule import (
     student_step,
 )
 
-_PREDICTION_ALIASES = {"flow": "flow", "flow_prediction": "flow", "v_prediction": "v_prediction"}
+_PREDICTION_ALIASES = PREDICTION_TYPES
 
 
 @dataclass
@@ -102,23 +103,22 @@ class BladeStudentScheduler(SchedulerMixin, ConfigMixin):
         )
 
     @classmethod
-    def from_blade_config(cls, blade_config: Mapping[str, Any], **overrides: Any) -> BladeStudentScheduler:
-        """Build from a BLADE LoRA folder's ``blade_config.json`` (``k_step``, ``anchors``, ``eta``, ...)."""
-        prediction_type = blade_config.get("prediction_type")
-        if prediction_type is None:  # older configs: infer from the family
-            prediction_type = "v_prediction" if blade_config.get("family") == "cogvideox" else "flow"
-        anchors = blade_config.get("anchors")
+    def from_blade_config(
+        cls, blade_config: BladeConfig | Mapping[str, Any], **overrides: Any
+    ) -> BladeStudentScheduler:
+        """Build from a BLADE LoRA folder's ``blade_config.json`` (a ``BladeConfig`` or its JSON object)."""
+        config = BladeConfig.from_dict(blade_config)
         kwargs: dict[str, Any] = {
-            "num_anchors": int(blade_config.get("k_step") or (len(anchors) if anchors else 8)),
-            "eta": float(blade_config.get("eta", 0.9)),
-            "prediction_type": _PREDICTION_ALIASES.get(prediction_type, prediction_type),
-            "shift": float(blade_config.get("shift") or 1.0),
+            "num_anchors": config.num_anchors,
+            "eta": float(config.eta),
+            "prediction_type": config.resolved_prediction_type,
+            "shift": float(config.shift or 1.0),
         }
-        if anchors:
-            kwargs["anchors"] = [int(a) for a in anchors]
+        if config.anchors:
+            kwargs["anchors"] = [int(a) for a in config.anchors]
         for key in ("beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr", "snr_shift_scale"):
-            if key in blade_config:
-                kwargs[key] = blade_config[key]
+            if key in config.extra:
+                kwargs[key] = config.extra[key]
         kwargs.update(overrides)
         return cls(**kwargs)
 

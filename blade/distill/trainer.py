@@ -38,11 +38,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from blade.collectives import collective_in_place
+from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re-exported (its name before the move)
 from blade.distill import lora
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
+from blade.families import FAMILIES, get_family
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
-from blade.pipelines.hints import LEGACY_HINTS_FILE, ModelHintsError, read_model_hints
+from blade.pipelines.hints import ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
@@ -51,14 +53,12 @@ logger = logging.getLogger("blade.trainer")
 COMPLETE_MARKER = "COMPLETE"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_WEIGHT_NAME = "fake_lora.safetensors"
-CONFIG_NAME = "blade_config.json"
-HINTS_NAME = LEGACY_HINTS_FILE  # older name of a model folder's defaults; blade_defaults.json is read first
+# CONFIG_NAME (blade_config.json) and its content: blade.config.BladeConfig. A model folder's size hints are read by
+# blade.pipelines.hints (blade_defaults.json; the trainer writes no hints file).
 
-# Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2).
-FAMILY_DEFAULTS = {
-    "wan": {"num_frames": 81, "height": 480, "width": 832, "fps": 16, "cfg": 5.0, "lambda_reg": 0.0},
-    "cogvideox": {"num_frames": 49, "height": 480, "width": 720, "fps": 8, "cfg": 3.5, "lambda_reg": 0.5},
-}
+# Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2), owned by
+# the family registry (blade.families).
+FAMILY_DEFAULTS = {name: family.training_defaults() for name, family in FAMILIES.items()}
 
 
 class CheckpointError(RuntimeError):
@@ -478,25 +478,25 @@ def apply_sparsity(transformer, family: str, dense_steps: int):
     return handle, cfg_dict
 
 
-def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: dict | None) -> dict:
-    """The JSON written beside every LoRA (docs/internals.md, "BLADE LoRA folder")."""
-    return {
-        "family": family.name,
-        "k_step": args.k_step,
-        "anchors": list(objective.anchors),
-        "eta": args.eta,
-        "prediction_type": family.schedule.prediction_type,
-        "shift": args.shift if family.name == "wan" else None,
-        "asa": asa_config,
-        "dense_steps": args.dense_steps if asa_config is not None else 0,
-        "lora_rank": args.rank,
-        "lora_alpha": args.lora_alpha,
-        "cfg": args.cfg,
-        "num_frames": args.num_frames,
-        "height": args.height,
-        "width": args.width,
-        "fps": args.fps,
-    }
+def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: dict | None) -> BladeConfig:
+    """The blade_config.json written beside every LoRA (docs/internals.md, "BLADE LoRA folder")."""
+    return BladeConfig(
+        family=family.name,
+        k_step=args.k_step,
+        anchors=[int(a) for a in objective.anchors],
+        eta=args.eta,
+        prediction_type=family.schedule.prediction_type,
+        shift=args.shift if get_family(family.name).flow_shift else None,
+        asa=asa_config,
+        dense_steps=args.dense_steps if asa_config is not None else 0,
+        lora_rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        cfg=args.cfg,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,7 +596,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         g.set_state(state["generators"][k])
 
 
-def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict) -> None:
+def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
     """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json, readable by all."""
     state = lora.adapter_state_dict(transformer, lora.STUDENT)
     state = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in state.items()}
@@ -607,11 +607,10 @@ def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: dic
     family.pipeline_class.save_lora_weights(
         str(folder), transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
     )
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=1))
-    make_readable(folder / LORA_WEIGHT_NAME, folder / CONFIG_NAME)  # safetensors writes 0600
+    make_readable(folder / LORA_WEIGHT_NAME, config.save(folder))  # safetensors writes 0600
 
 
-def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict) -> None:
+def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
     """The final student LoRA folder; a failed write says what failed (space, permission)."""
     try:
         _write_lora_folder(folder, family, transformer, config)
@@ -625,7 +624,7 @@ def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: dict)
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, family, optimizers: dict,
-                    schedulers: dict, trainer_state: dict, generators: dict, config: dict, ema=None) -> Path:
+                    schedulers: dict, trainer_state: dict, generators: dict, config: BladeConfig, ema=None) -> Path:
     """Write output_dir/checkpoint-`step` atomically (every rank writes its own RNG state)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -668,7 +667,7 @@ def _save_errors(output_dir: Path, tmp: Path, step: int):
 
 
 def _write_checkpoint_files(tmp: Path, step: int, transformer, family, optimizers: dict, schedulers: dict,
-                            trainer_state: dict, config: dict, num_processes: int, ema=None) -> None:
+                            trainer_state: dict, config: BladeConfig, num_processes: int, ema=None) -> None:
     """The main process's part of a checkpoint, into the temporary folder; COMPLETE is written last."""
     _write_lora_folder(tmp, family, transformer, config)
     fake = lora.adapter_state_dict(transformer, lora.FAKE)

@@ -3,13 +3,12 @@
 The stock processor attends over ``[text, video]``. ``CogVideoXASAProcessor`` attends over ``[video, text]``: the
 video tokens (already Gilbert-ordered by the shared hooks, their ``image_rotary_emb`` with them) form the sparse
 blocks and the text tokens, whatever their number, sit at the tail and stay dense in both directions. The grid comes
-from ``hidden_states [B, F, C, H, W]`` with ``patch_size`` (and ``patch_size_t`` when set). The student schedule of
-this family is the v-prediction DDPM one (``VPredictionDDPMSchedule``).
+from ``hidden_states [B, F, C, H, W]`` with ``patch_size`` (and ``patch_size_t`` when set). (The student's noise
+schedule of this family lives in ``blade.distill``, not here.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +17,6 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from blade.attention import ASAConfig
-from blade.distill.schedule import COGVIDEOX_5B_DDPM_CONFIG, VPredictionDDPMSchedule
 from blade.models.common import (
     MODE_OFF,
     ASAHandle,
@@ -34,7 +32,6 @@ __all__ = [
     "CogVideoXASAProcessor",
     "apply_asa",
     "cogvideox_grid",
-    "cogvideox_schedule",
     "default_asa_config",
     "remove_asa",
 ]
@@ -45,11 +42,6 @@ def default_asa_config(**overrides: Any) -> ASAConfig:
     values = dict(block_size=128, threshold=0.95, min_keep=0.05, max_keep=0.10, pool_size=15)
     values.update(overrides)
     return ASAConfig(**values)
-
-
-def cogvideox_schedule(scheduler_config: Mapping[str, Any] | None = None) -> VPredictionDDPMSchedule:
-    """The student's noise schedule for CogVideoX (v-prediction DDPM; default: CogVideoX-5B's scheduler)."""
-    return VPredictionDDPMSchedule.from_scheduler_config(scheduler_config or COGVIDEOX_5B_DDPM_CONFIG)
 
 
 def cogvideox_grid(

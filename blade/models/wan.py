@@ -3,7 +3,7 @@
 ``apply_asa(transformer)`` swaps each block's ``attn1`` processor for ``WanASAProcessor`` and installs the shared
 hooks of ``blade.models.common``: the latent grid comes from ``hidden_states [B, C, F, H, W]`` and the patch size,
 video tokens are Gilbert-ordered once before the first block (the ``rope`` output follows them) and restored after
-the last one. The student schedule of this family is flow matching (``FlowMatchingSchedule``).
+the last one. (The student's noise schedule of this family lives in ``blade.distill``, not here.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from torch import nn
 
 from blade.attention import ASAConfig
-from blade.distill.schedule import FlowMatchingSchedule
 from blade.models.common import (
     MODE_OFF,
     ASAHandle,
@@ -27,7 +26,7 @@ from blade.models.common import (
     resolve_config,
 )
 
-__all__ = ["WanASAProcessor", "apply_asa", "default_asa_config", "remove_asa", "wan_grid", "wan_schedule"]
+__all__ = ["WanASAProcessor", "apply_asa", "default_asa_config", "remove_asa", "wan_grid"]
 
 
 def default_asa_config(**overrides: Any) -> ASAConfig:
@@ -35,11 +34,6 @@ def default_asa_config(**overrides: Any) -> ASAConfig:
     values = dict(block_size=128, threshold=0.95, min_keep=0.05, max_keep=0.17, pool_size=30)
     values.update(overrides)
     return ASAConfig(**values)
-
-
-def wan_schedule(shift: float = 1.0) -> FlowMatchingSchedule:
-    """The student's noise schedule for Wan (flow matching; the model predicts the velocity ``eps - x0``)."""
-    return FlowMatchingSchedule(shift)
 
 
 def wan_grid(hidden_states_shape: torch.Size | tuple[int, ...], patch_size: tuple[int, int, int]) -> Grid:

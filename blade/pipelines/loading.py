@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from blade.config import CONFIG_NAME, BladeConfig, BladeConfigError
+from blade.families import FAMILIES, Family, get_family
 
 __all__ = [
     "FAMILIES",
@@ -40,65 +42,11 @@ __all__ = [
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-BLADE_CONFIG_NAME = "blade_config.json"
+BLADE_CONFIG_NAME = CONFIG_NAME
 
 
-@dataclass(frozen=True)
-class FamilySpec:
-    """What the loaders and the inference CLI need to know about one model family."""
-
-    name: str
-    pipeline_class: str  # diffusers class name, as in model_index.json
-    transformer_class: str
-    default_num_frames: int
-    default_height: int
-    default_width: int
-    fps: int
-    download_name: str  # local folder name suggested to the user
-    hub_id: str
-
-    def download_hint(self) -> str:
-        return (
-            f"Download {self.download_name} from Hugging Face ({self.hub_id}), e.g. with "
-            f"`huggingface-cli download {self.hub_id} --local-dir ./{self.download_name}`, then pass "
-            f"--model_path ./{self.download_name}."
-        )
-
-    def pipeline_cls(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class)
-
-    def transformer_cls(self):
-        import diffusers
-
-        return getattr(diffusers, self.transformer_class)
-
-
-FAMILIES: dict[str, FamilySpec] = {
-    "wan": FamilySpec(
-        name="wan",
-        pipeline_class="WanPipeline",
-        transformer_class="WanTransformer3DModel",
-        default_num_frames=81,
-        default_height=480,
-        default_width=832,
-        fps=16,
-        download_name="Wan2.1-T2V-1.3B-Diffusers",
-        hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    ),
-    "cogvideox": FamilySpec(
-        name="cogvideox",
-        pipeline_class="CogVideoXPipeline",
-        transformer_class="CogVideoXTransformer3DModel",
-        default_num_frames=49,
-        default_height=480,
-        default_width=720,
-        fps=8,
-        download_name="CogVideoX-5b",
-        hub_id="THUDM/CogVideoX-5b",
-    ),
-}
+# The model families (what the loaders and the inference CLI need to know about each): blade.families.
+FamilySpec = Family
 
 
 class ModelFolderError(FileNotFoundError):
@@ -118,9 +66,7 @@ class LoraMismatchError(LoraError):
 
 
 def _family(family: str) -> FamilySpec:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
-    return FAMILIES[family]
+    return get_family(family)
 
 
 def family_of_transformer(transformer: torch.nn.Module) -> str:
@@ -253,7 +199,7 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+def resolve_lora(path: str | os.PathLike) -> tuple[Path, BladeConfig | None]:
     """Find the LoRA weights file and read the blade_config.json beside it.
 
     Args:
@@ -261,11 +207,13 @@ def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
             .safetensors file).
 
     Returns:
-        `(safetensors_file, blade_config)`; the config is None when there is no blade_config.json.
+        `(safetensors_file, blade_config)`; the config (a `blade.config.BladeConfig`) is None when there is no
+        blade_config.json.
 
     Raises:
         LoraNotFoundError: nothing at `path`, or no unambiguous .safetensors file in the folder.
-        LoraError: the file is not a readable safetensors file, holds no tensor, or the JSON is invalid.
+        LoraError: the file is not a readable safetensors file, holds no tensor, or the JSON is invalid (not JSON,
+            not an object, or a value BladeConfig refuses).
     """
     path = Path(path)
     if path.is_dir():
@@ -284,7 +232,7 @@ def resolve_lora(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
     if weights.suffix != ".safetensors":
         raise LoraError(f"LoRA weights must be a .safetensors file, got {weights}")
     _check_safetensors_readable(weights)
-    return weights, _read_blade_config(weights.parent / BLADE_CONFIG_NAME)
+    return weights, _read_blade_config(weights)
 
 
 def _check_safetensors_readable(file: Path) -> None:
@@ -299,16 +247,14 @@ def _check_safetensors_readable(file: Path) -> None:
         raise LoraError(f"LoRA file {file} holds no tensors")
 
 
-def _read_blade_config(path: Path) -> dict[str, Any] | None:
+def _read_blade_config(weights: Path) -> BladeConfig | None:
+    path = weights.parent / BLADE_CONFIG_NAME
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise LoraError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise LoraError(f"{path} should hold a JSON object, got {type(config).__name__}")
-    return config
+        return BladeConfig.load(path)
+    except (OSError, BladeConfigError) as err:
+        raise LoraError(f"{BLADE_CONFIG_NAME} beside {weights} is invalid: {err}") from None
 
 
 def read_lora_state_dict(family: str, weights: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -445,12 +391,4 @@ def video_size_rules(family: str, model_path: str | os.PathLike) -> tuple[int, i
     """
     vae = read_component_config(model_path, "vae")
     transformer = read_component_config(model_path, "transformer")
-    if _family(family).name == "wan":
-        # WanPipeline sizes latents from these two VAE config fields (class defaults 8 and 4).
-        spatial, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
-        _, patch_h, patch_w = transformer.get("patch_size", (1, 2, 2))
-    else:
-        spatial = 2 ** (len(vae.get("block_out_channels", (128, 256, 256, 512))) - 1)
-        temporal = int(vae.get("temporal_compression_ratio", 4))
-        patch_h = patch_w = int(transformer.get("patch_size", 2))
-    return spatial * patch_h, spatial * patch_w, temporal
+    return _family(family).size_rules(vae, transformer)

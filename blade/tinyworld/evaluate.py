@@ -37,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from blade import api
-from blade.attention import ASAConfig
 from blade.attention.static_masks import random_block_mask, window_block_mask
+from blade.config import BladeConfig
 from blade.models.wan import default_asa_config
 from blade.tinyworld import metrics
 from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline
@@ -71,7 +71,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, Scene]]:
 
 
 def configure_attention(
-    pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: dict | None
+    pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None
 ) -> Any:
     """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense)."""
     if mode not in ATTENTION_MODES:
@@ -82,8 +82,7 @@ def configure_attention(
         api.disable_asa(pipe)
         return None
 
-    asa_dict = (lora_config or {}).get("asa")
-    config = ASAConfig.from_dict(asa_dict) if asa_dict else default_asa_config()
+    config = (lora_config.asa_config() if lora_config else None) or default_asa_config()
     if sparsity is not None:  # pinned keep count, plain ASA: equal sparsity across the compared methods
         keep = 1.0 - sparsity
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
@@ -126,13 +125,13 @@ def evaluate(
     """
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
-    lora_config = api.load_blade_lora(pipe, lora, asa=False) if lora else None
+    lora_config = (api.load_blade_lora(pipe, lora, asa=False) or None) if lora else None
     if steps is None:
-        steps = int(lora_config.get("k_step", 8)) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
+        steps = int(lora_config.k_step or 8) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
     if guidance is None:
         guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
     if attention is None:  # the student as it was distilled
-        attention = "asa" if (lora_config or {}).get("asa") else "dense"
+        attention = "asa" if lora_config and lora_config.asa else "dense"
     size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
     extra = {"max_sequence_length": TINYWORLD_DEFAULTS["max_sequence_length"]}
 

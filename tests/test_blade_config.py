@@ -1,0 +1,63 @@
+"""blade.config.BladeConfig: the LoRA folder's blade_config.json, one type for its writer and its readers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from blade.config import CONFIG_NAME, BladeConfig, BladeConfigError
+
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "tinyworld" / "blade_lora"
+
+
+def test_bundled_file_loads_and_saves_back_unchanged(tmp_path):
+    config = BladeConfig.load(BUNDLED)  # a folder, or the file itself
+    assert config == BladeConfig.load(BUNDLED / CONFIG_NAME)
+    assert config.family == "wan" and config.k_step == 8 and config.anchors[0] == 999 and config.eta == 0.9
+    assert config.asa_config().block_size == 128 and config.resolved_prediction_type == "flow"
+    assert config["k_step"] == 8 and config.get("asa")["max_keep"] == 0.17  # read as the dict it was before
+    config.save(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text()) == json.loads((BUNDLED / CONFIG_NAME).read_text())
+
+
+def test_older_and_hand_written_files(tmp_path):
+    old = BladeConfig.from_dict({"family": "cogvideox", "k_step": 4, "beta_end": 0.02, "note": "kept"})
+    assert old.resolved_prediction_type == "v_prediction" and old.num_anchors == 4 and old.asa_config() is None
+    assert old.extra == {"beta_end": 0.02, "note": "kept"}
+    old.save(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["note"] == "kept" and saved["beta_end"] == 0.02 and saved["k_step"] == 4
+    assert BladeConfig.from_dict({"anchors": [999, 499]}).num_anchors == 2
+    assert BladeConfig().num_anchors == 8 and BladeConfig.from_dict({}).dense_steps == 0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"eta": 2}, "eta must be in [0, 1]"),
+        ({"k_step": 0}, "k_step must be an int >= 1"),
+        ({"k_step": 2, "anchors": [999, 666, 333]}, "3 anchors given for k_step=2"),
+        ({"prediction_type": "epsilon"}, "prediction_type must be"),
+        ({"asa": {"block_size": 10}}, "asa: ASAConfig.block_size"),
+        ({"asa": {"nope": 1}}, "unknown ASAConfig fields"),
+        ({"dense_steps": -1}, "dense_steps must be an int >= 0"),
+        ({"height": "tall"}, "height must be an int >= 1"),
+    ],
+)
+def test_invalid_values_are_refused_with_the_key(data, message):
+    with pytest.raises(BladeConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        BladeConfig.from_dict(data)
+
+
+def test_load_names_the_file(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(BladeConfigError, match="is not valid JSON"):
+        BladeConfig.load(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text("[1, 2]")
+    with pytest.raises(BladeConfigError, match="should hold a JSON object"):
+        BladeConfig.load(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"eta": -1}))
+    with pytest.raises(BladeConfigError, match=f"{CONFIG_NAME}: eta must be"):
+        BladeConfig.load(tmp_path / CONFIG_NAME)
+    with pytest.raises(FileNotFoundError):
+        BladeConfig.load(tmp_path / "missing")
