@@ -402,8 +402,8 @@ def test_output_dir_problems_exit_2_before_loading(assets, tmp_path, capsys):
 def test_output_names_never_collide_and_keep_readable_slugs():
     from blade.cli import output_stem
 
-    readme = "a large red circle moves right on a black background"
-    assert output_stem(0, readme) == "000_a-large-red-circle-moves-right-on-a-black-background"  # README's name
+    readme = "a large yellow circle moves right on a gray background"
+    assert output_stem(0, readme) == "000_a-large-yellow-circle-moves-right-on-a-gray-background"  # README's name
     assert output_stem(3, "A dog.") == "003_a-dog"
     long_a = "a panda playing guitar in a bamboo forest at sunset with fireflies and a river, then it rains"
     long_b = "a panda playing guitar in a bamboo forest at sunset with fireflies and a river, then it snows"

@@ -1,6 +1,6 @@
 """8-step BLADE inference for Wan2.1 (and the bundled TinyWorld miniature, the default model).
 
-    python wanx/train/inference.py --prompt "a large red circle moves right on a black background"
+    python wanx/train/inference.py --prompt "a large yellow circle moves right on a gray background"
         (the bundled TinyWorld teacher + its BLADE student LoRA, 8 steps, ASA; `--lora_path none` for the teacher)
     python wanx/train/inference.py --model_path ./Wan2.1-T2V-1.3B-Diffusers --lora_path ./blade_wan_lora \
         --prompt_file prompts.txt --gpu 0
