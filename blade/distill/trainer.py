@@ -450,13 +450,12 @@ def guard_finite(accelerator, step: int, logs: dict, params_g: list, params_f: l
 
 def load_pipeline(model_path: str, family: str, dtype: torch.dtype, with_vae: bool):
     """The teacher pipeline without its text encoder (prompts are pre-encoded); clear error when missing."""
-    import diffusers
 
     from blade.pipelines.loading import check_model_folder
 
     path = Path(model_path)
     check_model_folder(family, path)  # ModelFolderError (a FileNotFoundError) naming what is missing
-    cls = diffusers.WanPipeline if family == "wan" else diffusers.CogVideoXPipeline
+    cls = get_family(family).pipeline_cls()
     extra = {} if with_vae and (path / "vae").is_dir() else {"vae": None}
     return cls.from_pretrained(str(path), text_encoder=None, tokenizer=None, torch_dtype=dtype,
                                local_files_only=True, **extra)
@@ -468,10 +467,7 @@ def build_family(pipe, args) -> TDMFamily:
 
 def apply_sparsity(transformer, family: str, dense_steps: int):
     """Patch the transformer's self-attention with ASA; returns (handle, config as a dict)."""
-    if family == "wan":
-        from blade.models import wan as adapter
-    else:
-        from blade.models import cogvideox as adapter
+    adapter = get_family(family).adapter()
     config = adapter.default_asa_config()
     handle = adapter.apply_asa(transformer, config, dense_steps=dense_steps)
     cfg_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
