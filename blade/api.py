@@ -28,7 +28,14 @@ import torch
 
 from blade.config import BladeConfig
 from blade.families import get_family, pipeline_experts
-from blade.pipelines.loading import family_of_transformer, load_blade_lora_weights, resolve_lora
+from blade.pipelines.loading import (
+    LORA_WEIGHT_NAME_2,
+    LoraMismatchError,
+    expert_lora_files,
+    family_of_transformer,
+    load_blade_lora_weights,
+    resolve_lora,
+)
 
 __all__ = ["disable_asa", "enable_asa", "generate", "load_blade_lora", "asa_handle"]
 
@@ -94,8 +101,14 @@ def disable_asa(pipe) -> None:
 def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bool = True) -> BladeConfig | dict:
     """Load a BLADE student LoRA into `pipe` and set the pipeline up to sample as the student was trained.
 
+    A two-expert student (Wan2.2-A14B) has one LoRA per expert in the folder: `pytorch_lora_weights.safetensors`
+    for `transformer` (high noise) and `pytorch_lora_weights_transformer_2.safetensors` for `transformer_2`, both
+    in the diffusers format (the second is loaded with `load_into_transformer_2=True`). The student sampler's
+    anchors are then routed by the pipeline itself: anchors at t >= boundary_ratio x 1000 to `transformer`, the
+    rest to `transformer_2`.
+
     Args:
-        pipe: a `WanPipeline` or `CogVideoXPipeline`.
+        pipe: a `WanPipeline` (one or two experts) or `CogVideoXPipeline`.
         path: the LoRA .safetensors file or its folder (with `blade_config.json` beside it).
         fuse: fuse the LoRA into the base weights (no LoRA overhead at inference) and drop the adapter.
         asa: enable ASA with the config stored in blade_config.json when it has one (`"asa"` not null).
@@ -109,9 +122,21 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
         blade_config.json that BladeConfig refuses, before any weight loads.
     """
     weights, config = resolve_lora(path)
-    load_blade_lora_weights(pipe, weights, adapter_name=_ADAPTER_NAME)
+    files = expert_lora_files(weights)
+    if "transformer_2" in files and getattr(pipe, "transformer_2", None) is None:
+        raise LoraMismatchError(
+            f"{weights.parent} holds a LoRA for two experts (transformer, transformer_2) but {type(pipe).__name__} "
+            "has one transformer: load it into a Wan2.2-A14B pipeline"
+        )
+    if "transformer_2" not in files and getattr(pipe, "transformer_2", None) is not None:
+        warnings.warn(f"no {LORA_WEIGHT_NAME_2} beside {weights}: the LoRA goes into `transformer` only; "
+                      "`transformer_2` keeps its base weights", stacklevel=2)
+    adapters = {expert: _ADAPTER_NAME if expert == "transformer" else f"{_ADAPTER_NAME}_2" for expert in files}
+    for expert, file in files.items():
+        load_blade_lora_weights(pipe, file, adapter_name=adapters[expert], expert=expert)
     if fuse:
-        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[_ADAPTER_NAME])
+        for expert, adapter in adapters.items():
+            pipe.fuse_lora(components=[expert], lora_scale=1.0, adapter_names=[adapter])
         pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
     if config is None:
         warnings.warn(f"no blade_config.json beside {weights}: keeping the pipeline's scheduler", stacklevel=2)

@@ -223,3 +223,64 @@ def test_inference_script_size_rules_use_the_wan22_vae(ti2v, tmp_path, capsys):
     assert main(spec, argv) == 2
     assert "--height 48 must be a positive multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _one_step_lora(seed: int) -> dict:
+    """A LoRA on every attention projection of a tiny Wan transformer after one Adam step (its PEFT state dict)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_wan_transformer(seed=0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    out = model(torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 32), return_dict=False)[0]
+    out.pow(2).mean().backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def test_two_expert_student_lora_loads_one_lora_per_expert_and_routes_anchors(tmp_path):
+    from diffusers import WanPipeline
+
+    from blade.api import load_blade_lora
+    from blade.distill.sampler import BladeStudentScheduler
+    from blade.pipelines.loading import LORA_WEIGHT_NAME_2, LoraMismatchError
+    from blade.testing.tiny import build_tiny_wan_pipeline
+
+    high, low = _one_step_lora(1), _one_step_lora(2)
+    folder = tmp_path / "student"
+    WanPipeline.save_lora_weights(folder, transformer_lora_layers=high)
+    WanPipeline.save_lora_weights(folder, transformer_lora_layers=low, weight_name=LORA_WEIGHT_NAME_2)
+    anchors = [999, 900, 600, 300]  # boundary 875: two anchors for `transformer`, two for `transformer_2`
+    (folder / "blade_config.json").write_text(json.dumps({
+        "family": "wan", "k_step": 4, "anchors": anchors, "eta": 0.9, "prediction_type": "flow", "shift": 1.0,
+        "asa": KEEP_ALL.to_dict(), "dense_steps": 0, "lora_rank": 4, "lora_alpha": 4,
+    }))  # fmt: skip
+
+    pipe = build_tiny_wan22_a14b_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    base = {name: getattr(pipe, name).blocks[0].attn1.to_q.weight.detach().clone() for name in EXPERTS}
+    config = load_blade_lora(pipe, folder)
+    assert isinstance(pipe.scheduler, BladeStudentScheduler) and config.k_step == 4
+    assert isinstance(asa_handle(pipe), PipelineASAHandle)  # the LoRA's ASA config on both experts
+    for name, lora in (("transformer", high), ("transformer_2", low)):
+        delta = getattr(pipe, name).blocks[0].attn1.to_q.weight - base[name]
+        expected = lora["blocks.0.attn1.to_q.lora_B.weight"] @ lora["blocks.0.attn1.to_q.lora_A.weight"]
+        assert torch.allclose(delta, expected, atol=1e-6), name  # each expert got its own LoRA, fused
+
+    calls, hooks = _calls_per_expert(pipe)
+    seen: list[float] = []
+    hooks.append(pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(float(k["timestep"].max())), with_kwargs=True))  # fmt: skip
+    try:
+        frames, info = generate(pipe, "a red ball", seed=0, steps=4, guidance_scale=1.0, num_frames=9, height=64,
+                                width=64, max_sequence_length=16)  # fmt: skip
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"transformer": 2, "transformer_2": 2} and seen == [999.0, 900.0]
+    assert frames.shape == (9, 64, 64, 3) and info["asa_stats"]["calls"] == 8
+
+    with pytest.raises(LoraMismatchError, match="two experts"):
+        load_blade_lora(build_tiny_wan_pipeline(seed=0), folder)
