@@ -284,3 +284,24 @@ def test_two_expert_student_lora_loads_one_lora_per_expert_and_routes_anchors(tm
 
     with pytest.raises(LoraMismatchError, match="two experts"):
         load_blade_lora(build_tiny_wan_pipeline(seed=0), folder)
+
+
+def test_ti2v_student_sampler_runs_with_expanded_timesteps(ti2v):
+    from blade.distill.sampler import BladeStudentScheduler
+
+    stock = ti2v.scheduler
+    ti2v.scheduler = BladeStudentScheduler(num_anchors=2, eta=0.9, prediction_type="flow")
+    seen: list[tuple] = []
+    hook = ti2v.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(tuple(k["timestep"].shape)), with_kwargs=True)  # fmt: skip
+    try:
+        enable_asa(ti2v, SPARSE)
+        frames, info = generate(ti2v, "a red ball", seed=0, steps=2, guidance_scale=1.0, num_frames=9, height=128,
+                                width=128, max_sequence_length=16)  # fmt: skip
+    finally:
+        hook.remove()
+        disable_asa(ti2v)
+        ti2v.scheduler = stock
+    assert seen == [(1, 48), (1, 48)]  # one timestep per token (expand_timesteps)
+    assert frames.shape == (9, 128, 128, 3) and bool(torch.isfinite(torch.from_numpy(frames)).all())
+    assert info["asa_stats"]["total_blocks"] > 0
