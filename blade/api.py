@@ -20,15 +20,22 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from blade.config import BladeConfig
-from blade.families import get_family
-from blade.pipelines.loading import family_of_transformer, load_blade_lora_weights, resolve_lora
+from blade.families import get_family, pipeline_experts
+from blade.pipelines.loading import (
+    LORA_WEIGHT_NAME_2,
+    LoraMismatchError,
+    expert_lora_files,
+    family_of_transformer,
+    load_blade_lora_weights,
+    resolve_lora,
+)
 
 __all__ = ["disable_asa", "enable_asa", "generate", "load_blade_lora", "asa_handle"]
 
@@ -47,24 +54,33 @@ def _family_module(family: str):
 
 
 def asa_handle(pipe):
-    """The `ASAHandle` installed by `enable_asa`, or None."""
+    """The handle installed by `enable_asa`, or None: an `ASAHandle`, or for a two-expert pipeline (Wan2.2-A14B) a
+    `PipelineASAHandle` whose `.handles` / `.experts` name both patched transformers."""
     return getattr(pipe, _HANDLE_ATTR, None)
 
 
 def enable_asa(pipe, config: Any = None, dense_steps: int = 0):
-    """Patch the pipeline's transformer with adaptive block-sparse attention (ASA) in every self-attention.
+    """Patch every transformer of the pipeline with adaptive block-sparse attention (ASA) in every self-attention.
 
     Args:
-        pipe: a `WanPipeline` or `CogVideoXPipeline` (the family is read from the transformer's class).
-        config: an `ASAConfig`, a dict of its fields, or None for the family's default configuration.
-        dense_steps: the first `dense_steps` sampling steps run dense attention.
+        pipe: a `WanPipeline` (Wan2.1, Wan2.2-TI2V, or Wan2.2-A14B with `transformer` and `transformer_2`: both
+            experts are patched) or a `CogVideoXPipeline` (the family is read from the transformer's class).
+        config: an `ASAConfig`, a dict of its fields, or None for the default: the registry's for a recognised
+            published model (`blade.families.MODELS`, pool window scaled with its default video's token count),
+            else the family's.
+        dense_steps: the first `dense_steps` sampling steps run dense attention (counted over the whole pipeline).
 
     Returns:
-        The `ASAHandle` (`.stats()`, `.reset()`, `.enabled`, `.remove()`). A previous handle is removed first.
+        The `ASAHandle` (`.stats()`, `.reset()`, `.enabled`, `.remove()`), or for two experts a `PipelineASAHandle`
+        with the same methods over both plus `.handles` (`{"transformer": ..., "transformer_2": ...}`). A previous
+        handle is removed first.
     """
+    from blade.models import apply_asa_pipeline
+
     disable_asa(pipe)
-    family = family_of_transformer(pipe.transformer)
-    handle = _family_module(family).apply_asa(pipe.transformer, config=config, dense_steps=dense_steps)
+    for _, transformer in pipeline_experts(pipe):
+        family_of_transformer(transformer)  # a clear TypeError for an unsupported transformer
+    handle = apply_asa_pipeline(pipe, config, dense_steps=dense_steps)
     setattr(pipe, _HANDLE_ATTR, handle)
     return handle
 
@@ -85,8 +101,14 @@ def disable_asa(pipe) -> None:
 def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bool = True) -> BladeConfig | dict:
     """Load a BLADE student LoRA into `pipe` and set the pipeline up to sample as the student was trained.
 
+    A two-expert student (Wan2.2-A14B) has one LoRA per expert in the folder: `pytorch_lora_weights.safetensors`
+    for `transformer` (high noise) and `pytorch_lora_weights_transformer_2.safetensors` for `transformer_2`, both
+    in the diffusers format (the second is loaded with `load_into_transformer_2=True`). The student sampler's
+    anchors are then routed by the pipeline itself: anchors at t >= boundary_ratio x 1000 to `transformer`, the
+    rest to `transformer_2`.
+
     Args:
-        pipe: a `WanPipeline` or `CogVideoXPipeline`.
+        pipe: a `WanPipeline` (one or two experts) or `CogVideoXPipeline`.
         path: the LoRA .safetensors file or its folder (with `blade_config.json` beside it).
         fuse: fuse the LoRA into the base weights (no LoRA overhead at inference) and drop the adapter.
         asa: enable ASA with the config stored in blade_config.json when it has one (`"asa"` not null).
@@ -100,9 +122,21 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
         blade_config.json that BladeConfig refuses, before any weight loads.
     """
     weights, config = resolve_lora(path)
-    load_blade_lora_weights(pipe, weights, adapter_name=_ADAPTER_NAME)
+    files = expert_lora_files(weights)
+    if "transformer_2" in files and getattr(pipe, "transformer_2", None) is None:
+        raise LoraMismatchError(
+            f"{weights.parent} holds a LoRA for two experts (transformer, transformer_2) but {type(pipe).__name__} "
+            "has one transformer: load it into a Wan2.2-A14B pipeline"
+        )
+    if "transformer_2" not in files and getattr(pipe, "transformer_2", None) is not None:
+        warnings.warn(f"no {LORA_WEIGHT_NAME_2} beside {weights}: the LoRA goes into `transformer` only; "
+                      "`transformer_2` keeps its base weights", stacklevel=2)
+    adapters = {expert: _ADAPTER_NAME if expert == "transformer" else f"{_ADAPTER_NAME}_2" for expert in files}
+    for expert, file in files.items():
+        load_blade_lora_weights(pipe, file, adapter_name=adapters[expert], expert=expert)
     if fuse:
-        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[_ADAPTER_NAME])
+        for expert, adapter in adapters.items():
+            pipe.fuse_lora(components=[expert], lora_scale=1.0, adapter_names=[adapter])
         pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
     if config is None:
         warnings.warn(f"no blade_config.json beside {weights}: keeping the pipeline's scheduler", stacklevel=2)
@@ -189,6 +223,15 @@ def _timed_transformer(transformer: torch.nn.Module, clock: _StageClock) -> Iter
             h.remove()
 
 
+@contextmanager
+def _timed_transformers(pipe, clock: _StageClock) -> Iterator[None]:
+    """`_timed_transformer` on every denoiser of the pipeline (both experts of Wan2.2-A14B)."""
+    with ExitStack() as stack:
+        for _, transformer in pipeline_experts(pipe):
+            stack.enter_context(_timed_transformer(transformer, clock))
+        yield
+
+
 def _pipeline_device(pipe) -> torch.device:
     return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
 
@@ -254,7 +297,7 @@ def generate(
         _seeded_global_rng(seed, device),
         _wrapped_attr(pipe, "encode_prompt", lambda fn: clock.timed("text_encoding", fn)),
         _wrapped_attr(pipe.vae, "decode", lambda fn: clock.timed("vae_decode", fn)),
-        _timed_transformer(pipe.transformer, clock),
+        _timed_transformers(pipe, clock),
     ):
         output = pipe(
             prompt=prompt,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FAMILIES", "Family", "get_family"]
+__all__ = ["FAMILIES", "MODELS", "Family", "ModelSpec", "get_family", "get_model", "model_of_pipeline"]
 
 
 def _wan_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -131,3 +131,98 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Published models (one family can have several): configs under blade/configs/<config_dir>, default video, experts
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Wan2.1-1.3B at its default video (81 x 480 x 832) has 21 x 30 x 52 = 32,760 tokens; BLADE's Wan setting (global
+#: tokens over windows of 30, keep 5-17% of key blocks, threshold 0.95) was chosen there.
+REFERENCE_TOKENS = 32_760
+REFERENCE_POOL_SIZE = 30
+
+
+def scaled_pool_size(tokens: int) -> int:
+    """The global-token pool window for a ``tokens``-token video: BLADE's Wan window (30 at 32,760 tokens) scaled
+    with the token count, so the number of global tokens (~1,100) and their share of each query's keys stay as
+    tuned. Not measured at other sizes (no GPU session yet): see README's model table."""
+    return max(1, round(REFERENCE_POOL_SIZE * tokens / REFERENCE_TOKENS))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One published model of a family: its packaged configs, pipeline specifics and default video."""
+
+    name: str  # also the folder under blade/configs/
+    family: str
+    hub_id: str
+    num_attention_heads: int  # with num_layers, in_channels and the experts: how a loaded pipeline is recognised
+    num_layers: int
+    in_channels: int
+    default_num_frames: int
+    default_height: int
+    default_width: int
+    fps: int
+    experts: tuple[str, ...] = ("transformer",)  # pipeline attributes holding a denoiser
+    boundary_ratio: float | None = None  # WanPipeline: `transformer` serves t >= ratio * 1000, `transformer_2` the rest
+    expand_timesteps: bool = False  # WanPipeline (Wan2.2 TI2V): one timestep per latent token
+    spatial_compression: int = 8  # VAE (x patch 2 gives the token grid)
+    temporal_compression: int = 4
+
+    def default_tokens(self) -> int:
+        """Video tokens of one transformer forward at the default video size."""
+        frames = (self.default_num_frames - 1) // self.temporal_compression + 1
+        patch = 2 * self.spatial_compression
+        return frames * (self.default_height // patch) * (self.default_width // patch)
+
+    def asa_defaults(self) -> dict[str, Any]:
+        """The ASAConfig fields BLADE uses for this model by default (see ``scaled_pool_size``): Wan2.1-1.3B's block
+        size, threshold and keep clamps, the pool window scaled with the default video's token count."""
+        return dict(block_size=128, threshold=0.95, min_keep=0.05, max_keep=0.17,
+                    pool_size=scaled_pool_size(self.default_tokens()))
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("wan2.1-t2v-1.3b", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 12, 30, 16, 81, 480, 832, 16),
+        ModelSpec("wan2.1-t2v-14b", "wan", "Wan-AI/Wan2.1-T2V-14B-Diffusers", 40, 40, 16, 81, 720, 1280, 16),
+        ModelSpec("wan2.2-t2v-a14b", "wan", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", 40, 40, 16, 81, 720, 1280, 16,
+                  experts=("transformer", "transformer_2"), boundary_ratio=0.875),
+        ModelSpec("wan2.2-ti2v-5b", "wan", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 24, 30, 48, 121, 704, 1280, 24,
+                  expand_timesteps=True, spatial_compression=16),
+        ModelSpec("cogvideox-5b", "cogvideox", "THUDM/CogVideoX-5b", 48, 42, 16, 49, 480, 720, 8),
+    )
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    """The registered model ``name``; a ValueError naming the known ones otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def pipeline_experts(pipe: Any) -> list[tuple[str, Any]]:
+    """``[(attribute, transformer), ...]`` of the pipeline's denoisers that are present (``transformer_2`` too)."""
+    return [(name, getattr(pipe, name)) for name in ("transformer", "transformer_2")
+            if getattr(pipe, name, None) is not None]
+
+
+def model_of_pipeline(pipe: Any) -> ModelSpec | None:
+    """The published model a loaded pipeline has the architecture of (heads, layers, input channels, experts), or
+    None (e.g. a tiny test model, or a model with another depth)."""
+    experts = tuple(name for name, _ in pipeline_experts(pipe))
+    if not experts:
+        return None
+    config = getattr(pipe, experts[0]).config
+    for spec in MODELS.values():
+        if (
+            spec.experts == experts
+            and config.get("num_attention_heads") == spec.num_attention_heads
+            and config.get("num_layers") == spec.num_layers
+            and config.get("in_channels") == spec.in_channels
+        ):
+            return spec
+    return None

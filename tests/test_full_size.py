@@ -164,3 +164,61 @@ def test_build_full_size_pipeline_runs_on_cpu_with_one_layer(family, pipeline_cl
 def test_default_vae_dtypes_follow_the_model_cards():
     assert full_size.default_vae_dtype("wan", torch.bfloat16) == torch.float32
     assert full_size.default_vae_dtype("cogvideox", torch.bfloat16) == torch.bfloat16
+
+
+# Issue 19's table (the models' published architectures); other fields as Wan2.1-1.3B (blade/configs/NOTES.md).
+NEW_MODELS = {
+    "wan2.1-t2v-14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+                           in_channels=16, out_channels=16),
+    "wan2.2-t2v-a14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+                            in_channels=16, out_channels=16),
+    "wan2.2-ti2v-5b": dict(num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30,
+                           in_channels=48, out_channels=48),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(NEW_MODELS))
+def test_new_wan_configs_hold_the_published_architectures(model):
+    experts = full_size.experts(model)
+    assert experts == (("transformer", "transformer_2") if model == "wan2.2-t2v-a14b" else ("transformer",))
+    for expert in experts:
+        with init_empty_weights():
+            transformer = WanTransformer3DModel.from_config(full_size.load_config(model, expert))
+        for key, value in NEW_MODELS[model].items():
+            assert transformer.config[key] == value, (model, expert, key)
+        params = sum(p.numel() for p in transformer.parameters())
+        assert (14.0e9 < params < 14.5e9) if "14b" in model else (4.9e9 < params < 5.1e9), params
+    with init_empty_weights():
+        vae = AutoencoderKLWan.from_config(full_size.load_config(model, "vae"))
+    z, spatial = (48, 16) if model == "wan2.2-ti2v-5b" else (16, 8)
+    assert (vae.config.z_dim, vae.config.scale_factor_spatial, vae.config.scale_factor_temporal) == (z, spatial, 4)
+    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == z
+    assert full_size.pipeline_config(model) == {
+        "boundary_ratio": 0.875 if model == "wan2.2-t2v-a14b" else None,
+        "expand_timesteps": model == "wan2.2-ti2v-5b",
+    }
+    assert UMT5Config.from_dict(full_size.load_config(model, "text_encoder")).d_model == 4096
+    scheduler = full_size.build_scheduler(model)
+    assert scheduler.config.flow_shift == (5.0 if model == "wan2.2-ti2v-5b" else 3.0)
+    with pytest.raises(ValueError, match="Unknown component"):
+        full_size.config_path(model, "transformer_3")
+
+
+def test_ti2v_transformer_builds_at_one_layer_with_the_published_width():
+    model = full_size.build_transformer("wan2.2-ti2v-5b", "cpu", torch.bfloat16, num_layers=1)
+    assert model.config.num_layers == 1 and model.config.in_channels == 48
+    assert model.blocks[0].attn1.to_q.weight.shape == (3072, 3072)
+    x = torch.randn(1, 48, 2, 4, 4, dtype=torch.bfloat16)
+    out = model(x, torch.full((1, 8), 500.0), torch.randn(1, 4, 4096, dtype=torch.bfloat16), return_dict=False)[0]
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.slow  # ~0.8B parameters of random bf16 weights
+def test_a14b_pipeline_builds_both_experts_at_one_layer():
+    pipe = full_size.build_full_size_pipeline(
+        "wan2.2-t2v-a14b", "cpu", torch.bfloat16, num_layers=1, text_encoder_overrides=SMALL_TEXT_ENCODER
+    )
+    assert isinstance(pipe, WanPipeline) and pipe.config.boundary_ratio == 0.875
+    assert pipe.transformer.config.num_layers == pipe.transformer_2.config.num_layers == 1
+    a, b = pipe.transformer.blocks[0].attn1.to_q.weight, pipe.transformer_2.blocks[0].attn1.to_q.weight
+    assert a.shape == b.shape == (5120, 5120) and not torch.equal(a, b)  # two experts, own weights

@@ -120,6 +120,22 @@ class ModelFamily:
         """A submodule whose output ``(cos, sin)`` ``[1, S, 1, d]`` holds per-token RoPE tables to permute."""
         return None
 
+    def restore_module(self, transformer: nn.Module) -> nn.Module | None:
+        """A token-wise module after the blocks whose output ``[B, L, C]`` gets the raster order back (None: the
+        last block's output). Wan restores after ``proj_out``, so that per-token modulation of the output norm
+        (Wan2.2 TI2V) sees the tokens in the order its per-token timestep table was permuted to."""
+        return None
+
+    def reorder_arguments(self, transformer: nn.Module, arguments: dict[str, Any], ctx: ForwardContext) -> bool:
+        """Permute per-token forward arguments into the Gilbert order of a sparse forward (in place in
+        ``arguments``); True when something changed. Default: the ``rope_arg`` tables."""
+        rope_arg = self.rope_arg
+        if rope_arg is None or arguments.get(rope_arg) is None:
+            return False
+        cos, sin = arguments[rope_arg]  # [S, D] each, raster order
+        arguments[rope_arg] = (permute_tokens(cos, ctx.perm, 0), permute_tokens(sin, ctx.perm, 0))
+        return True
+
     def make_processor(self, original: Any, state: ASAState) -> Any:
         raise NotImplementedError
 
@@ -192,10 +208,7 @@ class ASAState:
         hidden_states = arguments["hidden_states"]
         grid = self.family.grid(module, arguments)
         ctx = self.open_context(grid, self.family.timestep(arguments), hidden_states.device)
-        rope_arg = self.family.rope_arg
-        if ctx.sparse and rope_arg is not None and arguments.get(rope_arg) is not None:
-            cos, sin = arguments[rope_arg]  # [S, D] each, raster order
-            arguments[rope_arg] = (permute_tokens(cos, ctx.perm, 0), permute_tokens(sin, ctx.perm, 0))
+        if ctx.sparse and self.family.reorder_arguments(module, arguments, ctx):
             return bound.args, bound.kwargs
         return None
 
@@ -241,6 +254,13 @@ class ASAState:
             return None
         if isinstance(output, tuple):  # CogVideoX: (video, text)
             return (permute_tokens(output[0], ctx.inv, 1), *output[1:])
+        return permute_tokens(output, ctx.inv, 1)
+
+    def restore_forward_hook(self, module: nn.Module, args: tuple, output: Any):
+        """On the family's ``restore_module``: the raster order back after the (token-wise) output layers."""
+        ctx = self.current
+        if ctx is None or not ctx.sparse:
+            return None
         return permute_tokens(output, ctx.inv, 1)
 
     # -------------------------------------------------------------------------------------------- attention
@@ -348,8 +368,15 @@ def install_asa(
     config: ASAConfig,
     *,
     dense_steps: int = 0,
+    share_with: ASAHandle | None = None,
 ) -> ASAHandle:
-    """Patch every block's ``attn1`` with ``family``'s ASA processor and install the reorder / step hooks."""
+    """Patch every block's ``attn1`` with ``family``'s ASA processor and install the reorder / step hooks.
+
+    ``share_with``: another transformer's handle of the same pipeline (Wan2.2-A14B's second expert) whose ASA
+    module (config, stats, prober generator) and sampling-step tracker this one uses too: the step count then runs
+    over the whole pipeline (``dense_steps`` counts once), and the stats aggregate both experts. ``config`` is
+    ignored then.
+    """
     existing = getattr(transformer, HANDLE_ATTR, None)
     if existing is not None and not existing.removed:
         raise RuntimeError("this transformer already has ASA applied; call handle.remove() (or unset_...) first")
@@ -359,7 +386,11 @@ def install_asa(
     if len(blocks) == 0:
         raise ValueError("the transformer has no blocks to patch")
 
-    state = ASAState(family=family, asa=AdaptiveBlockSparseAttention(config), dense_steps=int(dense_steps))
+    if share_with is not None:
+        state = ASAState(family=family, asa=share_with._state.asa, dense_steps=int(dense_steps),
+                         tracker=share_with._state.tracker)
+    else:
+        state = ASAState(family=family, asa=AdaptiveBlockSparseAttention(config), dense_steps=int(dense_steps))
     state.forward_signature = inspect.signature(transformer.forward)
     block_signature = inspect.signature(blocks[0].forward)
     state.hidden_slot = _ArgSlot.of(block_signature, "hidden_states")
@@ -377,11 +408,92 @@ def install_asa(
     hooks.append(blocks[0].register_forward_pre_hook(state.first_block_pre_hook, with_kwargs=True))
     for block in blocks[1:]:
         hooks.append(block.register_forward_pre_hook(state.block_pre_hook, with_kwargs=True))
-    hooks.append(blocks[-1].register_forward_hook(state.last_block_forward_hook, with_kwargs=True))
+    restore = family.restore_module(transformer)
+    if restore is None:
+        hooks.append(blocks[-1].register_forward_hook(state.last_block_forward_hook, with_kwargs=True))
+    else:
+        hooks.append(restore.register_forward_hook(state.restore_forward_hook))
 
     handle = ASAHandle(transformer, state, hooks, originals)
     setattr(transformer, HANDLE_ATTR, handle)
     return handle
+
+
+class PipelineASAHandle:
+    """The ASA handles of a pipeline with several denoisers (Wan2.2-A14B: ``transformer`` + ``transformer_2``),
+    read and switched as one ``ASAHandle``: they share one ASA module (config, stats) and one step tracker.
+
+    ``handles`` maps the pipeline attribute to its ``ASAHandle``; ``experts`` lists the attributes.
+    """
+
+    def __init__(self, handles: dict[str, ASAHandle]):
+        if not handles:
+            raise ValueError("no transformer handles")
+        self.handles = dict(handles)
+        self._first = next(iter(self.handles.values()))
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.handles)
+
+    def __getitem__(self, name: str) -> ASAHandle:
+        return self.handles[name]
+
+    @property
+    def removed(self) -> bool:
+        return all(h.removed for h in self.handles.values())
+
+    @property
+    def asa(self) -> AdaptiveBlockSparseAttention:
+        return self._first.asa
+
+    @property
+    def config(self) -> ASAConfig:
+        return self._first.config
+
+    @property
+    def dense_steps(self) -> int:
+        return self._first.dense_steps
+
+    @dense_steps.setter
+    def dense_steps(self, value: int) -> None:
+        for h in self.handles.values():
+            h.dense_steps = value
+
+    @property
+    def enabled(self) -> bool:
+        return self._first.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        for h in self.handles.values():
+            h.enabled = value
+
+    @property
+    def step(self) -> int:
+        return self._first.step  # one shared tracker
+
+    @property
+    def mask_provider(self) -> Callable | None:
+        return self._first.mask_provider
+
+    @mask_provider.setter
+    def mask_provider(self, provider: Callable | None) -> None:
+        for h in self.handles.values():
+            h.mask_provider = provider
+
+    def stats(self) -> dict:
+        """Aggregate over every expert's ASA calls since the last ``reset()`` (one shared ASA module)."""
+        return self._first.stats()
+
+    def reset(self) -> None:
+        for h in self.handles.values():
+            h.reset()
+
+    def remove(self) -> None:
+        """Restore the stock processors of every expert (idempotent)."""
+        for h in self.handles.values():
+            h.remove()
 
 
 def remove_asa(transformer: nn.Module) -> bool:
@@ -410,6 +522,7 @@ def resolve_config(config: ASAConfig | dict | None, default: Callable[[], ASACon
 
 __all__: Sequence[str] = (
     "ASAHandle",
+    "PipelineASAHandle",
     "ASAState",
     "ForwardContext",
     "ModelFamily",

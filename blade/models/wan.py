@@ -1,9 +1,14 @@
-"""ASA for diffusers' ``WanTransformer3DModel`` (Wan2.1): self-attention (``attn1``) only, cross-attention stock.
+"""ASA for diffusers' ``WanTransformer3DModel`` (Wan2.1, Wan2.2): self-attention (``attn1``) only, cross-attention
+stock.
 
 ``apply_asa(transformer)`` swaps each block's ``attn1`` processor for ``WanASAProcessor`` and installs the shared
 hooks of ``blade.models.common``: the latent grid comes from ``hidden_states [B, C, F, H, W]`` and the patch size,
-video tokens are Gilbert-ordered once before the first block (the ``rope`` output follows them) and restored after
-the last one. (The student's noise schedule of this family lives in ``blade.distill``, not here.)
+video tokens are Gilbert-ordered once before the first block (the ``rope`` output follows them) and get the raster
+order back after ``proj_out`` (the output norm and projection are token-wise). Wan2.2 TI2V's per-token timesteps
+(``expand_timesteps``: ``timestep [B, L]``) are permuted with the tokens before the condition embedder, so the
+per-token modulation tables of every block and of the output norm come out in the Gilbert order. A two-expert
+pipeline (Wan2.2-A14B) patches each expert with ``share_with`` (``blade.models.apply_asa_pipeline``). (The
+student's noise schedule of this family lives in ``blade.distill``, not here.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from blade.models.common import (
     Grid,
     ModelFamily,
     install_asa,
+    permute_tokens,
     remove_asa,
     resolve_config,
 )
@@ -101,14 +107,26 @@ class WanFamily(ModelFamily):
         return transformer.blocks
 
     def grid(self, transformer: nn.Module, arguments: dict[str, Any]) -> Grid:
-        timestep = arguments.get("timestep")
-        if torch.is_tensor(timestep) and timestep.ndim == 2:
-            # Wan2.2 TI2V modulates every token separately; the per-token tables would need the Gilbert order too.
-            raise NotImplementedError("ASA does not support per-token timesteps (Wan2.2 TI2V expand_timesteps)")
         return wan_grid(arguments["hidden_states"].shape, transformer.config.patch_size)
 
     def rope_module(self, transformer: nn.Module) -> nn.Module:
         return transformer.rope
+
+    def restore_module(self, transformer: nn.Module) -> nn.Module:
+        return transformer.proj_out
+
+    def reorder_arguments(self, transformer: nn.Module, arguments: dict[str, Any], ctx) -> bool:
+        """Wan2.2 TI2V (``expand_timesteps``): one timestep per video token, ``[B, L]`` in raster order."""
+        timestep = arguments.get("timestep")
+        if not (torch.is_tensor(timestep) and timestep.ndim == 2):
+            return False
+        if timestep.shape[1] != ctx.num_video_tokens:
+            raise ValueError(
+                f"per-token timestep of {timestep.shape[1]} tokens for a latent grid {ctx.grid} of "
+                f"{ctx.num_video_tokens}: ASA needs one timestep per video token"
+            )
+        arguments["timestep"] = permute_tokens(timestep, ctx.perm, 1)
+        return True
 
     def make_processor(self, original: Any, state: ASAState) -> WanASAProcessor:
         processor = WanASAProcessor(state)
@@ -118,12 +136,26 @@ class WanFamily(ModelFamily):
         return processor
 
 
-def apply_asa(transformer: nn.Module, config: ASAConfig | dict | None = None, *, dense_steps: int = 0) -> ASAHandle:
+def apply_asa(
+    transformer: nn.Module,
+    config: ASAConfig | dict | None = None,
+    *,
+    dense_steps: int = 0,
+    share_with: ASAHandle | None = None,
+) -> ASAHandle:
     """Patch every ``blocks[i].attn1`` of a ``WanTransformer3DModel`` with ASA (see ``blade.models.common``).
 
     Args:
         transformer: a diffusers ``WanTransformer3DModel`` (LoRA, fused QKV and gradient checkpointing keep working).
         config: ``ASAConfig`` (or a dict of its fields); default ``default_asa_config()``.
         dense_steps: the first sampling steps of each run that stay dense.
+        share_with: the handle of the pipeline's other expert (Wan2.2-A14B): one ASA module and step tracker for
+            both (``config`` is then that handle's).
     """
-    return install_asa(transformer, WanFamily(), resolve_config(config, default_asa_config), dense_steps=dense_steps)
+    return install_asa(
+        transformer,
+        WanFamily(),
+        resolve_config(config, default_asa_config),
+        dense_steps=dense_steps,
+        share_with=share_with,
+    )

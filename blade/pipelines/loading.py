@@ -23,6 +23,7 @@ __all__ = [
     "FAMILIES",
     "BLADE_CONFIG_NAME",
     "LORA_WEIGHT_NAME",
+    "LORA_WEIGHT_NAME_2",
     "FamilySpec",
     "LoraError",
     "LoraMismatchError",
@@ -32,6 +33,7 @@ __all__ = [
     "check_lora_keys",
     "check_model_folder",
     "empty_transformer",
+    "expert_lora_files",
     "family_of_transformer",
     "load_blade_lora_weights",
     "load_pipeline",
@@ -42,6 +44,10 @@ __all__ = [
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# A two-expert student (Wan2.2-A14B) keeps the low-noise expert's LoRA beside the first one; both files are in the
+# diffusers format (`transformer.`-prefixed keys): `WanPipeline.load_lora_weights(..., load_into_transformer_2=True)`
+# reads the second into `transformer_2`.
+LORA_WEIGHT_NAME_2 = "pytorch_lora_weights_transformer_2.safetensors"
 BLADE_CONFIG_NAME = CONFIG_NAME
 
 
@@ -218,7 +224,9 @@ def resolve_lora(path: str | os.PathLike) -> tuple[Path, BladeConfig | None]:
     path = Path(path)
     if path.is_dir():
         default = path / LORA_WEIGHT_NAME
-        candidates = [default] if default.is_file() else sorted(path.glob("*.safetensors"))
+        candidates = [default] if default.is_file() else sorted(
+            f for f in path.glob("*.safetensors") if f.name != LORA_WEIGHT_NAME_2
+        )
         if len(candidates) != 1:
             found = ", ".join(c.name for c in candidates) or "none"
             raise LoraNotFoundError(
@@ -359,22 +367,40 @@ def _modules_with_adapter(transformer: torch.nn.Module, adapter_name: str) -> se
     }
 
 
-def load_blade_lora_weights(pipe, weights: str | os.PathLike, *, adapter_name: str = "blade") -> None:
-    """Load a LoRA file into `pipe.transformer`, checking that every key lands on a module.
+def expert_lora_files(weights: str | os.PathLike) -> dict[str, Path]:
+    """The LoRA file of each expert: ``{"transformer": weights}``, plus ``"transformer_2"`` when the low-noise
+    expert's file (`LORA_WEIGHT_NAME_2`) lies beside a `LORA_WEIGHT_NAME` (a two-expert Wan2.2-A14B student)."""
+    weights = Path(weights)
+    files = {"transformer": weights}
+    second = weights.parent / LORA_WEIGHT_NAME_2
+    if weights.name == LORA_WEIGHT_NAME and second.is_file():
+        files["transformer_2"] = second
+    return files
+
+
+def load_blade_lora_weights(
+    pipe, weights: str | os.PathLike, *, adapter_name: str = "blade", expert: str = "transformer"
+) -> None:
+    """Load a LoRA file into `pipe.transformer` (or `pipe.transformer_2` with `expert="transformer_2"`), checking
+    that every key lands on a module.
 
     The keys are checked against the transformer before loading (shapes included); after loading, every module the
     keys name must carry the adapter (diffusers only warns about keys it could not place).
     """
-    family = family_of_transformer(pipe.transformer)
+    transformer = getattr(pipe, expert, None)
+    if transformer is None:
+        raise LoraMismatchError(f"{Path(weights).name} is a LoRA for `{expert}`, which {type(pipe).__name__} lacks")
+    family = family_of_transformer(transformer)
     weights = Path(weights)
     state_dict, _ = read_lora_state_dict(family, weights)
     check_lora_finite(state_dict, weights)
-    check_lora_keys(pipe.transformer, state_dict)
+    check_lora_keys(transformer, state_dict)
+    extra = {"load_into_transformer_2": True} if expert == "transformer_2" else {}
     pipe.load_lora_weights(
-        str(weights.parent), weight_name=weights.name, adapter_name=adapter_name, local_files_only=True
+        str(weights.parent), weight_name=weights.name, adapter_name=adapter_name, local_files_only=True, **extra
     )
     expected = {_LORA_KEY.match(k)["module"] for k in state_dict}
-    missing = sorted(expected - _modules_with_adapter(pipe.transformer, adapter_name))
+    missing = sorted(expected - _modules_with_adapter(transformer, adapter_name))
     if missing:
         raise LoraMismatchError(
             f"{len(missing)} LoRA target modules received no adapter after loading {weights}: {missing[:4]}"

@@ -1,4 +1,7 @@
-"""Full-size Wan2.1-T2V-1.3B and CogVideoX-5B pipelines with random weights, for speed measurements.
+"""Full-size pipelines with random weights, for speed measurements: Wan2.1-T2V-1.3B ("wan") and CogVideoX-5B
+("cogvideox"), and by model name Wan2.1-T2V-14B ("wan2.1-t2v-14b"), Wan2.2-T2V-A14B ("wan2.2-t2v-a14b": two experts,
+`transformer` + `transformer_2`, boundary_ratio 0.875) and Wan2.2-TI2V-5B ("wan2.2-ti2v-5b": Wan2.2 VAE, 48 latent
+channels, `expand_timesteps`). Where the values of the new configs come from: blade/configs/NOTES.md.
 
 Speed depends on tensor shapes, not on weight values, so the published component configurations (kept as one
 diffusers / transformers `config.json` per component under `blade/configs/<model>/`) are enough to time the real
@@ -33,10 +36,14 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+from blade.families import MODELS
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 # family -> folder name under blade/configs (named after the published checkpoints)
 FAMILY_DIRS = {"wan": "wan2.1-t2v-1.3b", "cogvideox": "cogvideox-5b"}
+# every packaged model, by its registry name (blade.families.MODELS) == its folder under blade/configs
+MODEL_DIRS = {name: name for name in MODELS if (CONFIG_ROOT / name).is_dir()}
 COMPONENTS = ("transformer", "vae", "text_encoder", "scheduler")
 
 _DIFFUSERS_CLASSES = {
@@ -57,7 +64,7 @@ MAX_SEQUENCE_LENGTH = {"wan": 512, "cogvideox": 226}
 def default_vae_dtype(family: str, dtype: torch.dtype) -> torch.dtype:
     """The documented VAE dtype: Wan's model card loads its VAE in float32; CogVideoX runs the VAE in the
     pipeline's dtype (its decode does not cast the latents, so the two must match)."""
-    _check_family(family)
+    family = family_of(family)
     return torch.float32 if family == "wan" else dtype
 
 
@@ -66,16 +73,49 @@ INIT_STD = 0.02
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILY_DIRS:
-        raise ValueError(f"Unknown family {family!r}; expected one of {sorted(FAMILY_DIRS)}.")
+    if family not in FAMILY_DIRS and family not in MODEL_DIRS:
+        raise ValueError(
+            f"Unknown family {family!r}; expected one of {sorted(FAMILY_DIRS)} or a model of {sorted(MODEL_DIRS)}."
+        )
+
+
+def family_of(name: str) -> str:
+    """The family ("wan" | "cogvideox") of a family or model name."""
+    _check_family(name)
+    return name if name in FAMILY_DIRS else MODELS[name].family
+
+
+def _folder(name: str) -> str:
+    return FAMILY_DIRS.get(name) or MODEL_DIRS[name]
+
+
+def experts(name: str) -> tuple[str, ...]:
+    """The denoiser components of a family's or model's pipeline (`("transformer", "transformer_2")` for A14B)."""
+    _check_family(name)
+    return MODELS[_folder(name)].experts
+
+
+def components(name: str) -> tuple[str, ...]:
+    """Every packaged component of a family's or model's pipeline."""
+    return (*experts(name), *COMPONENTS[1:])
 
 
 def config_path(family: str, component: str) -> Path:
-    """Path of the packaged `config.json` of one component of a family's pipeline."""
+    """Path of the packaged `config.json` of one component of a family's (or model's) pipeline."""
     _check_family(family)
-    if component not in COMPONENTS:
-        raise ValueError(f"Unknown component {component!r}; expected one of {COMPONENTS}.")
-    return CONFIG_ROOT / FAMILY_DIRS[family] / component / "config.json"
+    if component not in components(family):
+        raise ValueError(f"Unknown component {component!r}; expected one of {components(family)}.")
+    return CONFIG_ROOT / _folder(family) / component / "config.json"
+
+
+def pipeline_config(family: str) -> dict[str, Any]:
+    """The pipeline's own config keys (`boundary_ratio`, `expand_timesteps`) from the model's model_index.json
+    (empty for the folders without one: Wan2.1-1.3B, CogVideoX-5B)."""
+    _check_family(family)
+    path = CONFIG_ROOT / _folder(family) / "model_index.json"
+    if not path.is_file():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
 def load_config(family: str, component: str) -> dict[str, Any]:
@@ -140,7 +180,8 @@ def materialize_random_(
 
 
 def _diffusers_model(family: str, component: str, device, dtype, overrides: dict | None = None, seed: int = 0):
-    cls = _DIFFUSERS_CLASSES[(family, component)]
+    kind = "transformer" if component in experts(family) else component
+    cls = _DIFFUSERS_CLASSES[(family_of(family), kind)]
     config = {**load_config(family, component), **(overrides or {})}
     with init_empty_weights():  # parameters on meta, buffers real
         model = cls.from_config(config)
@@ -148,10 +189,19 @@ def _diffusers_model(family: str, component: str, device, dtype, overrides: dict
     return materialize_random_(model, device, dtype, keep_in_fp32=keep, seed=seed)
 
 
-def build_transformer(family: str, device, dtype: torch.dtype = torch.bfloat16, *, num_layers: int | None = None):
-    """The family's denoising transformer with random weights (`num_layers` overrides the depth, for CPU tests)."""
+def build_transformer(
+    family: str,
+    device,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    num_layers: int | None = None,
+    component: str = "transformer",
+):
+    """The family's (or model's) denoising transformer with random weights (`num_layers` overrides the depth, for
+    CPU tests; `component="transformer_2"` gives Wan2.2-A14B's low-noise expert, other random values)."""
     overrides = {"num_layers": num_layers} if num_layers is not None else None
-    return _diffusers_model(family, "transformer", device, dtype, overrides, seed=1)
+    seed = 1 + 3 * experts(family).index(component) if component in experts(family) else 1
+    return _diffusers_model(family, component, device, dtype, overrides, seed=seed)
 
 
 def build_vae(family: str, device, dtype: torch.dtype):
@@ -161,8 +211,7 @@ def build_vae(family: str, device, dtype: torch.dtype):
 
 def build_text_encoder(family: str, device, dtype: torch.dtype = torch.bfloat16, *, overrides: dict | None = None):
     """umT5-XXL (Wan) or T5-v1.1-XXL (CogVideoX) encoder with random weights; `overrides` shrink it for tests."""
-    _check_family(family)
-    config_cls, model_cls = _TEXT_ENCODERS[family]
+    config_cls, model_cls = _TEXT_ENCODERS[family_of(family)]
     config = config_cls.from_dict({**load_config(family, "text_encoder"), **(overrides or {})})
     with init_empty_weights():
         model = model_cls(config)
@@ -174,8 +223,7 @@ def build_text_encoder(family: str, device, dtype: torch.dtype = torch.bfloat16,
 
 def build_scheduler(family: str):
     """The family's stock scheduler from its published config (Wan: UniPC flow; CogVideoX: DDIM v-prediction)."""
-    _check_family(family)
-    return _DIFFUSERS_CLASSES[(family, "scheduler")].from_config(load_config(family, "scheduler"))
+    return _DIFFUSERS_CLASSES[(family_of(family), "scheduler")].from_config(load_config(family, "scheduler"))
 
 
 def build_tokenizer(family: str, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
@@ -185,7 +233,7 @@ def build_tokenizer(family: str, vocab_size: int | None = None) -> PreTrainedTok
     `model_max_length` equal to the real one, so `padding="max_length"` gives the real sequence length. Words are
     hashed onto `vocab_size` ids (default 1000) so different prompts give different ids.
     """
-    _check_family(family)
+    family = family_of(family)
     vocab_size = vocab_size or 1000
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i for i in range(3, vocab_size)})
@@ -215,11 +263,13 @@ def build_full_size_pipeline(
     """Build a `WanPipeline` ("wan") or `CogVideoXPipeline` ("cogvideox") of the published size, random weights.
 
     Args:
-        family: "wan" (Wan2.1-T2V-1.3B) or "cogvideox" (CogVideoX-5B).
+        family: "wan" (Wan2.1-T2V-1.3B) or "cogvideox" (CogVideoX-5B), or a model name of `MODEL_DIRS`
+            ("wan2.1-t2v-14b", "wan2.2-t2v-a14b" with both experts, "wan2.2-ti2v-5b"); at full depth the 14B models
+            need a GPU (tests build them with a few layers only).
         device: where every component is allocated.
         dtype: transformer and text-encoder dtype (bf16, as both model cards run them).
         vae_dtype: VAE dtype; default the documented one (Wan float32, CogVideoX `dtype`).
-        num_layers: override of the transformer depth (CPU tests).
+        num_layers: override of the transformer depth, of every expert (CPU tests).
         text_encoder: False leaves the text encoder out (pass `prompt_embeds` to the pipeline then).
         text_encoder_overrides: config overrides for the text encoder (e.g. `num_layers`, `d_ff`, `vocab_size`
             to make it small enough for a CPU test; `d_model` must stay 4096 to match the transformer).
@@ -227,11 +277,12 @@ def build_full_size_pipeline(
     _check_family(family)
     encoder = build_text_encoder(family, device, dtype, overrides=text_encoder_overrides) if text_encoder else None
     tokenizer_vocab = min(1000, encoder.config.vocab_size) if encoder is not None else None
-    components = {
+    parts = {
         "tokenizer": build_tokenizer(family, tokenizer_vocab),
         "text_encoder": encoder,
         "vae": build_vae(family, device, vae_dtype or default_vae_dtype(family, dtype)),
-        "transformer": build_transformer(family, device, dtype, num_layers=num_layers),
         "scheduler": build_scheduler(family),
     }
-    return PIPELINE_CLASSES[family](**components)
+    for expert in experts(family):
+        parts[expert] = build_transformer(family, device, dtype, num_layers=num_layers, component=expert)
+    return PIPELINE_CLASSES[family_of(family)](**parts, **pipeline_config(family))

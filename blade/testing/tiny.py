@@ -1,4 +1,5 @@
-"""Offline builders of tiny random Wan2.1 / CogVideoX pipelines (tests, examples, CPU smoke runs).
+"""Offline builders of tiny random Wan2.1 / Wan2.2 (two-expert A14B and TI2V layouts) / CogVideoX pipelines (tests,
+examples, CPU smoke runs).
 
 Every component is a real diffusers / transformers class with a miniature config, built from a fixed seed and
 without any network access: the tokenizer is a word-level ``tokenizers`` model wrapped in
@@ -218,3 +219,50 @@ def build_tiny_cogvideox_pipeline(seed: int = 0, **overrides: Any) -> CogVideoXP
     return CogVideoXPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+
+
+def tiny_wan22_vae(seed: int = 0) -> AutoencoderKLWan:
+    """Tiny Wan2.2-layout ``AutoencoderKLWan``: 48 latent channels, 16x16 spatial (patchify 2 x three 2x
+    downsamples, residual up/down blocks), 4x temporal; latent statistics 0 / 1 (48 values each)."""
+    with _seeded(seed):
+        return AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+            out_channels=12, scale_factor_spatial=16, scale_factor_temporal=4,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+        ).eval()  # fmt: skip
+
+
+def build_tiny_wan22_a14b_pipeline(seed: int = 0, boundary_ratio: float = 0.875, **overrides: Any) -> WanPipeline:
+    """Tiny random two-expert ``WanPipeline`` in the Wan2.2-T2V-A14B layout: ``transformer`` (high noise, t >=
+    ``boundary_ratio`` x 1000) and ``transformer_2`` (low noise), each a tiny Wan transformer with its own weights
+    (seeds ``seed`` and ``seed + 10``), the Wan2.1-layout tiny VAE. Keywords as ``build_tiny_wan_pipeline`` (plus
+    ``transformer_2``)."""
+    given, transformer_overrides = _split_overrides(dict(overrides), ("transformer_2",))
+    transformer_2 = given.get("transformer_2") or tiny_wan_transformer(seed=seed + 10, **{
+        k: v for k, v in transformer_overrides.items()
+        if k not in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    })
+    base = build_tiny_wan_pipeline(seed=seed, **transformer_overrides)
+    return WanPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        transformer=base.transformer, transformer_2=transformer_2, boundary_ratio=boundary_ratio,
+    )  # fmt: skip
+
+
+def build_tiny_wan22_ti2v_pipeline(seed: int = 0, **overrides: Any) -> WanPipeline:
+    """Tiny random ``WanPipeline`` in the Wan2.2-TI2V-5B layout: Wan2.2-layout VAE (48 latent channels, 16x16
+    spatial), a transformer with 48 input/output channels, ``expand_timesteps=True``. A 128x128, 9-frame video has
+    a 3x8x8 latent and 3x4x4 = 48 tokens. Keywords as ``build_tiny_wan_pipeline``."""
+    overrides = dict(overrides)
+    if "vae" not in overrides:
+        overrides["vae"] = tiny_wan22_vae(seed=seed + 2)
+    if "transformer" not in overrides:
+        extra = {k: overrides.pop(k) for k in list(overrides)
+                 if k not in ("vae", "text_encoder", "tokenizer", "scheduler")}
+        overrides["transformer"] = tiny_wan_transformer(seed=seed, **{"in_channels": 48, "out_channels": 48, **extra})
+    base = build_tiny_wan_pipeline(seed=seed, **overrides)
+    return WanPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        transformer=base.transformer, expand_timesteps=True,
+    )  # fmt: skip
