@@ -941,11 +941,13 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
 
 def build_monitor(args, shape: tuple, device: torch.device):
     """The in-training evaluator for --eval_every (TinyWorld models: the world's metrics need its grammar)."""
+    from blade.tinyworld.evaluate import read_prompts
     from blade.tinyworld.model import bundled_pipeline_path
-    from blade.tinyworld.monitor import TinyWorldMonitor, read_prompt_lines
+    from blade.tinyworld.monitor import TinyWorldMonitor
 
     prompts_file = args.eval_prompts or bundled_pipeline_path().parent / "eval_prompts.txt"
-    return TinyWorldMonitor(args.pretrained_model_name_or_path, read_prompt_lines(prompts_file), args.eval_seeds,
+    prompts = [text for text, _ in read_prompts(prompts_file)]  # grammar-checked, errors name the line
+    return TinyWorldMonitor(args.pretrained_model_name_or_path, prompts, args.eval_seeds,
                             tuple(shape[1:]), (args.num_frames, args.height, args.width), device,
                             batch_size=max(args.train_batch_size, 8))
 

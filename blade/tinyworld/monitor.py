@@ -18,17 +18,6 @@ from blade.tinyworld import metrics
 from blade.tinyworld.world import parse_prompt, render_prompt
 
 
-def read_prompt_lines(path: str | Path) -> list[str]:
-    """Non-empty, non-comment lines of a prompt file, each checked against the grammar (`PromptError` names it)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    for prompt in prompts:
-        parse_prompt(prompt)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt")
-    return prompts
-
-
 class TinyWorldMonitor:
     """Scores the student on ``prompts x seeds``; ``__call__(objective, decode) -> {"adherence", "fidelity", ...}``.
 

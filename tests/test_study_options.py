@@ -1,0 +1,162 @@
+"""The distillation study's recipe options (issue 16) against hand-derived values and stock diffusers sampling."""
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blade.distill import lora
+from blade.distill.reflow import reflow_loss, teacher_ode_pairs
+from blade.distill.tdm import TDMConfig, TDMObjective, sample_tau, teacher_gap_weight, wan_family
+from blade.distill.trainer import StudentEMA, training_phase
+from blade.testing.tiny import build_tiny_wan_pipeline
+from tests.test_tdm import _calls, _MockObjective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_l2_generator_loss_with_normalisation_by_hand():
+    """0.5 * mean((x0 - target)^2) per sample, times 1 / mean|x0 - teacher_cfg| (capped): DMD2's loss; its gradient is
+    the score difference (fake - teacher) itself, not its sign."""
+    shape, cfg_scale = (2, 3, 4, 5), 4.0
+    config = TDMConfig(k_step=8, cfg=cfg_scale, generator_loss="l2", normalize_generator=True, normalize_cap=50.0)
+    obj = _MockObjective(shape, config)
+    g = torch.Generator().manual_seed(0)
+    x_ti = torch.randn(shape, generator=g)
+    emb, neg = torch.ones(2, 3, 8), -torch.ones(2, 3, 8)
+    draw = obj.draw_step(torch.Generator().manual_seed(3))
+    loss, logs = obj.generator_loss(x_ti, draw, emb, neg, g, torch.Generator().manual_seed(4))
+    loss.backward()
+    (_, x_tau, tau, _), = _calls(obj, "fake")
+    x_ti, x_tau = x_ti.double(), x_tau.double()
+    s_i, s_tau = draw.t_i / 1000, (tau.double() / 1000).view(-1, 1, 1, 1)
+    x0 = x_ti - s_i * 0.4 * x_ti  # the mock student: v = 0.4 x
+    x0_teacher = x_tau - s_tau * (0.2 * x_tau - 1 + cfg_scale * 2.0)
+    x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
+    d = x0_fake - x0_teacher
+    weight = 1.0 / (x0 - x0_teacher).abs().flatten(1).mean(1)
+    want = (weight * 0.5 * d.pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    n = d[0].numel()
+    grad_x0 = weight.view(-1, 1, 1, 1) * d / (n * shape[0])
+    assert torch.allclose(obj.delta.grad.double(), -s_i * grad_x0, rtol=1e-3, atol=1e-8)
+    assert logs["score_gap"].item() == pytest.approx(d.abs().mean().item(), rel=1e-4)
+    # the weight helper agrees with the hand value (cap far above)
+    assert torch.allclose(teacher_gap_weight(x0, x0_teacher, cap=50.0).double(), weight, rtol=1e-5)
+
+
+def test_tau_mode_segment_keeps_tau_in_the_step_segment():
+    obj = _MockObjective((2, 3, 4, 5), TDMConfig(k_step=8, tau_mode="segment"))
+    g = torch.Generator().manual_seed(0)
+    for seed in range(6):
+        draw = obj.draw_step(torch.Generator().manual_seed(seed))
+        obj.calls.clear()
+        obj.fake_loss(torch.randn(2, 3, 4, 5, generator=g), draw, torch.ones(2, 3, 8), -torch.ones(2, 3, 8), g,
+                      torch.Generator().manual_seed(seed))
+        (_, _, tau, _), = _calls(obj, "fake")
+        assert torch.all(tau > draw.t_mid) and torch.all(tau <= draw.t_i)
+    with pytest.raises(ValueError, match="tau_mode"):
+        TDMConfig(tau_mode="nope")
+    assert sample_tau(874, 1000, 999, torch.Generator().manual_seed(0)).min() >= 875
+
+
+def test_fake_loss_diagnose_logs_the_teacher_error_on_the_same_batch():
+    obj = _MockObjective((2, 3, 4, 5), TDMConfig(k_step=8))
+    g = torch.Generator().manual_seed(2)
+    x_ti = torch.randn(2, 3, 4, 5, generator=g)
+    draw = obj.draw_step(torch.Generator().manual_seed(1))
+    _, logs = obj.fake_loss(x_ti, draw, torch.ones(2, 3, 8), -torch.ones(2, 3, 8), g, torch.Generator(), diagnose=True)
+    (_, x_tau, tau, _), = _calls(obj, "fake")
+    (_, xt, tt, et), = _calls(obj, "teacher")  # conditional teacher, on the fake's own noisy samples
+    assert torch.equal(xt, x_tau) and torch.equal(tt, tau) and et.mean() == 1
+    x_tau, s_tau = x_tau.double(), (tau.double() / 1000).view(-1, 1, 1, 1)
+    x0 = x_ti.double() - draw.t_i / 1000 * 0.4 * x_ti.double()
+    want = ((0.2 * x_tau + 1.0 - (x_tau - x0) / s_tau) ** 2).mean()  # velocity error of v = 0.2 x + mean(emb)
+    assert logs["loss_teacher_dsm"].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_training_phases_in_order():
+    args = SimpleNamespace(reflow_steps=2, fake_warmup_steps=3)
+    assert [training_phase(args, s) for s in range(7)] == ["reflow"] * 2 + ["fake_warmup"] * 3 + ["tdm"] * 2
+    assert training_phase(SimpleNamespace(reflow_steps=0, fake_warmup_steps=0), 0) == "tdm"
+
+
+def test_student_ema_by_hand_and_swap_restores():
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    ema = StudentEMA([p], decay=0.9)
+    with torch.no_grad():
+        p.copy_(torch.tensor([1.0, 3.0]))
+    ema.update()
+    assert torch.allclose(ema.shadow[0], torch.tensor([0.1, 1.2]))  # 0.9 * old + 0.1 * new
+    with ema.swapped_in():
+        assert torch.allclose(p, torch.tensor([0.1, 1.2]))
+    assert torch.equal(p.detach(), torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError):
+        StudentEMA([p], decay=1.0)
+
+
+def test_teacher_ode_pairs_equal_the_stock_pipeline_sampler():
+    """The reflow pairs are the teacher's own sample: WanPipeline from the same latents, embeddings, steps and CFG."""
+    pipe = build_tiny_wan_pipeline(seed=0)
+    lora.add_student_and_fake(pipe.transformer, rank=4, alpha=4)  # the teacher role is the base, adapters off
+    obj = TDMObjective(pipe.transformer, wan_family(pipe), TDMConfig(k_step=4))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, 16, 3, 2, 2, generator=g)
+    emb, neg = torch.randn(2, 8, 32, generator=g), torch.randn(8, 32, generator=g)
+    ours = teacher_ode_pairs(obj, pipe.scheduler, noise, emb, neg, num_steps=5, cfg=3.0, batch_size=1)
+    with lora.adapters_disabled(pipe.transformer):
+        stock = pipe(prompt_embeds=emb, negative_prompt_embeds=neg.expand(2, -1, -1), latents=noise.clone(),
+                     num_inference_steps=5, guidance_scale=3.0, height=16, width=16, num_frames=9,
+                     output_type="latent").frames
+    torch.testing.assert_close(ours, stock.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_reflow_loss_regresses_x0_on_the_noise_to_sample_line():
+    obj = _MockObjective((3, 2, 4), TDMConfig(k_step=8))
+    g = torch.Generator().manual_seed(0)
+    x0_t, z = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    loss, _ = reflow_loss(obj, x0_t, z, torch.ones(3, 2, 8), torch.Generator().manual_seed(7))
+    (_, x_t, t, _), = _calls(obj, "student")
+    s = (t.double() / 1000).view(-1, 1, 1)
+    assert all(float(v) in obj.anchors for v in t)
+    torch.testing.assert_close(x_t.double(), (1 - s) * x0_t.double() + s * z.double())  # on the line
+    x0_student = x_t.double() - s * 0.4 * x_t.double()
+    assert loss.item() == pytest.approx(((x0_student - x0_t.double()) ** 2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_runs_the_phases_and_evaluates_on_tinyworld(tmp_path):
+    """A reflow step, a fake warm-up step and two TDM steps (2 fake updates, EMA, L2 loss, ASA) on the bundled
+    TinyWorld model at a tiny video size; logs.jsonl records each phase, eval.jsonl the evaluations."""
+    from blade.distill.trainer import main
+    from blade.prompt_cli import WAN
+    from blade.prompt_cli import main as encode_main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a large red circle moves right on a black background\n"
+                       "a small blue square stays still on a gray background\n")
+    model = ROOT / "assets" / "tinyworld" / "pipeline"
+    assert encode_main(WAN, ["--input_file", str(prompts), "--output_dir", str(tmp_path / "cache"),
+                               "--model_path", str(model), "--max_length", "32", "--negative_prompt", "",
+                               "--num_validation", "1", "--device", "cpu"]) == 0
+    out = tmp_path / "run"
+    main("wan", ["--pretrained_model_name_or_path", str(model), "--prompt_dir", str(tmp_path / "cache"),
+                 "--output_dir", str(out), "--num_frames", "5", "--height", "32", "--width", "32",
+                 "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "4",
+                 "--validation_steps", "0", "--report_to", "none", "--reflow_steps", "1", "--reflow_pairs", "2",
+                 "--reflow_teacher_steps", "2", "--fake_warmup_steps", "1", "--fake_updates", "2",
+                 "--ema_decay", "0.5", "--use_sparsity", "--eval_every", "2", "--eval_prompts", str(prompts),
+                 "--diag_every", "1"])
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in logs] == ["reflow", "fake_warmup", "tdm", "tdm"]
+    assert [r["generator_updates"] for r in logs] == [1, 1, 2, 3]
+    assert "loss_reflow" in logs[0] and "grad_norm_fake" not in logs[0]
+    assert "grad_norm_fake" in logs[1] and "loss_g" not in logs[1]
+    assert all(math.isfinite(logs[i][k]) for i in (2, 3) for k in ("loss_g", "loss_fake", "loss_teacher_dsm"))
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(0.0 <= e["eval_adherence"] <= 1.0 and "eval_raw_adherence" in e for e in evals)
+    assert (out / "checkpoint-4" / StudentEMA.FILE).is_file() and (out / "reflow_pairs_0.pt").is_file()
