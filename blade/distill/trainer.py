@@ -416,7 +416,8 @@ def guard_finite(accelerator, step: int, logs: dict, params_g: list, params_f: l
     Every process takes the same decision (one max-reduce of a flag), so none waits forever at a collective.
     The message names the step, what went non-finite, the likely cause and the checkpoint to go back to.
     """
-    bad = [k for k in ("loss_fake", "loss_g", "grad_norm_g") if k in logs and not math.isfinite(logs[k])]
+    watched = ("loss_fake", "loss_g", "grad_norm_g", "grad_norm_fake")
+    bad = [k for k in watched if k in logs and not math.isfinite(logs[k])]
     for name, params in (("student", params_g), ("fake", params_f)):
         if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
             bad.append(f"{name} LoRA weights")
