@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from blade.config import BladeConfig
-from blade.families import get_family
+from blade.families import ModelSpec, get_family, video_defaults
 from blade.pipelines.hints import (
     HINT_KEYS,
     MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
@@ -119,14 +119,23 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "--num_frames",
         type=int,
         default=None,
-        help=f"frames per video, 4k+1 (default: the model's; {spec.family}: {family.default_num_frames}, "
-        "TinyWorld: 17)",
+        help=f"frames per video, 4k+1 (default: the model's, see below; {spec.family}: "
+        f"{family.default_num_frames}, TinyWorld: 17)",
     )
     p.add_argument(
         "--height", type=int, default=None, help=f"video height (default: the model's; {family.default_height})"
     )
     p.add_argument(
         "--width", type=int, default=None, help=f"video width (default: the model's; {family.default_width})"
+    )
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help=f"frame rate of the written mp4 (default: the model's; {family.fps}). 'The model's' size and fps, "
+        "highest first: the LoRA's blade_config.json, the model folder's blade_defaults.json, the published model "
+        "the folder's configs match (blade.families.MODELS, e.g. Wan2.1-14B 81x720x1280 at 16 fps, Wan2.2-TI2V-5B "
+        f"121x704x1280 at 24 fps), else the {spec.family} family's",
     )
     p.add_argument(
         "--steps",
@@ -138,8 +147,11 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance_scale",
         type=float,
-        default=1.0,
-        help="classifier-free guidance; 1 = off, as distilled students run (default: 1)",
+        default=None,
+        help="classifier-free guidance; 1 = off (default: 1 with a student LoRA, as distilled students run; "
+        "without one, the recognised published model's stock value, e.g. Wan2.1 5.0, Wan2.2-A14B 4.0, CogVideoX-5B "
+        "6.0, else 1). The stock model samples with its folder's scheduler (its flow_shift); a student with the "
+        "sampler of its blade_config.json",
     )
     p.add_argument("--seed", type=int, default=42, help="random seed; prompt i uses seed + i (default: 42)")
     p.add_argument(
@@ -244,6 +256,8 @@ class Job:
     height: int
     width: int
     fps: float
+    guidance_scale: float
+    model: ModelSpec | None  # the published model the folder's configs match (blade.families.MODELS)
     steps: int
     attention: str  # "asa" | "dense"
     dense_steps: int
@@ -396,7 +410,6 @@ def _output_paths(output_dir: Path, prompts: list[str], overwrite: bool) -> list
 
 def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     """Validate the command line against the model folder and LoRA without loading any weight."""
-    family = FAMILIES[spec.family]
     prompts = read_prompts(args)
     outputs_dir = Path(args.output_dir)
     _check_output_dir(outputs_dir)  # before anything slow: a bad output folder must not cost a whole generation
@@ -420,12 +433,20 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         )
     cfg = blade_config or BladeConfig()
 
+    # explicit flag > the LoRA's blade_config.json > the folder's blade_defaults.json > the recognised published
+    # model's defaults > the family's
     hints = {**model_hints, **{k: cfg[k] for k in HINT_KEYS if cfg.get(k) is not None}}
-    defaults = {"num_frames": family.default_num_frames, "height": family.default_height, "width": family.default_width}
-    num_frames, height, width = (
-        getattr(args, key) if getattr(args, key) is not None else int(hints.get(key, default))
-        for key, default in defaults.items()
-    )
+    base, model = video_defaults(spec.family, model_path)
+    resolved = {key: getattr(args, key) if getattr(args, key) is not None else hints.get(key, default)
+                for key, default in base.items()}
+    num_frames, height, width = (int(resolved[key]) for key in ("num_frames", "height", "width"))
+    fps = float(resolved["fps"])
+    if args.fps is not None and not args.fps > 0:
+        raise CLIError(f"--fps must be positive, got {args.fps:g}")
+    if args.guidance_scale is not None:
+        guidance_scale = args.guidance_scale
+    else:
+        guidance_scale = model.guidance_scale if (model is not None and lora_file is None) else 1.0
     _check_size(spec.family, model_path, num_frames, height, width)
 
     k_step = cfg.k_step
@@ -459,7 +480,9 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         num_frames=num_frames,
         height=height,
         width=width,
-        fps=float(hints.get("fps", family.fps)),
+        fps=fps,
+        guidance_scale=guidance_scale,
+        model=model,
         steps=steps,
         attention=attention,
         dense_steps=dense_steps,
@@ -588,7 +611,7 @@ def run(job: Job, args: argparse.Namespace) -> None:
                 prompt,
                 seed=seed,
                 steps=job.steps,
-                guidance_scale=args.guidance_scale,
+                guidance_scale=job.guidance_scale,
                 num_frames=job.num_frames,
                 height=job.height,
                 width=job.width,
@@ -602,7 +625,7 @@ def run(job: Job, args: argparse.Namespace) -> None:
             "negative_prompt": args.negative_prompt,
             "seed": seed,
             "steps": job.steps,
-            "guidance_scale": args.guidance_scale,
+            "guidance_scale": job.guidance_scale,
             "num_frames": int(frames.shape[0]),
             "height": int(frames.shape[1]),
             "width": int(frames.shape[2]),
@@ -614,6 +637,7 @@ def run(job: Job, args: argparse.Namespace) -> None:
             "timings": info["timings"],
             "transformer_calls": info["transformer_calls"],
             "family": job.family,
+            "model": job.model.name if job.model is not None else None,
             "model_path": str(job.model_path),
             "lora_path": str(job.lora_file) if job.lora_file else None,
             "blade_config": job.blade_config.to_dict() if job.blade_config is not None else None,

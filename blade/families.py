@@ -8,17 +8,24 @@ instead of testing the family name; ``blade.pipelines.loading.FamilySpec`` / ``F
 Still outside the registry (see docs/internals.md): the TDM schedule builders ``blade.distill.tdm.wan_family`` /
 ``cogvideox_family``, the prompt-encoding defaults ``blade.prompt_cli.WAN`` / ``COGVIDEOX``, the inference scripts'
 ``blade.cli.ScriptSpec`` and a few name tests in ``blade/distill/trainer.py``.
+
+``MODELS`` (``get_model``) holds the published models of each family; ``model_of_pipeline`` (a loaded pipeline) and
+``model_of_folder`` (a diffusers folder's config JSON only, no weights) recognise them, so the inference scripts and
+the trainer take a recognised model's default video (``ModelSpec.video_defaults``) instead of the family's.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FAMILIES", "MODELS", "Family", "ModelSpec", "get_family", "get_model", "model_of_pipeline"]
+__all__ = ["FAMILIES", "MODELS", "Family", "ModelSpec", "get_family", "get_model", "model_of_folder",
+           "model_of_pipeline", "video_defaults"]
 
 
 def _wan_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -169,6 +176,15 @@ class ModelSpec:
     expand_timesteps: bool = False  # WanPipeline (Wan2.2 TI2V): one timestep per latent token
     spatial_compression: int = 8  # VAE (x patch 2 gives the token grid)
     temporal_compression: int = 4
+    # The stock model's classifier-free guidance scale (the inference scripts' default when no student LoRA is
+    # given): the pipeline class's own default in diffusers 0.42.1 (WanPipeline 5.0, CogVideoXPipeline 6.0), except
+    # Wan2.2-A14B: 4.0, the high-noise value of Wan2.2's release (not checked against its model card here).
+    guidance_scale: float = 5.0
+
+    def video_defaults(self) -> dict[str, int]:
+        """The default video: ``{"num_frames", "height", "width", "fps"}``."""
+        return {"num_frames": self.default_num_frames, "height": self.default_height, "width": self.default_width,
+                "fps": self.fps}
 
     def default_tokens(self) -> int:
         """Video tokens of one transformer forward at the default video size."""
@@ -189,10 +205,11 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("wan2.1-t2v-1.3b", "wan", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 12, 30, 16, 81, 480, 832, 16),
         ModelSpec("wan2.1-t2v-14b", "wan", "Wan-AI/Wan2.1-T2V-14B-Diffusers", 40, 40, 16, 81, 720, 1280, 16),
         ModelSpec("wan2.2-t2v-a14b", "wan", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", 40, 40, 16, 81, 720, 1280, 16,
-                  experts=("transformer", "transformer_2"), boundary_ratio=0.875),
+                  experts=("transformer", "transformer_2"), boundary_ratio=0.875, guidance_scale=4.0),
         ModelSpec("wan2.2-ti2v-5b", "wan", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 24, 30, 48, 121, 704, 1280, 24,
                   expand_timesteps=True, spatial_compression=16),
-        ModelSpec("cogvideox-5b", "cogvideox", "THUDM/CogVideoX-5b", 48, 42, 16, 49, 480, 720, 8),
+        ModelSpec("cogvideox-5b", "cogvideox", "THUDM/CogVideoX-5b", 48, 42, 16, 49, 480, 720, 8,
+                  guidance_scale=6.0),
     )
 }
 
@@ -210,13 +227,7 @@ def pipeline_experts(pipe: Any) -> list[tuple[str, Any]]:
             if getattr(pipe, name, None) is not None]
 
 
-def model_of_pipeline(pipe: Any) -> ModelSpec | None:
-    """The published model a loaded pipeline has the architecture of (heads, layers, input channels, experts), or
-    None (e.g. a tiny test model, or a model with another depth)."""
-    experts = tuple(name for name, _ in pipeline_experts(pipe))
-    if not experts:
-        return None
-    config = getattr(pipe, experts[0]).config
+def _match(experts: tuple[str, ...], config: Mapping[str, Any]) -> ModelSpec | None:
     for spec in MODELS.values():
         if (
             spec.experts == experts
@@ -226,3 +237,60 @@ def model_of_pipeline(pipe: Any) -> ModelSpec | None:
         ):
             return spec
     return None
+
+
+def model_of_pipeline(pipe: Any) -> ModelSpec | None:
+    """The published model a loaded pipeline has the architecture of (heads, layers, input channels, experts), or
+    None (e.g. a tiny test model, or a model with another depth)."""
+    experts = tuple(name for name, _ in pipeline_experts(pipe))
+    if not experts:
+        return None
+    return _match(experts, getattr(pipe, experts[0]).config)
+
+
+def _read_json(path: os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def model_of_folder(model_path: str | os.PathLike, family: str | None = None) -> ModelSpec | None:
+    """The published model a diffusers pipeline folder holds, from its JSON only (no weight is read), or None.
+
+    The same test as ``model_of_pipeline``: ``transformer/config.json``'s heads, layers and input channels, and the
+    experts present (``transformer_2`` when model_index.json lists it, or, without that entry, when
+    ``transformer_2/config.json`` exists). With ``family``, a model of another family counts as unrecognised.
+    An unreadable or missing file gives None, never an error (the folder checks report those).
+    """
+    root = os.fspath(model_path)
+    config = _read_json(os.path.join(root, "transformer", "config.json"))
+    if not isinstance(config, dict):
+        return None
+    index = _read_json(os.path.join(root, "model_index.json"))
+    entry = index.get("transformer_2") if isinstance(index, dict) else None
+    if isinstance(entry, list):
+        second = len(entry) == 2 and entry[1] is not None
+    else:
+        second = os.path.isfile(os.path.join(root, "transformer_2", "config.json"))
+    spec = _match(("transformer", "transformer_2") if second else ("transformer",), config)
+    if spec is not None and family is not None and spec.family != family:
+        return None
+    return spec
+
+
+def video_defaults(family: str, model_path: str | os.PathLike | None = None) -> tuple[dict[str, int], ModelSpec | None]:
+    """The default video of a ``family`` model folder, before its own blade_defaults.json and any flag: the
+    recognised published model's (``model_of_folder``), else the family's.
+
+    Returns:
+        ``({"num_frames", "height", "width", "fps"}, the recognised ModelSpec or None)``.
+    """
+    fam = get_family(family)
+    defaults = {"num_frames": fam.default_num_frames, "height": fam.default_height, "width": fam.default_width,
+                "fps": fam.fps}
+    model = model_of_folder(model_path, family) if model_path is not None else None
+    if model is not None:
+        defaults.update(model.video_defaults())
+    return defaults, model

@@ -42,7 +42,7 @@ from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re
 from blade.distill import lora
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
-from blade.families import FAMILIES, get_family
+from blade.families import FAMILIES, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
@@ -99,7 +99,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--lambda_reg", type=float, default=d["lambda_reg"],
                    help="Weight of ||fake - teacher(no CFG)||^2 in the fake-score loss.")
     p.add_argument("--k_step", type=int, default=8, help="Student steps K (anchors 999 - k*1000//K).")
-    p.add_argument("--cfg", type=float, default=d["cfg"], help="Teacher classifier-free guidance scale.")
+    p.add_argument("--cfg", type=float, default=d["cfg"],
+                   help="Teacher classifier-free guidance scale in TDM (the family's released recipe value, for "
+                   "every model of the family).")
     p.add_argument("--eta", type=float, default=0.9, help="Student re-noising: eta*eps + sqrt(1-eta^2)*z.")
     p.add_argument("--tau_max", type=int, default=979, help="Largest diffusion time of the fake/teacher scores.")
     p.add_argument("--use_sparsity", action="store_true",
@@ -117,10 +119,15 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
     p.add_argument("--enable_slicing", action="store_true", help="VAE slicing for validation decoding.")
     p.add_argument("--enable_tiling", action="store_true", help="VAE tiling for validation decoding.")
-    p.add_argument("--num_frames", type=int, default=None, help=f"Video frames (default {d['num_frames']}).")
-    p.add_argument("--height", type=int, default=None, help=f"Video height (default {d['height']}).")
-    p.add_argument("--width", type=int, default=None, help=f"Video width (default {d['width']}).")
-    p.add_argument("--fps", type=int, default=None, help=f"Validation video fps (default {d['fps']}).")
+    model_default = ("the model folder's blade_defaults.json, else the published model its configs match "
+                     "(blade.families.MODELS, e.g. Wan2.1-14B 81x720x1280, Wan2.2-TI2V-5B 121x704x1280 at 24 fps), "
+                     "else the family's")
+    p.add_argument("--num_frames", type=int, default=None,
+                   help=f"Video frames (default: {model_default}: {d['num_frames']}).")
+    p.add_argument("--height", type=int, default=None, help=f"Video height (default: as --num_frames; {d['height']}).")
+    p.add_argument("--width", type=int, default=None, help=f"Video width (default: as --num_frames; {d['width']}).")
+    p.add_argument("--fps", type=int, default=None,
+                   help=f"Validation video fps (default: as --num_frames; {d['fps']}).")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     p.add_argument("--fake_loss_skip", type=float, default=None,
                    help="Skip the fake update when its loss exceeds this (released Wan code: 2.0; default off).")
@@ -175,20 +182,23 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and fill the size defaults: explicit flag > the model folder's blade_defaults.json (or blade_hints.json;
-    TinyWorld's size for a TinyWorld folder) > the --tinyworld preset > the family's."""
+    TinyWorld's size for a TinyWorld folder) > the --tinyworld preset > the published model the folder's configs
+    match (``blade.families.model_of_folder``; JSON only) > the family's."""
     parser = build_parser(family)
     args = parser.parse_args(argv)
     validate_args(parser, args)
     args.family = family
-    defaults = dict(FAMILY_DEFAULTS[family])
-    if getattr(args, "tinyworld", False):
-        from blade.tinyworld.model import TINYWORLD_DEFAULTS, bundled_pipeline_path
+    if getattr(args, "tinyworld", False) and args.pretrained_model_name_or_path is None:
+        from blade.tinyworld.model import bundled_pipeline_path
 
-        defaults.update({k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width", "fps")})
-        if args.pretrained_model_name_or_path is None:
-            args.pretrained_model_name_or_path = str(bundled_pipeline_path())
+        args.pretrained_model_name_or_path = str(bundled_pipeline_path())
     if args.pretrained_model_name_or_path is None:
         raise SystemExit("error: --pretrained_model_name_or_path is required")
+    defaults, _ = video_defaults(family, args.pretrained_model_name_or_path)
+    if getattr(args, "tinyworld", False):
+        from blade.tinyworld.model import TINYWORLD_DEFAULTS
+
+        defaults.update({k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width", "fps")})
     # The model folder's own size: blade_defaults.json (or the older blade_hints.json), or TinyWorld's for a
     # TinyWorld pipeline folder (recognised by its tokenizer), so MODEL_PATH=assets/tinyworld/pipeline just works.
     try:
