@@ -171,6 +171,13 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "--gpu", type=int, default=0, help="CUDA device index; -1 (or no CUDA available) runs on the CPU (default: 0)"
     )
     p.add_argument(
+        "--context_parallel",
+        action="store_true",
+        help="Ulysses context parallelism over the N processes of `torchrun --nproc_per_node N <script> ...` "
+        "(Wan only; N must divide the attention heads and the video tokens): each process holds 1/N of the tokens, "
+        "process i uses GPU i (CPUs: gloo), process 0 writes the outputs; --gpu is ignored (default: off)",
+    )
+    p.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
         default=None,
@@ -265,6 +272,8 @@ class Job:
     blade_config: BladeConfig | None
     pipeline_kwargs: dict[str, Any]
     outputs: list[tuple[Path, Path]]  # (mp4, json) per prompt
+    world: int = 1  # processes of a --context_parallel launch
+    rank: int = 0
 
 
 def _resolve_device(gpu: int) -> torch.device:
@@ -461,7 +470,13 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         raise CLIError(f"--dense_steps must be >= 0, got {dense_steps}")
     _check_speed_flags(args)
 
-    device = _resolve_device(args.gpu)
+    world, rank = 1, 0
+    if args.context_parallel:
+        world, rank = _check_context_parallel(spec.family, model_path, num_frames, height, width)
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = _resolve_device(args.gpu)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     if dtype == torch.float16 and device.type == "cpu":
         _warn("--dtype float16 on a CPU: the VAE decode runs ~180x slower than in float32 (no fast float16 "
@@ -490,7 +505,32 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         blade_config=blade_config,
         pipeline_kwargs=pipeline_kwargs,
         outputs=outputs,
+        world=world,
+        rank=rank,
     )
+
+
+def _check_context_parallel(family: str, model_path: Path, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    """``(world size, rank)`` of the torchrun launch ``--context_parallel`` runs in, after checking that the
+    family supports it and that the processes divide the heads and the video tokens evenly."""
+    if family != "wan":
+        raise CLIError(
+            f"--context_parallel supports Wan only: diffusers has no context-parallel plan for the {family} "
+            "transformer's attention processor"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise CLIError("--context_parallel: launch the script with `torchrun --nproc_per_node N` (N >= 2)")
+    config = json.loads((model_path / "transformer" / "config.json").read_text())
+    heads = int(config["num_attention_heads"])
+    p_t, p_h, p_w = config.get("patch_size", (1, 2, 2))
+    tokens = ((num_frames - 1) // 4 + 1) // p_t * (height // 8 // p_h) * (width // 8 // p_w)
+    if heads % world or tokens % world:
+        raise CLIError(
+            f"--context_parallel over {world} processes needs the {heads} attention heads and the {tokens} video "
+            "tokens divisible by it"
+        )
+    return world, int(os.environ.get("RANK", "0"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,6 +557,12 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
                   f"{type(pipe.scheduler).__name__}, {job.steps} steps, {job.attention} attention")
     if job.attention == "asa":
         enable_asa(pipe, job.blade_config.asa_config() if job.blade_config else None, dense_steps=job.dense_steps)
+    if job.world > 1:
+        from blade.families import pipeline_experts
+        from blade.parallel import enable_context_parallel
+
+        for _, transformer in pipeline_experts(pipe):
+            enable_context_parallel(transformer, job.world)
     speed_report = None
     if args.compile or args.vae_dtype or args.channels_last:
         from blade.speed import speed_up_pipeline
@@ -594,6 +640,22 @@ def vae_decode_progress(pipe: Any) -> Iterator[None]:
 
 
 def run(job: Job, args: argparse.Namespace) -> None:
+    """Generate every prompt; under ``--context_parallel`` inside the torchrun process group."""
+    if job.world > 1:
+        import torch.distributed as dist
+
+        if job.device.type == "cuda":
+            torch.cuda.set_device(job.device)
+        dist.init_process_group("nccl" if job.device.type == "cuda" else "gloo")
+        try:
+            _run(job, args)
+        finally:
+            dist.destroy_process_group()
+    else:
+        _run(job, args)
+
+
+def _run(job: Job, args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from blade.api import generate
@@ -601,8 +663,9 @@ def run(job: Job, args: argparse.Namespace) -> None:
 
     pipe, speed_report = build_pipeline(job, args)
     versions, device_name = _versions(), _device_name(job.device)
+    writer = job.rank == 0  # under --context_parallel every process computes the same video; process 0 writes it
     for i, (prompt, (video_path, sidecar_path)) in enumerate(
-        tqdm(list(zip(job.prompts, job.outputs)), desc="prompts", unit="video")
+        tqdm(list(zip(job.prompts, job.outputs)), desc="prompts", unit="video", disable=not writer)
     ):
         seed = args.seed + i
         with vae_decode_progress(pipe):
@@ -618,6 +681,8 @@ def run(job: Job, args: argparse.Namespace) -> None:
                 negative_prompt=args.negative_prompt,
                 **job.pipeline_kwargs,
             )
+        if not writer:
+            continue
         export_mp4(frames, video_path, fps=job.fps)
         sidecar = {
             "video": video_path.name,
@@ -645,6 +710,8 @@ def run(job: Job, args: argparse.Namespace) -> None:
             "dtype": str(job.dtype).removeprefix("torch."),
             "speed": speed_report,
             "device": device_name,
+            # Ulysses processes; ASA stats (sparsity) are then those of process 0's heads
+            "context_parallel": job.world,
             "versions": versions,
         }
         _write_json_atomic(sidecar, sidecar_path)

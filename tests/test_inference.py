@@ -471,3 +471,35 @@ def test_vae_decode_progress_counts_wan_latent_frames(wan_pipe, capsys):
     assert "decode" not in vars(wan_pipe.vae)  # the class's method is back
     err = capsys.readouterr().err
     assert "VAE decode" in err and "3/3" in err, err
+
+
+def test_wan_script_context_parallel_under_torchrun_matches_one_process(assets, tmp_path):
+    """`torchrun --nproc_per_node 2 wanx/train/inference.py --context_parallel` (gloo on CPU, Ulysses over the
+    tiny model's 2 heads and 48 tokens, ASA LoRA) writes, from process 0 only, the video one process writes."""
+    args = ["--model_path", str(assets["wan"]), "--lora_path", str(assets["wan_lora"]), "--prompt",
+            "a red ball moves left", *WAN_SIZE, "--seed", "3"]
+    single = _run_script(WAN_SCRIPT, [*args, "--output_dir", str(tmp_path / "one")], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WAN_SCRIPT),
+           *args, "--context_parallel", "--output_dir", str(tmp_path / "cp")]
+    parallel = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    (one,), (cp,) = sorted((tmp_path / "one").glob("*.mp4")), sorted((tmp_path / "cp").glob("*.mp4"))
+    assert one.name == cp.name and len(list((tmp_path / "cp").iterdir())) == 2  # one mp4 + one sidecar
+    sidecar = json.loads(cp.with_suffix(".json").read_text())
+    assert sidecar["context_parallel"] == 2 and sidecar["attention"] == "asa"
+    assert json.loads(one.with_suffix(".json").read_text())["context_parallel"] == 1
+    assert _psnr(read_mp4(cp), read_mp4(one)) > 50  # float32 rounding only (identical frames give inf)
+
+
+def test_context_parallel_refuses_cogvideox_and_a_plain_launch(assets, tmp_path, capsys, monkeypatch):
+    cog, wan = _load_script(COG_SCRIPT), _load_script(WAN_SCRIPT)
+    common = ["--prompt", "a cat", "--lora_path", "none", "--context_parallel", "--output_dir", str(tmp_path / "o")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cog.main(cog.SPEC, ["--model_path", str(assets["cogvideox"]), *COG_SIZE, *common]) == 2
+    assert "supports Wan only" in capsys.readouterr().err
+    wan_argv = ["--model_path", str(assets["wan"]), *WAN_SIZE, *common]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert wan.main(wan.SPEC, wan_argv) == 2 and "torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the tiny model has 2 heads
+    assert wan.main(wan.SPEC, wan_argv) == 2 and "divisible" in capsys.readouterr().err

@@ -224,8 +224,18 @@ class AdaptiveBlockSparseAttention(nn.Module):
         self._record(full.sum(), full.numel(), pooled_fraction)
         return out
 
-    def estimate_mask(self, q: torch.Tensor, k: torch.Tensor, dense_tail_tokens: int | None = None) -> torch.Tensor:
-        """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad)."""
+    def estimate_mask(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        dense_tail_tokens: int | None = None,
+        heads: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad).
+
+        ``heads=(first, total)``: ``q``/``k`` are heads ``first ...`` of a layer of ``total`` (one process's heads
+        under Ulysses context parallelism); the samples drawn are then those of a call with all ``total`` heads.
+        """
         cfg = self.config
         return _estimate_block_mask(
             q,
@@ -238,6 +248,7 @@ class AdaptiveBlockSparseAttention(nn.Module):
             dense_tail_tokens=cfg.dense_tail_tokens if dense_tail_tokens is None else dense_tail_tokens,
             rng_key=self._rng_key(),
             backend="auto",
+            heads=heads,
         )
 
     def forward(

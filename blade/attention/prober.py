@@ -346,13 +346,24 @@ def _estimate_block_mask(
     dense_tail_tokens: int,
     rng_key: int,
     backend: str,
+    heads: tuple[int, int] | None = None,
 ) -> torch.BoolTensor:
-    """``estimate_block_mask`` with the random source given by key (``GLOBAL_RNG`` or ``SeededGenerators.key``)."""
-    batch, heads, q_len, _ = q.shape
+    """``estimate_block_mask`` with the random source given by key (``GLOBAL_RNG`` or ``SeededGenerators.key``).
+
+    ``heads=(first, total)``: ``q``/``k`` hold heads ``first ... first + H - 1`` of a layer of ``total`` (Ulysses
+    context parallelism): positions are drawn for all ``total`` heads and this slice kept, so every process draws
+    what one process would, and the mask of a head does not depend on how the heads are split.
+    """
+    batch, n_heads, q_len, _ = q.shape
     k_len = k.shape[-2]
+    first, total = heads if heads is not None else (0, n_heads)
+    if first < 0 or first + n_heads > total:
+        raise ValueError(f"heads {first}..{first + n_heads - 1} do not lie in a layer of {total} heads")
     q_pos, k_pos = torch.ops.blade.prober_positions(
-        q.device, q_len, k_len, block_size, samples_per_block, batch, heads, rng_key
+        q.device, q_len, k_len, block_size, samples_per_block, batch, total, rng_key
     )
+    if total != n_heads:
+        q_pos, k_pos = (x[:, first : first + n_heads].contiguous() for x in (q_pos, k_pos))
     if _use_fused_prober(q, samples_per_block, backend):
         importance = torch.ops.blade.prober_importance(q, k, q_pos, k_pos, samples_per_block, backend == "triton")
     else:

@@ -177,6 +177,8 @@ class ASAState:
     # Optional fixed-mask source replacing the prober (training-free baselines: static window, random blocks):
     # ``(q, k, grid, dense_tail_tokens) -> bool [B|1, H|1, Nq, Nk]``.
     mask_provider: Callable | None = None
+    # The running forward's transformer ``_parallel_config`` (diffusers' context parallelism), or None.
+    parallel_config: Any = None
     _contexts: dict = field(default_factory=dict)
 
     # --------------------------------------------------------------------------------------------- contexts
@@ -203,6 +205,7 @@ class ASAState:
 
     # ------------------------------------------------------------------------------------------------ hooks
     def transformer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self.parallel_config = getattr(module, "_parallel_config", None)
         bound = bind_arguments(self.forward_signature, args, kwargs)
         arguments = bound.arguments
         hidden_states = arguments["hidden_states"]
@@ -217,7 +220,20 @@ class ASAState:
         if ctx is None or not ctx.sparse:
             return None
         cos, sin = output  # [1, S, 1, d] each
-        return permute_tokens(cos, ctx.perm, 1), permute_tokens(sin, ctx.perm, 1)
+        if cos.shape[1] == ctx.num_video_tokens:
+            return permute_tokens(cos, ctx.perm, 1), permute_tokens(sin, ctx.perm, 1)
+        # Context parallelism (diffusers' plan splits the tables inside rope's forward, before this hook): this
+        # process's slice of the raster tables is not the slice of the Gilbert-ordered ones. Recompute them whole
+        # (the tables are a function of the input's shape), permute, and split them as the plan splits the tokens.
+        parallel = self.parallel_config
+        if getattr(parallel, "context_parallel_config", None) is None:
+            raise ValueError(
+                f"the RoPE tables have {cos.shape[1]} tokens but the latent grid {ctx.grid} has {ctx.num_video_tokens}"
+            )
+        from blade.parallel import shard_tokens
+
+        full = type(module).forward(module, *args)  # the module's own forward, without diffusers' split hook
+        return tuple(shard_tokens(permute_tokens(x, ctx.perm, 1), 1, parallel) for x in full)
 
     def _block_context(self, args: tuple, kwargs: dict) -> ForwardContext | None:
         """The context of the forward this block call belongs to, made current for the processors.
@@ -264,15 +280,28 @@ class ASAState:
         return permute_tokens(output, ctx.inv, 1)
 
     # -------------------------------------------------------------------------------------------- attention
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense_tail_tokens: int) -> torch.Tensor:
-        """ASA over ``[B, H, L, D]`` tokens (video already Gilbert-ordered, ``dense_tail_tokens`` dense at the tail)."""
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dense_tail_tokens: int,
+        heads: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """ASA over ``[B, H, L, D]`` tokens (video already Gilbert-ordered, ``dense_tail_tokens`` dense at the tail).
+
+        ``heads=(first, total)``: the tensors hold heads ``first ... first + H - 1`` of ``total`` (Ulysses context
+        parallelism, whole sequence): the prober draws as for all heads, a provider's per-head mask is sliced.
+        """
         ctx = self.current
         if ctx is not None and ctx.mode == MODE_DENSE:
             return self.asa(q, k, v, dense=True)
         if self.mask_provider is not None and ctx is not None:
             mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
+            if heads is not None and mask.shape[1] == heads[1] != q.shape[1]:
+                mask = mask[:, heads[0] : heads[0] + q.shape[1]]
         else:
-            mask = self.asa.estimate_mask(q, k, dense_tail_tokens)
+            mask = self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads)
         return self.asa.attend(q, k, v, mask)
 
     def processor_mode(self) -> str:

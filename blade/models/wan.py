@@ -31,6 +31,7 @@ from blade.models.common import (
     remove_asa,
     resolve_config,
 )
+from blade.parallel import heads_to_seq, seq_to_heads, ulysses_group
 
 __all__ = ["WanASAProcessor", "apply_asa", "default_asa_config", "remove_asa", "wan_grid"]
 
@@ -62,6 +63,8 @@ class WanASAProcessor(WanAttnProcessor):
 
     diffusers' own projections (fused ``to_qkv`` too, and any LoRA on them), QK RMS norms and RoPE are reused; only
     the attention itself is replaced. Cross-attention calls and ASA-off forwards fall through to the stock code.
+    Under diffusers' Ulysses context parallelism the processor does the all-to-alls around ASA itself
+    (``blade.parallel``), as the stock dispatcher would around its attention.
     """
 
     def __init__(self, state: ASAState):
@@ -92,10 +95,20 @@ class WanASAProcessor(WanAttnProcessor):
             query = _apply_interleaved_rope(query, *rotary_emb)
             key = _apply_interleaved_rope(key, *rotary_emb)
 
+        # Ulysses context parallelism (diffusers' plan split the tokens): this process's tokens of all heads ->
+        # all tokens of its heads, ASA per local head, and back (see blade.parallel).
+        ulysses = ulysses_group(self._parallel_config)
+        heads = None
+        if ulysses is not None:
+            heads = ulysses.head_range(attn.heads)
+            query, key, value = (seq_to_heads(x, ulysses) for x in (query, key, value))
+
         out = self.state.attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dense_tail_tokens=0
-        )  # [B, H, L, D]
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dense_tail_tokens=0, heads=heads
+        ).transpose(1, 2)  # [B, L, H, D]
+        if ulysses is not None:
+            out = heads_to_seq(out, ulysses)
+        out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
