@@ -144,7 +144,7 @@ def test_tinyworld_prompt_cache_check():
     """The TinyWorld teacher learned CFG's uncond from "" at 32 text tokens: Wan's negative prompt is refused."""
     from types import SimpleNamespace
 
-    from blade.distill.trainer import check_tinyworld_prompt_cache
+    from blade.tinyworld.distill import check_tinyworld_prompt_cache
 
     def cache(negative, max_length):
         return SimpleNamespace(index={"negative": {"prompt": negative}}, max_length=max_length, directory="p")

@@ -40,11 +40,12 @@ from tqdm.auto import tqdm
 from blade.collectives import collective_in_place
 from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re-exported (its name before the move)
 from blade.distill import lora
+from blade.distill.model_extensions import ModelExtensionError, load_extension
 from blade.distill.reflow import reflow_loss
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
 from blade.families import FAMILIES, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
-from blade.pipelines.hints import ModelHintsError, read_model_hints
+from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 
@@ -167,8 +168,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--diag_every", type=int, default=0,
                    help="Every N steps also log the dense teacher's denoising error on the fake's batch (0 = off).")
     p.add_argument("--eval_every", type=int, default=0,
-                   help="TinyWorld models: score the student's samples every N steps (adherence, fidelity) into "
-                   "output_dir/logs.jsonl (0 = off).")
+                   help="Models with a trainer extension (TinyWorld): score the student's samples every N steps "
+                   "(TinyWorld: adherence, fidelity) into output_dir/logs.jsonl (0 = off).")
     p.add_argument("--eval_prompts", default=None,
                    help="Grammar prompts for --eval_every (default: assets/tinyworld/eval_prompts.txt).")
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[1000], help="Seeds for --eval_every.")
@@ -182,23 +183,25 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and fill the size defaults: explicit flag > the model folder's blade_defaults.json (or blade_hints.json;
-    TinyWorld's size for a TinyWorld folder) > the --tinyworld preset > the published model the folder's configs
-    match (``blade.families.model_of_folder``; JSON only) > the family's."""
+    TinyWorld's size for a TinyWorld folder) > a preset flag's (--tinyworld) > the published model the folder's
+    configs match (``blade.families.model_of_folder``; JSON only) > the family's.
+
+    Also sets `args.model_extension`: the trainer extension module (``blade.distill.model_extensions``) the model
+    folder names (or that its recognised kind has), else the preset flag's, else None.
+    """
     parser = build_parser(family)
     args = parser.parse_args(argv)
     validate_args(parser, args)
     args.family = family
-    if getattr(args, "tinyworld", False) and args.pretrained_model_name_or_path is None:
-        from blade.tinyworld.model import bundled_pipeline_path
-
-        args.pretrained_model_name_or_path = str(bundled_pipeline_path())
+    # --tinyworld is a preset: it only names TinyWorld's extension module, which provides its model path and size
+    preset = load_extension(TINYWORLD_EXTENSION) if getattr(args, "tinyworld", False) else None
+    if preset is not None and args.pretrained_model_name_or_path is None:
+        args.pretrained_model_name_or_path = preset.preset_model_path()
     if args.pretrained_model_name_or_path is None:
         raise SystemExit("error: --pretrained_model_name_or_path is required")
     defaults, _ = video_defaults(family, args.pretrained_model_name_or_path)
-    if getattr(args, "tinyworld", False):
-        from blade.tinyworld.model import TINYWORLD_DEFAULTS
-
-        defaults.update({k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width", "fps")})
+    if preset is not None:
+        defaults.update({k: v for k, v in preset.defaults().items() if k in ("num_frames", "height", "width", "fps")})
     # The model folder's own size: blade_defaults.json (or the older blade_hints.json), or TinyWorld's for a
     # TinyWorld pipeline folder (recognised by its tokenizer), so MODEL_PATH=assets/tinyworld/pipeline just works.
     try:
@@ -206,8 +209,18 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     except ModelHintsError as err:
         raise SystemExit(f"error: {err}") from None
     defaults.update({k: hints[k] for k in ("num_frames", "height", "width", "fps") if k in hints})
-    if hints.get("tinyworld") and hasattr(args, "tinyworld"):
-        args.tinyworld = True  # its prompt cache is then checked against the TinyWorld teacher's text inputs
+    args.model_extension = hints.get(EXTENSION_KEY) or (TINYWORLD_EXTENSION if preset is not None else None)
+    if args.model_extension is not None:
+        try:
+            load_extension(args.model_extension)  # a bad module name fails here, not after the model loads
+        except ModelExtensionError as err:
+            raise SystemExit(f"error: {err}") from None
+    elif args.eval_every > 0:
+        raise SystemExit(f"error: --eval_every needs a model with a trainer extension (e.g. TinyWorld); "
+                         f"{args.pretrained_model_name_or_path} names none ('{EXTENSION_KEY}' in its "
+                         "blade_defaults.json)")
+    if hasattr(args, "tinyworld"):  # the preset flag also reports a TinyWorld folder found without it
+        args.tinyworld = args.model_extension == TINYWORLD_EXTENSION
     for key in ("num_frames", "height", "width", "fps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -328,29 +341,6 @@ def loader_generator(seed: int, epoch: int) -> torch.Generator:
     stream untouched and gives workers the same base seed in both runs.
     """
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def check_tinyworld_prompt_cache(cache: PromptEmbeddingCache) -> None:
-    """Refuse a prompt cache that feeds the TinyWorld teacher text inputs it was never trained on.
-
-    The teacher learned CFG's unconditional branch from the empty prompt "" and saw text padded to 32 tokens.
-    Wan's default negative prompt is out of TinyWorld's vocabulary (~77 `<unk>` tokens): with it the CFG direction
-    is ~3x larger and the teacher's CFG targets are saturated; 512-token padding also shifts the cross-attention.
-    """
-    from blade.tinyworld.model import TINYWORLD_DEFAULTS
-
-    problems = []
-    negative = (cache.index.get("negative") or {}).get("prompt")
-    if negative:
-        problems.append(f"its negative prompt is {negative[:40]!r}... instead of the empty prompt")
-    want = TINYWORLD_DEFAULTS["max_sequence_length"]
-    if cache.max_length is not None and cache.max_length != want:
-        problems.append(f"it was encoded at {cache.max_length} text tokens instead of {want}")
-    if problems:
-        raise PromptCacheError(
-            f"{cache.directory} does not match the TinyWorld teacher: {'; '.join(problems)}. Re-encode the prompts "
-            f"with utils/process_prompts_wanx.py ... --negative_prompt '' --max_length {want}."
-        )
 
 
 def check_prompt_cache(cache: PromptEmbeddingCache, args: argparse.Namespace) -> None:
@@ -950,17 +940,31 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
     return pairs
 
 
-def build_monitor(args, shape: tuple, device: torch.device):
-    """The in-training evaluator for --eval_every (TinyWorld models: the world's metrics need its grammar)."""
-    from blade.tinyworld.evaluate import read_prompts
-    from blade.tinyworld.model import bundled_pipeline_path
-    from blade.tinyworld.monitor import TinyWorldMonitor
+def __getattr__(name: str):
+    """`check_tinyworld_prompt_cache`, which moved to TinyWorld's trainer extension: still importable from here."""
+    if name == "check_tinyworld_prompt_cache":
+        return load_extension(TINYWORLD_EXTENSION).check_prompt_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    prompts_file = args.eval_prompts or bundled_pipeline_path().parent / "eval_prompts.txt"
-    prompts = [text for text, _ in read_prompts(prompts_file)]  # grammar-checked, errors name the line
-    return TinyWorldMonitor(args.pretrained_model_name_or_path, prompts, args.eval_seeds,
-                            tuple(shape[1:]), (args.num_frames, args.height, args.width), device,
-                            batch_size=max(args.train_batch_size, 8))
+
+def model_extension(args: argparse.Namespace):
+    """The model's trainer extension module (``blade.distill.model_extensions``), or None."""
+    name = getattr(args, "model_extension", None)
+    if name is None and getattr(args, "tinyworld", False):  # a Namespace built without parse_args
+        name = TINYWORLD_EXTENSION
+    return load_extension(name) if name else None
+
+
+def build_monitor(args, shape: tuple, device: torch.device):
+    """The in-training evaluator for --eval_every, from the model's trainer extension (TinyWorld's metrics need its
+    grammar)."""
+    extension = model_extension(args)
+    if extension is None:
+        raise ModelExtensionError(
+            f"--eval_every needs a model with a trainer extension (e.g. TinyWorld); "
+            f"{args.pretrained_model_name_or_path} names none ('{EXTENSION_KEY}' in its blade_defaults.json)"
+        )
+    return extension.build_monitor(args, shape, device)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -990,8 +994,9 @@ def train(args: argparse.Namespace) -> dict:
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
     cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
-    if getattr(args, "tinyworld", False):
-        check_tinyworld_prompt_cache(cache)
+    extension = model_extension(args)
+    if extension is not None:  # e.g. TinyWorld: the teacher's own text inputs (empty negative, 32 tokens)
+        extension.check_prompt_cache(cache)
     check_before_model_load(cache, args)  # prompt cache vs model, output folder, resume folder: before loading
     output_dir.mkdir(parents=True, exist_ok=True)
     want_vae = (args.validation_steps > 0 or args.eval_every > 0) and accelerator.is_main_process
@@ -1188,7 +1193,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 # The trainer's own errors: one line `error: ...` and exit status 2, like the prompt and inference CLIs.
-USER_ERRORS = (CheckpointError, NonFiniteError, PromptCacheError, ModelFolderError, OutputLocationError, LoraError)
+USER_ERRORS = (CheckpointError, NonFiniteError, PromptCacheError, ModelFolderError, OutputLocationError, LoraError,
+               ModelExtensionError)
 
 
 def main(family: str, argv: list[str] | None = None) -> dict:

@@ -2,7 +2,9 @@
 
 A model folder may hold `blade_defaults.json` (the name the inference scripts always read) with any of
 `num_frames`, `height`, `width`, `fps`, `max_sequence_length`, and `"tinyworld": true` for a TinyWorld pipeline
-(prompts must follow its grammar). `blade_hints.json`, the name the trainer read before, is still read when
+(prompts must follow its grammar), and `"trainer_extension": "<module>"` naming the module that extends the
+distillation trainer for this model (``blade.distill.model_extensions``; a TinyWorld folder gets
+`TINYWORLD_EXTENSION`). `blade_hints.json`, the name the trainer read before, is still read when
 `blade_defaults.json` is absent. A TinyWorld pipeline folder without either file (trained before the file existed)
 is recognised by its word-level tokenizer over exactly the TinyWorld vocabulary, and gets TinyWorld's defaults.
 """
@@ -15,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXTENSION_KEY",
     "HINT_KEYS",
     "LEGACY_HINTS_FILE",
     "MODEL_HINTS_FILE",
     "ModelHintsError",
+    "TINYWORLD_EXTENSION",
     "is_tinyworld_tokenizer",
     "read_model_hints",
     "tinyworld_hints",
@@ -27,6 +31,8 @@ __all__ = [
 MODEL_HINTS_FILE = "blade_defaults.json"
 LEGACY_HINTS_FILE = "blade_hints.json"
 HINT_KEYS = ("num_frames", "height", "width", "fps", "max_sequence_length")
+EXTENSION_KEY = "trainer_extension"  # the folder's trainer extension module (blade.distill.model_extensions)
+TINYWORLD_EXTENSION = "blade.tinyworld.distill"
 
 
 class ModelHintsError(ValueError):
@@ -34,10 +40,10 @@ class ModelHintsError(ValueError):
 
 
 def tinyworld_hints() -> dict[str, Any]:
-    """TinyWorld's video size, fps and text length, with `"tinyworld": True`."""
+    """TinyWorld's video size, fps and text length, with `"tinyworld": True` and its trainer extension."""
     from blade.tinyworld.model import TINYWORLD_DEFAULTS
 
-    return {**{k: TINYWORLD_DEFAULTS[k] for k in HINT_KEYS}, "tinyworld": True}
+    return {**{k: TINYWORLD_DEFAULTS[k] for k in HINT_KEYS}, "tinyworld": True, EXTENSION_KEY: TINYWORLD_EXTENSION}
 
 
 def is_tinyworld_tokenizer(model_path: str | os.PathLike) -> bool:
@@ -60,7 +66,8 @@ def read_model_hints(model_path: str | os.PathLike) -> dict[str, Any]:
     """The folder's defaults: blade_defaults.json, else blade_hints.json, else TinyWorld's for a TinyWorld folder.
 
     Returns:
-        A dict with any of HINT_KEYS and `"tinyworld"` (bool); `{}` when the folder says nothing.
+        A dict with any of HINT_KEYS, `"tinyworld"` (bool) and EXTENSION_KEY (a module name); `{}` when the
+        folder says nothing.
 
     Raises:
         ModelHintsError: the file exists but is not a JSON object.
@@ -77,6 +84,11 @@ def read_model_hints(model_path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ModelHintsError(f"{path} must hold a JSON object, got {type(data).__name__}")
         hints = {k: data[k] for k in HINT_KEYS if k in data}
+        extension = data.get(EXTENSION_KEY)
+        if extension is not None:
+            if not isinstance(extension, str) or not extension:
+                raise ModelHintsError(f"{path}: {EXTENSION_KEY!r} must name a Python module, got {extension!r}")
+            hints[EXTENSION_KEY] = extension
         if data.get("tinyworld"):
             hints = {**tinyworld_hints(), **hints}
         return hints
