@@ -513,7 +513,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
 def _check_context_parallel(family: str, model_path: Path, num_frames: int, height: int, width: int) -> tuple[int, int]:
     """``(world size, rank)`` of the torchrun launch ``--context_parallel`` runs in, after checking that the
     family supports it and that the processes divide the heads and the video tokens evenly."""
-    if family != "wan":
+    if not get_family(family).context_parallel:
         raise CLIError(
             f"--context_parallel supports Wan only: diffusers has no context-parallel plan for the {family} "
             "transformer's attention processor"

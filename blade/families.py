@@ -5,9 +5,9 @@ default size and fps, where to download the model, the student's prediction type
 lambda_reg) and the module with the family's ASA adapter. Code that needs a per-family fact asks the registry
 instead of testing the family name; ``blade.pipelines.loading.FamilySpec`` / ``FAMILIES`` are these same objects.
 
-Still outside the registry (see docs/internals.md): the TDM schedule builders ``blade.distill.tdm.wan_family`` /
-``cogvideox_family``, the prompt-encoding defaults ``blade.prompt_cli.WAN`` / ``COGVIDEOX``, the inference scripts'
-``blade.cli.ScriptSpec`` and a few name tests in ``blade/distill/trainer.py``.
+Still outside the registry (see docs/internals.md): the prompt-encoding defaults ``blade.prompt_cli.WAN`` /
+``COGVIDEOX`` and the inference scripts' ``blade.cli.ScriptSpec``; the TDM adapters ``blade.distill.tdm.wan_family`` /
+``cogvideox_family`` are named here (``Family.tdm_family``) and built through ``Family.build_tdm_family``.
 
 ``MODELS`` (``get_model``) holds the published models of each family; ``model_of_pipeline`` (a loaded pipeline) and
 ``model_of_folder`` (a diffusers folder's config JSON only, no weights) recognise them, so the inference scripts and
@@ -60,6 +60,10 @@ class Family:
     cfg: float = 5.0  # the teacher's guidance scale in TDM (released launch scripts)
     lambda_reg: float = 0.0  # TDM's fake-score regulariser weight
     adapter_module: str = ""  # the module with apply_asa / default_asa_config for this family
+    tdm_family: str = ""  # "module:function" building the TDM adapter (schedule, latent layout) from a pipeline
+    prompt_script: str = ""  # utils/process_prompts_<name>.py encodes this family's prompt cache
+    text_width_key: str = "text_dim"  # the transformer config's key for the text-embedding width
+    context_parallel: bool = False  # diffusers has a context-parallel plan for its attention (Ulysses + ASA)
     size_rules_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[int, int, int]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -84,6 +88,12 @@ class Family:
     def adapter(self) -> ModuleType:
         """The family's ASA adapter module (imported lazily: it pulls in the attention kernels)."""
         return importlib.import_module(self.adapter_module)
+
+    def build_tdm_family(self, pipe, shift: float | None = None):
+        """The TDM adapter of a loaded pipeline (``blade.distill.tdm.TDMFamily``); ``shift`` for flow-shift families."""
+        module, name = self.tdm_family.split(":")
+        builder = getattr(importlib.import_module(module), name)
+        return builder(pipe, shift=shift) if self.flow_shift else builder(pipe)
 
     def size_rules(self, vae_config: Mapping[str, Any], transformer_config: Mapping[str, Any]) -> tuple[int, int, int]:
         """``(height_multiple, width_multiple, frame_step)`` from the VAE and transformer configs."""
@@ -111,6 +121,10 @@ FAMILIES: dict[str, Family] = {
         cfg=5.0,
         lambda_reg=0.0,
         adapter_module="blade.models.wan",
+        tdm_family="blade.distill.tdm:wan_family",
+        prompt_script="wanx",
+        text_width_key="text_dim",
+        context_parallel=True,
         size_rules_fn=_wan_size_rules,
     ),
     "cogvideox": Family(
@@ -128,6 +142,9 @@ FAMILIES: dict[str, Family] = {
         cfg=3.5,
         lambda_reg=0.5,
         adapter_module="blade.models.cogvideox",
+        tdm_family="blade.distill.tdm:cogvideox_family",
+        prompt_script="cogvideox",
+        text_width_key="text_embed_dim",
         size_rules_fn=_cogvideox_size_rules,
     ),
 }

@@ -1,8 +1,12 @@
 """blade.families: the one registry of per-family facts, as the loaders, the trainer and the config read them."""
 
+from pathlib import Path
+
 import pytest
 
 from blade.families import FAMILIES, get_family
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registry_facts_and_lookups():
@@ -20,3 +24,19 @@ def test_registry_facts_and_lookups():
     assert get_family("wan").adapter().__name__ == "blade.models.wan"
     with pytest.raises(ValueError, match="unknown model family 'sora'"):
         get_family("sora")
+
+
+def test_registry_builds_each_familys_tdm_adapter_and_names_its_tools():
+    """The trainer asks the registry (no family-name tests): the TDM adapter, the prompt script, the text width key."""
+    from blade.distill.schedule import FlowMatchingSchedule, VPredictionDDPMSchedule
+    from blade.testing.tiny import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
+
+    wan = get_family("wan").build_tdm_family(build_tiny_wan_pipeline(seed=0), shift=3.0)
+    assert wan.name == "wan" and isinstance(wan.schedule, FlowMatchingSchedule) and wan.schedule.shift == 3.0
+    cog = get_family("cogvideox").build_tdm_family(build_tiny_cogvideox_pipeline(seed=0), shift=None)
+    assert cog.name == "cogvideox" and isinstance(cog.schedule, VPredictionDDPMSchedule) and not cog.channels_first
+    for name, script, key in (("wan", "wanx", "text_dim"), ("cogvideox", "cogvideox", "text_embed_dim")):
+        family = get_family(name)
+        assert family.prompt_script == script and (REPO / "utils" / f"process_prompts_{script}.py").is_file()
+        assert family.text_width_key == key
+    assert get_family("wan").context_parallel and not get_family("cogvideox").context_parallel

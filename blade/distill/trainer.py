@@ -42,7 +42,7 @@ from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re
 from blade.distill import lora
 from blade.distill.model_extensions import ModelExtensionError, load_extension
 from blade.distill.reflow import reflow_loss
-from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective, cogvideox_family, wan_family
+from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
 from blade.families import FAMILIES, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
@@ -173,9 +173,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--eval_prompts", default=None,
                    help="Grammar prompts for --eval_every (default: assets/tinyworld/eval_prompts.txt).")
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[1000], help="Seeds for --eval_every.")
-    if family == "wan":
+    if get_family(family).flow_shift:
         p.add_argument("--shift", type=float, default=1.0,
                        help="Flow shift of the student's anchor schedule (1.0 = anchors uniform in sigma).")
+    if family == "wan":  # TinyWorld is a Wan-architecture model
         p.add_argument("--tinyworld", action="store_true",
                        help="TinyWorld preset: model assets/tinyworld/pipeline and its video size.")
     return p
@@ -354,12 +355,12 @@ def check_prompt_cache(cache: PromptEmbeddingCache, args: argparse.Namespace) ->
     model = Path(args.pretrained_model_name_or_path)
     check_model_folder(args.family, model)  # ModelFolderError naming what is missing, before anything else
     where = f"prompt cache {cache.directory}"
-    redo = "re-encode the prompts with utils/process_prompts_{}.py --model_path {}".format(
-        "wanx" if args.family == "wan" else "cogvideox", model)
+    script = f"utils/process_prompts_{get_family(args.family).prompt_script}.py"
+    redo = f"re-encode the prompts with {script} --model_path {model}"
     if cache.family is not None and cache.family != args.family:
         raise PromptCacheError(f"{where} was encoded for {cache.family!r}, this trainer is {args.family!r}: {redo}")
     config = read_component_config(model, "transformer")
-    width = config.get("text_dim" if args.family == "wan" else "text_embed_dim")
+    width = config.get(get_family(args.family).text_width_key)
     entries = list(cache.entries)
     negative = cache.index.get("negative")
     if negative is None:
@@ -463,7 +464,7 @@ def load_pipeline(model_path: str, family: str, dtype: torch.dtype, with_vae: bo
 
 
 def build_family(pipe, args) -> TDMFamily:
-    return wan_family(pipe, shift=args.shift) if args.family == "wan" else cogvideox_family(pipe)
+    return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
 def apply_sparsity(transformer, family: str, dense_steps: int):
@@ -809,7 +810,7 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
 def decode_latents(pipe, family: TDMFamily, latents: torch.Tensor) -> np.ndarray:
     """Latents -> frames [B, F, H, W, 3] in [0, 1], as the pipeline decodes them."""
     vae = pipe.vae
-    if family.name == "wan":
+    if not hasattr(pipe, "decode_latents"):  # WanPipeline: normalised latents, decoded inline in its __call__
         z = latents.to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
