@@ -256,13 +256,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return value is None or math.isfinite(value)
 
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "rank", "lora_alpha",
-                 "max_train_steps", "k_step"):
+                 "max_train_steps", "k_step", "fake_updates", "reflow_pairs", "reflow_teacher_steps"):
         need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("num_frames", "height", "width", "fps"):
         value = getattr(args, name)
         need(value is None or value >= 1, f"--{name} must be >= 1, got {value}")
-    for name in ("fake_updates", "reflow_pairs", "reflow_teacher_steps"):
-        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
     need(args.fake_updates == 1 or args.gradient_accumulation_steps == 1,
          "--fake_updates > 1 needs --gradient_accumulation_steps 1 (one fake optimizer step per fake batch)")
     need(finite("ema_decay") and 0.0 <= args.ema_decay < 1.0, f"--ema_decay must be in [0, 1), got {args.ema_decay}")
@@ -688,12 +686,12 @@ def _write_checkpoint_files(tmp: Path, step: int, transformer, family, optimizer
     _fsync_tree(tmp)
 
 
-def find_latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete checkpoint-N with the largest N (folders without the marker are ignored)."""
+def find_latest_checkpoint(output_dir: Path, below: int | None = None) -> Path | None:
+    """The complete checkpoint-N with the largest N (folders without the marker are ignored), N < `below` if given."""
     found = []
     for path in output_dir.glob("checkpoint-*"):
         suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
+        if suffix.isdigit() and (below is None or int(suffix) < below) and (path / COMPLETE_MARKER).is_file():
             found.append((int(suffix), path))
     return max(found)[1] if found else None
 
@@ -701,13 +699,7 @@ def find_latest_checkpoint(output_dir: Path) -> Path | None:
 def previous_checkpoint(path: Path) -> Path | None:
     """The complete checkpoint-N beside `path` with the largest N below `path`'s (None if there is none)."""
     suffix = path.name.split("-", 1)[-1].removesuffix(".tmp")
-    below = int(suffix) if suffix.isdigit() else None
-    found = []
-    for other in path.parent.glob("checkpoint-*"):
-        n = other.name.split("-", 1)[1]
-        if n.isdigit() and (below is None or int(n) < below) and (other / COMPLETE_MARKER).is_file():
-            found.append((int(n), other))
-    return max(found)[1] if found else None
+    return find_latest_checkpoint(path.parent, below=int(suffix) if suffix.isdigit() else None)
 
 
 def _resume_advice(path: Path) -> str:
