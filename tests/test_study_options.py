@@ -31,11 +31,9 @@ def test_l2_generator_loss_with_normalisation_by_hand():
     loss, logs = obj.generator_loss(x_ti, draw, emb, neg, g, torch.Generator().manual_seed(4))
     loss.backward()
     (_, x_tau, tau, _), = _calls(obj, "fake")
-    x_ti, x_tau = x_ti.double(), x_tau.double()
-    s_i, s_tau = draw.t_i / 1000, (tau.double() / 1000).view(-1, 1, 1, 1)
+    x_ti, s_i = x_ti.double(), draw.t_i / 1000
     x0 = x_ti - s_i * 0.4 * x_ti  # the mock student: v = 0.4 x
-    x0_teacher = x_tau - s_tau * (0.2 * x_tau - 1 + cfg_scale * 2.0)
-    x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
+    x0_teacher, x0_fake = obj.reference_x0(x_tau, tau, cfg_scale)
     d = x0_fake - x0_teacher
     weight = 1.0 / (x0 - x0_teacher).abs().flatten(1).mean(1)
     want = (weight * 0.5 * d.pow(2).flatten(1).mean(1)).mean()

@@ -161,6 +161,15 @@ class _MockObjective(TDMObjective):
     def _activate(self, name):
         pass
 
+    @staticmethod
+    def reference_x0(x_tau, tau, cfg_scale):
+        """Hand reference in float64 of the CFG teacher's and the fake's x0 at (x_tau, tau), for emb = 1, neg = -1:
+        x0 = x - s v (flow matching, s = t / 1000)."""
+        x_tau, s_tau = x_tau.double(), (tau.double() / 1000).view(-1, *([1] * (x_tau.ndim - 1)))
+        x0_teacher = x_tau - s_tau * (0.2 * x_tau - 1 + cfg_scale * 2.0)  # uncond + cfg * (cond - uncond)
+        x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
+        return x0_teacher, x0_fake
+
     def predict(self, role, x, t, emb):
         self.calls.append((role, x.detach().clone(), t.detach().clone(), emb))
         if role == "student":
@@ -192,11 +201,8 @@ def test_generator_loss_wiring_and_sign():
     assert all(torch.equal(t[1], x_tau) and torch.equal(t[2], tau) for t in teacher) and ef is emb
     assert torch.all(tau > draw.t_mid) and torch.all(tau <= 979)
 
-    # hand reference in float64: x0 = x - s v (flow matching, s = t / 1000)
-    x_ti, x_tau = x_ti.double(), x_tau.double()
-    s_i, s_tau = draw.t_i / 1000, (tau.double() / 1000).view(-1, 1, 1, 1)
-    x0_teacher = x_tau - s_tau * (0.2 * x_tau - 1 + cfg_scale * 2.0)  # uncond + cfg * (cond - uncond)
-    x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
+    s_i = draw.t_i / 1000
+    x0_teacher, x0_fake = obj.reference_x0(x_tau, tau, cfg_scale)
     d = x0_fake - x0_teacher  # x0 - stopgrad(x0 + teacher - fake)
     n = d[0].numel()
     want = (torch.sqrt(d**2 + c * c) - c).flatten(1).mean(1).mean()
