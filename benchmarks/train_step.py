@@ -181,7 +181,8 @@ def run_model(family: str, args, device, dtype) -> list[dict]:
     pipe = build_pipe(family, args, device, dtype)
     transformer = pipe.transformer
     tr.init_adapters(SimpleNamespace(num_processes=1), transformer, SimpleNamespace(seed=args.seed, rank=args.rank,
-                                                                                    lora_alpha=args.rank))
+                                                                                    lora_alpha=args.rank,
+                                                                                    lora_targets="attn"))
     if not args.no_gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -357,3 +357,27 @@ def test_failed_save_and_corrupt_checkpoints_name_the_file(assets, tmp_path, cap
     assert train(_args(assets, tmp_path / "other", "--max_train_steps", "2", "--validation_steps", "0",
                        "--report_to", "none", "--resume_from_checkpoint", str(out / "checkpoint-1")))["global_step"] \
         == 2
+
+
+@pytest.mark.parametrize("preset, present, absent", [
+    ("attn_ffn", ["blocks.0.ffn.net.0.proj", "blocks.1.ffn.net.2", "blocks.0.attn2.to_k"], ["proj_out", "time_proj"]),
+    ("all", ["blocks.0.ffn.net.2", "condition_embedder.time_proj", "proj_out"], []),
+])
+def test_lora_targets_reach_the_saved_lora_and_a_stock_pipeline(assets, tmp_path, preset, present, absent):
+    """--lora_targets widens the student's (and fake's) LoRA beyond the attention projections; the saved file holds
+    those layers, loads into a stock pipeline with the same weights, and a checkpoint of another preset is refused."""
+    out = tmp_path / preset
+    train(_args(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
+                "--report_to", "none", "--lora_targets", preset))
+    saved = _lora(out)
+    layers = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in saved}
+    assert all(name in layers for name in present) and not any(name in layers for name in absent)
+    pipe = build_tiny_wan_pipeline(seed=0)
+    pipe.load_lora_weights(str(out))
+    module = pipe.transformer.get_submodule(present[1])
+    key = f"transformer.{present[1]}.lora_B.weight"
+    assert saved[key].abs().sum() > 0  # the generator's first update (step 2) moved it away from B = 0
+    assert torch.equal(module.lora_B[module.active_adapters[0]].weight, saved[key])
+    with pytest.raises(CheckpointError, match="lora_targets"):
+        train(_args(assets, tmp_path / "other", "--max_train_steps", "3", "--validation_steps", "0", "--report_to",
+                    "none", "--resume_from_checkpoint", str(out / "checkpoint-2")))

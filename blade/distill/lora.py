@@ -19,6 +19,30 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 STUDENT = "student"
 FAKE = "fake"
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# Which Linear layers carry the LoRA (`--lora_targets`). "attn" is the released recipe (every attention projection,
+# self and cross); "attn_ffn" adds both feed-forward Linears of every block (`ffn.net.*` in Wan, `ff.net.*` in
+# CogVideoX: PEFT matches a target against the end of the module name); "all" is every Linear of the transformer
+# (also the time/text embedders, the per-block modulation input and the output projection).
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": DEFAULT_TARGET_MODULES,
+    "attn_ffn": DEFAULT_TARGET_MODULES + ("net.0.proj", "net.2"),
+}
+ALL_LINEAR = "all"
+
+
+def target_modules(transformer: torch.nn.Module, preset: str) -> tuple[str, ...]:
+    """The module-name suffixes of a `--lora_targets` preset; "all" lists every Linear of this transformer."""
+    if preset == ALL_LINEAR:
+        return tuple(sorted(name for name, module in transformer.named_modules()
+                            if isinstance(module, torch.nn.Linear)))
+    if preset not in TARGET_PRESETS:
+        raise ValueError(f"unknown LoRA target preset {preset!r}; choose one of {[*TARGET_PRESETS, ALL_LINEAR]}")
+    return TARGET_PRESETS[preset]
+
+
+def is_target(name: str, targets: tuple[str, ...]) -> bool:
+    """PEFT's rule for a list of target names: the module's full name, or its ending after a dot."""
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def lora_config(rank: int = 64, alpha: int = 64, target_modules=DEFAULT_TARGET_MODULES) -> LoraConfig:

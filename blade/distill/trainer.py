@@ -110,6 +110,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--dense_steps", type=int, default=0, help="First student steps that run dense (ASA off).")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (student and fake).")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha.")
+    p.add_argument("--lora_targets", choices=[*lora.TARGET_PRESETS, lora.ALL_LINEAR], default="attn",
+                   help="Linear layers with a LoRA (student and fake): attn = every attention projection (the "
+                   "released recipe); attn_ffn = also both feed-forward layers of every block; all = every Linear.")
     p.add_argument("--max_train_steps", type=int, default=300, help="Optimizer steps.")
     p.add_argument("--checkpointing_steps", type=int, default=15, help="Checkpoint every N optimizer steps.")
     p.add_argument("--validation_steps", type=int, default=None,
@@ -390,10 +393,10 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     from blade.pipelines.loading import empty_transformer
 
     transformer = empty_transformer(args.family, args.pretrained_model_name_or_path)
-    targets = lora.DEFAULT_TARGET_MODULES
+    targets = lora.target_modules(transformer, getattr(args, "lora_targets", "attn"))
     params = 0
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
             params += args.rank * (module.in_features + module.out_features)
     return int(7 * 4 * params * 1.1) + 2**20
 
@@ -508,7 +511,8 @@ def init_adapters(accelerator, transformer: torch.nn.Module, args) -> None:
     gradients (and only process 0's would be saved). So: seed, then also copy process 0's values to the others.
     """
     torch.manual_seed(args.seed)
-    lora.add_student_and_fake(transformer, args.rank, args.lora_alpha)
+    lora.add_student_and_fake(transformer, args.rank, args.lora_alpha,
+                              lora.target_modules(transformer, args.lora_targets))
     lora.cast_lora_to(transformer, torch.float32)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
@@ -784,7 +788,7 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
     except _LOAD_ERRORS as err:
         raise CheckpointError(
             f"cannot load checkpoint {path}: its LoRA / optimizer / RNG states do not fit this run (another model, "
-            f"--rank or flags?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+            f"--rank, --lora_targets or flags?): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
             f"{_resume_advice(path)}"
         ) from err
     if trainer_state.get("num_processes", 1) != accelerator.num_processes:
