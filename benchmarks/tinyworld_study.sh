@@ -5,10 +5,12 @@
 #   bash benchmarks/tinyworld_study.sh PLAN MINUTES
 #
 # PLAN: a file of "name flags..." lines (# comments); every run gets the common flags below (the released Wan recipe
-# at TinyWorld size: batch 16, K 8, cfg 5, LoRA 64/64, lr 1e-4, fake lr 2e-4, bf16) and its own flags after them, so
-# a run's flags override the common ones. MINUTES boxes every run (loading and evaluation included); runs resume
+# at TinyWorld size, pinned so that every plan keeps its meaning when the trainer's defaults move: batch 16, K 8,
+# cfg 5, LoRA 64/64 on the attention projections, pseudo-Huber generator loss, lr 1e-4, fake lr 2e-4, bf16) and its own flags after them, so
+# a run's flags override the common ones ({RUN} in them stands for the RUN folder). MINUTES boxes every run (loading
+# and evaluation included); runs resume
 # from RUN/<name> when it holds a checkpoint (a second call on a warm machine continues them).
-# Results: OUT/study.tgz (each run's logs.jsonl, eval.jsonl, log), OUT/loras.tgz (each run's final LoRA folder) and
+# Results: OUT/study.tgz (each run's logs.jsonl, eval.jsonl, log), OUT/lora_<name>.tgz (each run's final LoRA) and
 # a table of the evaluation curves, printed last.
 set -euo pipefail
 PLAN=${1:?plan file}
@@ -21,19 +23,30 @@ mkdir -p "$RUN" "$OUT"
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # several processes share the host's cores
 
-if [ ! -f "$RUN/prompts/index.json" ]; then
-  python3 utils/process_prompts_wanx.py --input_file "${PROMPTS:-utils/tinyworld_train_prompts.txt}" --output_dir "$RUN/prompts" \
+encode() {  # encode(prompt file, cache folder): the trainer's prompt cache, once per RUN
+  [ -f "$2/index.json" ] || python3 utils/process_prompts_wanx.py --input_file "$1" --output_dir "$2" \
     --model_path "$MODEL" --max_length 32 --negative_prompt "" --num_validation 4 --batch_size 256 \
-    --device "${DEVICE:-cuda}" > "$OUT/prompts.log" 2>&1
+    --device "${DEVICE:-cuda}" >> "$OUT/prompts.log" 2>&1
+}
+encode "${PROMPTS:-utils/tinyworld_train_prompts.txt}" "$RUN/prompts"
+# PROMPT_COUNT=N: also a list of N distinct grammar prompts (the held-out evaluation prompts and the fresh-check
+# prompts excluded) in RUN/prompts_N; a plan line selects it with --prompt_dir {RUN}/prompts_N.
+if [ -n "${PROMPT_COUNT:-}" ]; then
+  [ -f "$RUN/prompts_$PROMPT_COUNT.txt" ] || python3 -m blade.tinyworld.prompts --count "$PROMPT_COUNT" --seed 0 \
+    --exclude assets/tinyworld/eval_prompts.txt benchmarks/results/tinyworld_run6_fresh_prompts_2026-11-28.txt \
+    --out "$RUN/prompts_$PROMPT_COUNT.txt" >> "$OUT/prompts.log" 2>&1
+  encode "$RUN/prompts_$PROMPT_COUNT.txt" "$RUN/prompts_$PROMPT_COUNT"
 fi
 
 pids=()
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
+  flags=${flags//\{RUN\}/$RUN}
   # shellcheck disable=SC2086
   python3 wanx/train/train_wanx_tdm.py --tinyworld --pretrained_model_name_or_path "$MODEL" \
     --prompt_dir "$RUN/prompts" --output_dir "$RUN/$name" --mixed_precision bf16 --train_batch_size 16 \
-    --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 --learning_rate 1e-4 \
+    --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 --lora_targets attn \
+    --generator_loss huber --normalize_generator auto --learning_rate 1e-4 \
     --learning_rate_fake 2e-4 --lr_scheduler constant --max_train_steps 100000 --checkpointing_steps 500 \
     --validation_steps 0 --report_to none --eval_every "$EVAL_EVERY" --eval_seeds 1000 --diag_every 10 \
     --max_train_minutes "$MINUTES" --resume_from_checkpoint latest $flags \
@@ -43,9 +56,11 @@ done < "$PLAN"
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 
-(cd "$RUN" && tar czf - --exclude='checkpoint-*' --exclude='prompts' --exclude='*.safetensors' \
+(cd "$RUN" && tar czf - --exclude='checkpoint-*' --exclude='prompts*' --exclude='*.safetensors' \
   --exclude='reflow_pairs_*' .) > "$OUT/study.tgz"
-(cd "$RUN" && tar czf - $(ls -d */pytorch_lora_weights.safetensors */blade_config.json 2>/dev/null)) \
-  > "$OUT/loras.tgz"  # each run's final student LoRA folder (~4 MB each in fp32)
+for lora in "$RUN"/*/pytorch_lora_weights.safetensors; do  # each run's final student LoRA folder, one archive a run
+  name=$(basename "$(dirname "$lora")")                        # (fp32: ~4 MB with --lora_targets attn, ~8 MB all)
+  (cd "$RUN" && tar czf - "$name/pytorch_lora_weights.safetensors" "$name/blade_config.json") > "$OUT/lora_$name.tgz"
+done
 python3 benchmarks/study_table.py "$RUN" --every "$EVAL_EVERY" | tee "$OUT/study_table.md"
 exit $status

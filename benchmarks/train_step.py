@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"), default=None,
                    help="video size (default: the family's published 81x480x832 / 49x480x720)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (and alpha)")
+    p.add_argument("--lora_targets", choices=("attn", "attn_ffn", "all"), default="all",
+                   help="Linear layers with a LoRA, as the trainer's flag (its default: all)")
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="base weights + autocast (default: bfloat16 on CUDA, float32 on CPU)")
@@ -182,7 +184,7 @@ def run_model(family: str, args, device, dtype) -> list[dict]:
     transformer = pipe.transformer
     tr.init_adapters(SimpleNamespace(num_processes=1), transformer, SimpleNamespace(seed=args.seed, rank=args.rank,
                                                                                     lora_alpha=args.rank,
-                                                                                    lora_targets="attn"))
+                                                                                    lora_targets=args.lora_targets))
     if not args.no_gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "diffusers": md.version("diffusers"), "dtype": str(dtype),
             "gradient_checkpointing": not args.no_gradient_checkpointing, "rank": args.rank,
-            "steps": args.steps, "tiny": args.tiny, "num_layers": args.num_layers,
+            "lora_targets": args.lora_targets, "steps": args.steps, "tiny": args.tiny, "num_layers": args.num_layers,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     rows = []
 

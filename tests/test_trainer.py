@@ -138,6 +138,14 @@ def test_cogvideox_with_asa_smoke(tmp_path):
     assert all(map(lambda k: torch.isfinite(torch.tensor(out[k])), ("loss_fake", "loss_g")))
     cfg = (tmp_path / "o" / "blade_config.json").read_text()
     assert '"prediction_type": "v_prediction"' in cfg and '"asa": {' in cfg
+    # the default --lora_targets all reaches CogVideoX's feed-forward and time-embedding Linears, and the saved file
+    # loads into a stock CogVideoX pipeline with those weights
+    saved = _lora(tmp_path / "o")
+    pipe = build_tiny_cogvideox_pipeline(seed=0)
+    pipe.load_lora_weights(str(tmp_path / "o"))
+    for name in ("transformer_blocks.0.ff.net.2", "time_embedding.linear_1", "proj_out"):
+        module = pipe.transformer.get_submodule(name)
+        assert torch.equal(module.lora_A[module.active_adapters[0]].weight, saved[f"transformer.{name}.lora_A.weight"])
 
 
 def test_tinyworld_prompt_cache_check():
@@ -220,7 +228,7 @@ def _argv(assets, out, *extra, prompts=None):
     ("--train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--checkpointing_steps", "0"),
     ("--rank", "0"), ("--max_train_steps", "0"), ("--learning_rate", "-1e-4"), ("--learning_rate_fake", "nan"),
     ("--eta", "1.5"), ("--eta", "-0.1"), ("--tau_max", "1000"), ("--k_step", "0"), ("--max_train_minutes", "0"),
-    ("--seed", "-1"), ("--height", "0"), ("--dense_steps", "-1"),
+    ("--seed", "-1"), ("--height", "0"), ("--dense_steps", "-1"), ("--asa_max_keep", "0"), ("--asa_max_keep", "1.5"),
 ])
 def test_numeric_flags_validated_at_parse_time(assets, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as info:
@@ -380,4 +388,20 @@ def test_lora_targets_reach_the_saved_lora_and_a_stock_pipeline(assets, tmp_path
     assert torch.equal(module.lora_B[module.active_adapters[0]].weight, saved[key])
     with pytest.raises(CheckpointError, match="lora_targets"):
         train(_args(assets, tmp_path / "other", "--max_train_steps", "3", "--validation_steps", "0", "--report_to",
-                    "none", "--resume_from_checkpoint", str(out / "checkpoint-2")))
+                    "none", "--resume_from_checkpoint", str(out / "checkpoint-2"), "--lora_targets", "attn"))
+
+
+def test_asa_max_keep_sets_the_trained_and_saved_sparsity(assets, tmp_path):
+    """256x256, 9 frames: 3 x 16 x 16 = 768 video tokens = 6 key blocks. The family default keeps at most
+    ceil(0.17 x 6) = 2 of them per query block (sparsity 4/6), --asa_max_keep 0.5 at most 3 (sparsity >= 3/6); the
+    value is written to blade_config.json, which inference reads."""
+    from blade.config import BladeConfig
+
+    size = ["--height", "256", "--width", "256", "--use_sparsity", "--max_train_steps", "1", "--validation_steps", "0",
+            "--report_to", "none"]
+    default = train(_args(assets, tmp_path / "d", *size))
+    wider = train(_args(assets, tmp_path / "w", *size, "--asa_max_keep", "0.5"))
+    assert default["sparsity"] == pytest.approx(4 / 6, abs=1e-6)
+    assert 3 / 6 - 1e-6 <= wider["sparsity"] < default["sparsity"]
+    saved = BladeConfig.load(tmp_path / "w").asa_config()
+    assert saved.max_keep == 0.5 and BladeConfig.load(tmp_path / "d").asa_config().max_keep == 0.17

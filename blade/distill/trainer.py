@@ -108,11 +108,15 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--use_sparsity", action="store_true",
                    help="Adaptive block-sparse attention (ASA) in the student and fake score; the teacher stays dense.")
     p.add_argument("--dense_steps", type=int, default=0, help="First student steps that run dense (ASA off).")
+    p.add_argument("--asa_max_keep", type=float, default=None,
+                   help="Largest share of key blocks ASA keeps per query block (default: the family's, 0.17 = "
+                   "sparsity >= 0.83); e.g. 0.25 for sparsity >= 0.75. Saved in blade_config.json for inference.")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (student and fake).")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha.")
-    p.add_argument("--lora_targets", choices=[*lora.TARGET_PRESETS, lora.ALL_LINEAR], default="attn",
-                   help="Linear layers with a LoRA (student and fake): attn = every attention projection (the "
-                   "released recipe); attn_ffn = also both feed-forward layers of every block; all = every Linear.")
+    p.add_argument("--lora_targets", choices=[*lora.TARGET_PRESETS, lora.ALL_LINEAR], default="all",
+                   help="Linear layers with a LoRA (student and fake): all = every Linear of the transformer (the "
+                   "distillation study's recipe: more capacity, a better student); attn = every attention projection "
+                   "(the released recipe); attn_ffn = the attention projections and both feed-forward layers.")
     p.add_argument("--max_train_steps", type=int, default=300, help="Optimizer steps.")
     p.add_argument("--checkpointing_steps", type=int, default=15, help="Checkpoint every N optimizer steps.")
     p.add_argument("--validation_steps", type=int, default=None,
@@ -275,6 +279,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0), f"--{name} must be a finite number >= 0, "
              f"got {value}")
+    need(args.asa_max_keep is None or (math.isfinite(args.asa_max_keep) and 0.0 < args.asa_max_keep <= 1.0),
+         f"--asa_max_keep must be in (0, 1], got {args.asa_max_keep}")
     for name in ("max_train_minutes", "fake_loss_skip", "huber_c", "shift"):
         value = getattr(args, name, None)
         need(value is None or (math.isfinite(value) and value > 0),
@@ -393,7 +399,7 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     from blade.pipelines.loading import empty_transformer
 
     transformer = empty_transformer(args.family, args.pretrained_model_name_or_path)
-    targets = lora.target_modules(transformer, getattr(args, "lora_targets", "attn"))
+    targets = lora.target_modules(transformer, args.lora_targets)
     params = 0
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
@@ -468,10 +474,12 @@ def build_family(pipe, args) -> TDMFamily:
     return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
-def apply_sparsity(transformer, family: str, dense_steps: int):
+def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None):
     """Patch the transformer's self-attention with ASA; returns (handle, config as a dict)."""
     adapter = get_family(family).adapter()
     config = adapter.default_asa_config()
+    if max_keep is not None:
+        config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
     handle = adapter.apply_asa(transformer, config, dense_steps=dense_steps)
     cfg_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
     return handle, cfg_dict
@@ -1009,7 +1017,7 @@ def train(args: argparse.Namespace) -> dict:
 
     asa_handle, asa_config = None, None
     if args.use_sparsity:
-        asa_handle, asa_config = apply_sparsity(transformer, args.family, args.dense_steps)
+        asa_handle, asa_config = apply_sparsity(transformer, args.family, args.dense_steps, args.asa_max_keep)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
