@@ -1,9 +1,9 @@
 """Training prompt lists for TinyWorld distillation: distinct grammar prompts, held-out prompts excluded.
 
-TDM is data-free, so the student only ever sees prompts; which prompts it sees decides what it generalises to. The
-TinyWorld teacher was trained on a fresh random scene every sample, while the student's shipped list
-(`utils/tinyworld_train_prompts.txt`) holds 2,000 prompts: every one-object scene of the grammar, but only ~1,560
-of its 88,200 two-object scenes. This module draws larger lists (up to the whole grammar) without replacement.
+TDM is data-free, so the student only ever sees prompts. The TinyWorld teacher was trained on a fresh random scene
+every sample, while the student's shipped list (`utils/tinyworld_train_prompts.txt`) holds 2,000 prompts: 441 of
+the grammar's 450 one-object scenes, but only ~1,560 of its 88,200 two-object scenes. This module draws larger lists
+(up to the whole grammar) without replacement, for studies of the prompt set's size.
 
     python -m blade.tinyworld.prompts --count 20000 --exclude assets/tinyworld/eval_prompts.txt --out prompts.txt
 
