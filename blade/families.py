@@ -64,6 +64,10 @@ class Family:
     prompt_script: str = ""  # utils/process_prompts_<name>.py encodes this family's prompt cache
     text_width_key: str = "text_dim"  # the transformer config's key for the text-embedding width
     context_parallel: bool = False  # diffusers has a context-parallel plan for its attention (Ulysses + ASA)
+    # Trainer preset flags of models of this architecture: (flag, trainer extension module, --help text). A preset
+    # only names the extension (``blade.distill.model_extensions``), which provides the model path and video size.
+    trainer_presets: tuple[tuple[str, str, str], ...] = ()
+    vae_float32: bool = False  # the model card runs the VAE in float32 (else in the pipeline's dtype)
     size_rules_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[int, int, int]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -125,6 +129,9 @@ FAMILIES: dict[str, Family] = {
         prompt_script="wanx",
         text_width_key="text_dim",
         context_parallel=True,
+        trainer_presets=(("tinyworld", "blade.tinyworld.distill",
+                          "TinyWorld preset: model assets/tinyworld/pipeline and its video size."),),
+        vae_float32=True,
         size_rules_fn=_wan_size_rules,
     ),
     "cogvideox": Family(

@@ -183,10 +183,19 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     if get_family(family).flow_shift:
         p.add_argument("--shift", type=float, default=1.0,
                        help="Flow shift of the student's anchor schedule (1.0 = anchors uniform in sigma).")
-    if family == "wan":  # TinyWorld is a Wan-architecture model
-        p.add_argument("--tinyworld", action="store_true",
-                       help="TinyWorld preset: model assets/tinyworld/pipeline and its video size.")
+    for flag, _, help_text in get_family(family).trainer_presets:  # e.g. --tinyworld (a Wan-architecture model)
+        p.add_argument(f"--{flag}", action="store_true", help=help_text)
     return p
+
+
+def preset_extension(args: argparse.Namespace) -> str | None:
+    """The trainer extension module named by the preset flag given (e.g. --tinyworld), or None."""
+    family = getattr(args, "family", None)
+    presets = get_family(family).trainer_presets if family else ()
+    chosen = [module for flag, module, _ in presets if getattr(args, flag, False)]
+    if not family and getattr(args, "tinyworld", False):  # a bare Namespace built without parse_args
+        chosen = [TINYWORLD_EXTENSION]
+    return chosen[0] if chosen else None
 
 
 def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,10 +208,11 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     """
     parser = build_parser(family)
     args = parser.parse_args(argv)
-    validate_args(parser, args)
     args.family = family
-    # --tinyworld is a preset: it only names TinyWorld's extension module, which provides its model path and size
-    preset = load_extension(TINYWORLD_EXTENSION) if getattr(args, "tinyworld", False) else None
+    validate_args(parser, args)
+    # a preset flag (--tinyworld) only names a trainer extension module, which provides its model path and size
+    preset_module = preset_extension(args)
+    preset = load_extension(preset_module) if preset_module else None
     if preset is not None and args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = preset.preset_model_path()
     if args.pretrained_model_name_or_path is None:
@@ -217,7 +227,7 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     except ModelHintsError as err:
         raise SystemExit(f"error: {err}") from None
     defaults.update({k: hints[k] for k in ("num_frames", "height", "width", "fps") if k in hints})
-    args.model_extension = hints.get(EXTENSION_KEY) or (TINYWORLD_EXTENSION if preset is not None else None)
+    args.model_extension = hints.get(EXTENSION_KEY) or preset_module
     if args.model_extension is not None:
         try:
             load_extension(args.model_extension)  # a bad module name fails here, not after the model loads
@@ -227,8 +237,8 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
         raise SystemExit(f"error: --eval_every needs a model with a trainer extension (e.g. TinyWorld); "
                          f"{args.pretrained_model_name_or_path} names none ('{EXTENSION_KEY}' in its "
                          "blade_defaults.json)")
-    if hasattr(args, "tinyworld"):  # the preset flag also reports a TinyWorld folder found without it
-        args.tinyworld = args.model_extension == TINYWORLD_EXTENSION
+    for flag, module, _ in get_family(family).trainer_presets:  # a preset flag also reports its model found without it
+        setattr(args, flag, args.model_extension == module)
     for key in ("num_frames", "height", "width", "fps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -296,7 +306,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         need(args.dense_steps <= args.k_step, f"--dense_steps ({args.dense_steps}) exceeds --k_step ({args.k_step})")
     if args.prompt_dir is None:
         problems.append("--prompt_dir is required (run utils/process_prompts_*.py first)")
-    if args.pretrained_model_name_or_path is None and not getattr(args, "tinyworld", False):
+    if args.pretrained_model_name_or_path is None and not any(
+            getattr(args, flag, False) for flag, _, _ in get_family(args.family).trainer_presets):
         problems.append("--pretrained_model_name_or_path is required")
     if problems:
         parser.error("; ".join(problems))
@@ -954,9 +965,7 @@ def __getattr__(name: str):
 
 def model_extension(args: argparse.Namespace):
     """The model's trainer extension module (``blade.distill.model_extensions``), or None."""
-    name = getattr(args, "model_extension", None)
-    if name is None and getattr(args, "tinyworld", False):  # a Namespace built without parse_args
-        name = TINYWORLD_EXTENSION
+    name = getattr(args, "model_extension", None) or preset_extension(args)  # the latter: a Namespace built by hand
     return load_extension(name) if name else None
 
 

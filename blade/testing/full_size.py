@@ -36,7 +36,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-from blade.families import MODELS
+from blade.families import MODELS, get_family
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -64,8 +64,7 @@ MAX_SEQUENCE_LENGTH = {"wan": 512, "cogvideox": 226}
 def default_vae_dtype(family: str, dtype: torch.dtype) -> torch.dtype:
     """The documented VAE dtype: Wan's model card loads its VAE in float32; CogVideoX runs the VAE in the
     pipeline's dtype (its decode does not cast the latents, so the two must match)."""
-    family = family_of(family)
-    return torch.float32 if family == "wan" else dtype
+    return torch.float32 if get_family(family_of(family)).vae_float32 else dtype
 
 
 # Standard deviation of the random weights: small enough that 24-42 random layers stay finite in bf16.
