@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import pickle
-import random
 import shutil
 import sys
 import time
@@ -48,10 +47,26 @@ from blade.outputs import OutputLocationError, check_output_dir, describe_write_
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
+from blade.training.runtime import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    NonFiniteError,
+    TimeBox,
+    checkpoint_folder,
+    find_latest_checkpoint,
+    fresh_folder,
+    previous_checkpoint,
+    replace_folder,
+    resolve_resume,
+    rng_state,
+    seal_folder,
+    seed_everything,
+    set_rng_state,
+    temporary_folder,
+)
 
 logger = logging.getLogger("blade.trainer")
 
-COMPLETE_MARKER = "COMPLETE"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_WEIGHT_NAME = "fake_lora.safetensors"
 # CONFIG_NAME (blade_config.json) and its content: blade.config.BladeConfig. A model folder's size hints are read by
@@ -60,14 +75,6 @@ FAKE_WEIGHT_NAME = "fake_lora.safetensors"
 # Per-family defaults: paper / released launch scripts (shared/reference/method_blade_tdm.md, section 2), owned by
 # the family registry (blade.families).
 FAMILY_DEFAULTS = {name: family.training_defaults() for name, family in FAMILIES.items()}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be resumed from (incomplete, corrupt, mismatched), or a save that failed."""
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN/Inf loss, gradient or weight: stopped before any checkpoint could hold it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,40 +588,6 @@ def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: flo
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-
-
 def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
     """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json, readable by all."""
     state = lora.adapter_state_dict(transformer, lora.STUDENT)
@@ -645,12 +618,11 @@ def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: Blade
 def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, family, optimizers: dict,
                     schedulers: dict, trainer_state: dict, generators: dict, config: BladeConfig, ema=None) -> Path:
     """Write output_dir/checkpoint-`step` atomically (every rank writes its own RNG state)."""
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp"
+    final = checkpoint_folder(output_dir, step)
+    tmp = temporary_folder(final)
     with _save_errors(output_dir, tmp, step):
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_folder(tmp)
         accelerator.wait_for_everyone()
         torch.save(rng_state(generators), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -658,9 +630,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, transformer, famil
         with _save_errors(output_dir, tmp, step):
             _write_checkpoint_files(tmp, step, transformer, family, optimizers, schedulers, trainer_state, config,
                                     accelerator.num_processes, ema)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -704,25 +674,7 @@ def _write_checkpoint_files(tmp: Path, step: int, transformer, family, optimizer
         json.dumps({**trainer_state, "num_processes": num_processes}, indent=1)
     )
     make_readable(tmp)  # safetensors writes 0600: a shared machine's other users must be able to read it
-    _fsync_tree(tmp)
-    (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")  # written last: its presence means "all there"
-    _fsync_tree(tmp)
-
-
-def find_latest_checkpoint(output_dir: Path, below: int | None = None) -> Path | None:
-    """The complete checkpoint-N with the largest N (folders without the marker are ignored), N < `below` if given."""
-    found = []
-    for path in output_dir.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (below is None or int(suffix) < below) and (path / COMPLETE_MARKER).is_file():
-            found.append((int(suffix), path))
-    return max(found)[1] if found else None
-
-
-def previous_checkpoint(path: Path) -> Path | None:
-    """The complete checkpoint-N beside `path` with the largest N below `path`'s (None if there is none)."""
-    suffix = path.name.split("-", 1)[-1].removesuffix(".tmp")
-    return find_latest_checkpoint(path.parent, below=int(suffix) if suffix.isdigit() else None)
+    seal_folder(tmp, f"step {step}\n")  # COMPLETE, written last: its presence means "all there"
 
 
 def _resume_advice(path: Path) -> str:
@@ -986,7 +938,7 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration
 
-    start_time = time.monotonic()  # the --max_train_minutes box counts everything: loading, reflow pairs, evaluation
+    timebox = TimeBox.of_minutes(args.max_train_minutes)  # counts everything: loading, reflow pairs, evaluation
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need this to see their process group
@@ -1052,22 +1004,18 @@ def train(args: argparse.Namespace) -> dict:
     noise_gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     draw_gen = torch.Generator().manual_seed(args.seed * 1000 + 500 + rank)
     generators = {"noise": noise_gen, "draw": draw_gen}
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed + rank)
 
     sampler = ShardedEpochBatchSampler(len(cache), args.train_batch_size, accelerator.num_processes, rank, args.seed)
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
-    if args.resume_from_checkpoint:
-        path = (find_latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest"
-                else Path(args.resume_from_checkpoint))
-        if path is None:
-            logger.info("no complete checkpoint in %s: starting from scratch", output_dir)
-        else:
-            state.update(load_checkpoint(accelerator, path, transformer, optimizers, schedulers, generators))
-            if ema is not None:
-                ema.load(path)
-            logger.info("resumed from %s at step %d", path, state["global_step"])
+    path = resolve_resume(args.resume_from_checkpoint, output_dir)
+    if path is not None:
+        state.update(load_checkpoint(accelerator, path, transformer, optimizers, schedulers, generators))
+        if ema is not None:
+            ema.load(path)
+        logger.info("resumed from %s at step %d", path, state["global_step"])
+    elif args.resume_from_checkpoint:
+        logger.info("no complete checkpoint in %s: starting from scratch", output_dir)
 
     if args.report_to != "none":
         accelerator.init_trackers("blade_tdm", config={k: v for k, v in vars(args).items()
@@ -1176,10 +1124,7 @@ def train(args: argparse.Namespace) -> dict:
             progress.update(1)
             progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss_g", "loss_fake") if k in logs})
 
-            out_of_time = torch.tensor(
-                float(args.max_train_minutes is not None and (now - start_time) / 60 > args.max_train_minutes),
-                device=device,
-            )
+            out_of_time = torch.tensor(float(timebox.expired(now)), device=device)
             stop = float(accelerator.reduce(out_of_time, reduction="max")) > 0 or step >= args.max_train_steps
             guard_finite(accelerator, step, logs, params_g, params_f, emb, args)  # before any checkpoint of it
             if step % args.checkpointing_steps == 0 or stop:

@@ -49,6 +49,14 @@ import torch.nn.functional as F
 from blade.collectives import collective_in_place
 from blade.tinyworld import metrics, world
 from blade.tinyworld import model as tw
+from blade.training.runtime import (
+    TimeBox,
+    atomic_write,
+    generator_states,
+    replace_folder,
+    set_generator_states,
+    temporary_folder,
+)
 
 # Toy sizes: the real component types, tiny widths and a 5 x 32 x 32 video, so a CPU test runs a few steps.
 TOY_VIDEO = {"num_frames": 5, "height": 32, "width": 32}
@@ -184,18 +192,12 @@ def normalize_latents(z: torch.Tensor, vae) -> torch.Tensor:
 
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def rng_state(np_rng: np.random.Generator, gen: torch.Generator) -> dict:
-    return {"numpy": np_rng.bit_generator.state, "torch": gen.get_state()}
-
-
-def load_rng_state(state: dict, np_rng: np.random.Generator, gen: torch.Generator) -> None:
-    np_rng.bit_generator.state = state["numpy"]
-    gen.set_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moved it
+def stage_rngs(np_rng: np.random.Generator, gen: torch.Generator) -> dict:
+    """A stage's two streams under the names its checkpoint's "rng" entry keeps them by."""
+    return {"numpy": np_rng, "torch": gen}
 
 
 class EMA:
@@ -224,15 +226,12 @@ class EMA:
 
 def export_pipeline(out: Path, **components) -> int:
     """Write `out/pipeline` (bf16 weights) atomically: save to a tmp folder, then swap. Returns bytes of weights."""
-    final, tmp, old = out / "pipeline", out / "pipeline.tmp", out / "pipeline.old"
+    final = out / "pipeline"
+    tmp = temporary_folder(final)
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = tw.build_pipeline(**components)
     size = tw.save_pipeline(pipe, tmp, dtype=torch.bfloat16)
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, final)
     return size
 
 
@@ -243,9 +242,7 @@ def read_state(out: Path) -> dict:
 
 def write_state(out: Path, **updates) -> None:
     state = {**read_state(out), **updates}
-    tmp = out / "train_state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, out / "train_state.json")
+    atomic_write(out / "train_state.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,10 +251,10 @@ def write_state(out: Path, **updates) -> None:
 
 
 class Clock:
-    """Deadline, periodic logging and checkpoint triggers."""
+    """The stage's time box, periodic logging and checkpoint triggers."""
 
-    def __init__(self, deadline: float, log_every_s: float, ckpt_every_s: float):
-        self.deadline = deadline
+    def __init__(self, timebox: TimeBox, log_every_s: float, ckpt_every_s: float):
+        self.timebox = timebox
         self.log_every_s, self.ckpt_every_s = log_every_s, ckpt_every_s
         self.last_log = self.last_ckpt = self.start = time.time()
         self.samples = 0
@@ -270,7 +267,7 @@ class Clock:
 
         One collective a step keeps the processes' loops in step and their learning rates equal.
         """
-        left = 0.0 if stop_step_reached(step, max_steps) else max(0.0, self.deadline - time.time())
+        left = 0.0 if stop_step_reached(step, max_steps) else self.timebox.remaining_s()
         return procs.min(left, device)
 
     def record(self, loss: float, samples: int, data_s: float, **metrics: float) -> None:
@@ -459,7 +456,7 @@ def foreground_weight(x: torch.Tensor, boost: float = FOREGROUND_BOOST) -> torch
 
 
 def train_vae(
-    args, setup: StageSetup, deadline: float, device: torch.device, procs: Processes | None = None
+    args, setup: StageSetup, timebox: TimeBox, device: torch.device, procs: Processes | None = None
 ) -> None:
     procs = procs or Processes()
     out = Path(args.out)
@@ -474,7 +471,7 @@ def train_vae(
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if procs.is_main:
-            load_rng_state(ckpt["rng"], np_rng, gen)
+            set_generator_states(ckpt["rng"], stage_rngs(np_rng, gen))
         else:  # the checkpoint holds process 0's streams; the others continue on fresh distinct ones
             np_rng, gen = process_rngs(args.seed + step, procs, device)
         log(procs, f"[vae] resumed from {ckpt_path} at step {step}")
@@ -491,12 +488,10 @@ def train_vae(
         f"frames per process x {procs.world} process(es), device {device}")
 
     def save() -> None:
-        atomic_torch_save(
-            {"vae": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": step},
-            ckpt_path,
-        )
+        rng = generator_states(stage_rngs(np_rng, gen))
+        atomic_torch_save({"vae": vae.state_dict(), "optimizer": opt.state_dict(), "rng": rng, "step": step}, ckpt_path)
 
-    clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
+    clock = Clock(timebox, args.log_every_s, args.ckpt_every_s)
     while (remaining := clock.remaining(procs, device, step, args.max_steps)) > 0:
         t0 = time.time()
         x, _ = sample_videos(np_rng, batch, clip, device)
@@ -594,7 +589,7 @@ def load_frozen_vae(out: Path, device: torch.device):
 
 
 def train_teacher(
-    args, setup: StageSetup, deadline: float, device: torch.device, procs: Processes | None = None
+    args, setup: StageSetup, timebox: TimeBox, device: torch.device, procs: Processes | None = None
 ) -> None:
     procs = procs or Processes()
     out = Path(args.out)
@@ -629,7 +624,7 @@ def train_teacher(
         opt.load_state_dict(ckpt["optimizer"])
         ema.shadow = {k: v.to(device) for k, v in ckpt["ema"].items()}
         if procs.is_main:
-            load_rng_state(ckpt["rng"], np_rng, gen)
+            set_generator_states(ckpt["rng"], stage_rngs(np_rng, gen))
         else:
             np_rng, gen = process_rngs(args.seed + 2 + step, procs, device)
     if args.compile:
@@ -663,15 +658,16 @@ def train_teacher(
         return torch.cat([latents, old_latents]), prompts + old_prompts
 
     def save() -> None:
+        rng = generator_states(stage_rngs(np_rng, gen))
         atomic_torch_save(
             {
                 "transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "ema": ema.shadow, "optimizer": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": step,
+                "ema": ema.shadow, "optimizer": opt.state_dict(), "rng": rng, "step": step,
             },
             ckpt_path,
         )
 
-    clock = Clock(deadline, args.log_every_s, args.ckpt_every_s)
+    clock = Clock(timebox, args.log_every_s, args.ckpt_every_s)
     while (remaining := clock.remaining(procs, device, step, args.max_steps)) > 0:
         t0 = time.time()
         latents, prompts = next_batch()
@@ -783,7 +779,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     setup = stage_setup(args.toy)
     reserve = args.reserve_s if args.reserve_s is not None else (0.0 if args.toy else 45.0)
-    end = start + 60.0 * args.minutes - reserve
+    end = start + 60.0 * args.minutes - reserve  # time.time() seconds: the stages' boxes end at wall-clock times
     if args.stage == "check-vae":
         vae = load_frozen_vae(Path(args.out), device)
         check = roundtrip_adherence(vae, setup.video, args.check_videos, args.seed + 3, device)
@@ -791,9 +787,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.stage in ("vae", "all"):
         vae_end = start + (end - start) * args.vae_share if args.stage == "all" else end
-        train_vae(args, setup, vae_end, device, procs)
+        train_vae(args, setup, TimeBox(vae_end, clock=time.time), device, procs)
     if args.stage in ("teacher", "all"):
-        train_teacher(args, setup, end, device, procs)
+        train_teacher(args, setup, TimeBox(end, clock=time.time), device, procs)
     log(procs, f"done in {time.time() - start:.0f}s")
     if procs.world > 1:
         dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""The shared training runtime (blade/training/runtime.py): RNG round trips, sealed folders, resume, the time box."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from blade.training import runtime
+
+
+def _draws(generators: dict) -> list:
+    return [random.random(), float(np.random.rand()), float(torch.rand(())),
+            float(torch.rand((), generator=generators["torch"])), float(generators["numpy"].random())]
+
+
+def test_rng_state_round_trip_covers_global_and_named_streams():
+    runtime.seed_everything(5)
+    generators = {"torch": torch.Generator().manual_seed(1), "numpy": np.random.default_rng(2)}
+    state = runtime.rng_state(generators)
+    first = _draws(generators)
+    runtime.seed_everything(99)  # move every stream on
+    generators["torch"].manual_seed(7)
+    generators["numpy"] = np.random.default_rng(8)
+    _draws(generators)
+    runtime.set_rng_state(state, generators)
+    assert _draws(generators) == first
+    with pytest.raises(KeyError):  # a file of another run (other stream names) does not fit
+        runtime.set_generator_states(state["generators"], {"other": torch.Generator()})
+
+
+def test_generator_states_keep_the_tinyworld_checkpoint_layout():
+    """TinyWorld's checkpoints hold {"numpy": bit_generator.state, "torch": ByteTensor}: the same names and values."""
+    np_rng, gen = np.random.default_rng(3), torch.Generator().manual_seed(4)
+    states = runtime.generator_states({"numpy": np_rng, "torch": gen})
+    assert states["numpy"] == np_rng.bit_generator.state and torch.equal(states["torch"], gen.get_state())
+
+
+def test_sealed_folders_replace_and_latest(tmp_path):
+    assert runtime.resolve_resume(None, tmp_path) is None and runtime.resolve_resume("latest", tmp_path) is None
+    for step in (1, 3):
+        final = runtime.checkpoint_folder(tmp_path, step)
+        tmp = runtime.fresh_folder(runtime.temporary_folder(final))
+        (tmp / "weights").write_text(f"w{step}")
+        runtime.seal_folder(tmp, f"step {step}\n")
+        runtime.replace_folder(tmp, final)
+    runtime.fresh_folder(tmp_path / "checkpoint-7")  # unsealed (killed mid-write): never resumed from
+    assert runtime.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert runtime.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-3"
+    assert runtime.resolve_resume(str(tmp_path / "checkpoint-1"), tmp_path) == tmp_path / "checkpoint-1"
+    assert runtime.previous_checkpoint(tmp_path / "checkpoint-3") == tmp_path / "checkpoint-1"
+    # rewriting a checkpoint replaces it whole, leaving no .tmp / .old beside it
+    tmp = runtime.fresh_folder(runtime.temporary_folder(tmp_path / "checkpoint-3"))
+    (tmp / "weights").write_text("again")
+    runtime.seal_folder(tmp, "step 3\n")
+    runtime.replace_folder(tmp, tmp_path / "checkpoint-3")
+    assert (tmp_path / "checkpoint-3" / "weights").read_text() == "again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-7"]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "state.json"
+    runtime.atomic_write(path, lambda tmp: tmp.write_text("old"))
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        runtime.atomic_write(path, fail)
+    assert path.read_text() == "old"
+
+
+def test_time_box():
+    now = [100.0]
+    box = runtime.TimeBox.of_minutes(1.0, clock=lambda: now[0])
+    assert not box.expired() and box.remaining_s() == 60.0
+    now[0] = 160.5
+    assert box.expired() and box.remaining_s() == 0.0
+    assert not runtime.TimeBox.of_minutes(None).expired()
