@@ -40,7 +40,11 @@ from blade.collectives import collective_in_place
 from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re-exported (its name before the move)
 from blade.distill import lora
 from blade.distill.model_extensions import ModelExtensionError, load_extension
-from blade.distill.reflow import reflow_loss
+
+# StudentEMA, training_phase, optimizer_step, sync_gradients and _make_schedulers lived here: still importable from
+# here (tests, benchmarks/train_step.py).
+from blade.distill.step import StudentEMA, TDMStep, optimizer_step, sync_gradients, training_phase  # noqa: F401
+from blade.distill.step import make_schedulers as _make_schedulers  # noqa: F401
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
 from blade.families import FAMILIES, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
@@ -435,41 +439,6 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
         check_checkpoint(Path(resume))
 
 
-def guard_finite(accelerator, step: int, logs: dict, params_g: list, params_f: list, emb: torch.Tensor,
-                 args: argparse.Namespace) -> None:
-    """Stop at the first non-finite loss, gradient norm or LoRA weight, before the step's checkpoint is written.
-
-    Every process takes the same decision (one max-reduce of a flag), so none waits forever at a collective.
-    The message names the step, what went non-finite, the likely cause and the checkpoint to go back to.
-    """
-    watched = ("loss_fake", "loss_g", "grad_norm_g", "grad_norm_fake")
-    bad = [k for k in watched if k in logs and not math.isfinite(logs[k])]
-    for name, params in (("student", params_g), ("fake", params_f)):
-        if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
-            bad.append(f"{name} LoRA weights")
-    flag = torch.tensor(float(bool(bad)), device=accelerator.device)
-    if float(accelerator.reduce(flag, reduction="max")) == 0:
-        return
-    emb_max = float(emb.detach().float().abs().max()) if emb.numel() else 0.0
-    if not math.isfinite(emb_max):
-        cause = f"non-finite prompt embeddings (corrupt prompt cache {args.prompt_dir}: re-run the prompt CLI)"
-    elif emb_max > 1e4:
-        cause = (f"prompt embeddings with huge values (max |x| = {emb_max:.3g}; a corrupt prompt cache "
-                 f"{args.prompt_dir}? re-run the prompt CLI)")
-    elif args.mixed_precision == "fp16":
-        cause = "fp16 overflow (try --mixed_precision bf16)"
-    else:
-        cause = (f"diverging training (learning rates {args.learning_rate_g:g} / {args.learning_rate_fake:g} too "
-                 "high?)")
-    latest = find_latest_checkpoint(Path(args.output_dir))
-    back = (f"the last complete checkpoint is {latest} (written before this step; resume from it with "
-            "--resume_from_checkpoint)" if latest else "no checkpoint was written")
-    raise NonFiniteError(
-        f"step {step}: non-finite {', '.join(bad) or 'values on another process'}; likely cause: {cause}. Training "
-        f"stopped without saving this step: {back}"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model setup
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,7 +494,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gradient sync + optimizer step (no DDP wrapper, see module docstring)
+# Adapters on every process (no DDP wrapper, see module docstring; the optimizer step is blade.distill.step's)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -562,25 +531,6 @@ def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
     if spread > 1e-6 * gathered[0].abs().max().clamp_min(1.0):
         raise RuntimeError(f"the LoRA weights differ between processes (checksums {gathered.tolist()}): the "
                            "processes are no longer training the same model")
-
-
-def sync_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Average the LoRA gradients over processes (a missing grad counts as zeros)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if accelerator.num_processes == 1:
-        return
-    collective_in_place([p.grad for p in params], lambda flat: accelerator.reduce(flat, reduction="mean"))
-
-
-def optimizer_step(accelerator, optimizer, scheduler, params, max_grad_norm: float = 1.0) -> float:
-    sync_gradients(accelerator, params)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -812,72 +762,11 @@ def run_validation(pipe, objective: TDMObjective, cache: PromptEmbeddingCache, a
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _make_schedulers(args, opt_g, opt_f):
-    from diffusers.optimization import get_scheduler
-
-    # The student's schedule runs over its own updates: fake-only warm-up steps do not step it.
-    extra = {"num_cycles": 1} if args.lr_scheduler == "cosine_with_restarts" else {}
-    sched_g = get_scheduler(args.lr_scheduler, optimizer=opt_g, num_warmup_steps=args.lr_warmup_steps,
-                            num_training_steps=max(1, args.max_train_steps - args.fake_warmup_steps), **extra)
-    sched_f = get_scheduler("constant", optimizer=opt_f)
-    return sched_g, sched_f
-
-
-def training_phase(args, global_step: int) -> str:
-    """"reflow" for the first --reflow_steps, then "fake_warmup" for --fake_warmup_steps, then "tdm"."""
-    if global_step < args.reflow_steps:
-        return "reflow"
-    if global_step < args.reflow_steps + args.fake_warmup_steps:
-        return "fake_warmup"
-    return "tdm"
-
-
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON line per record (a resumed run appends; readers keep the last record of a step)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
-
-
-class StudentEMA:
-    """Exponential moving average of the student LoRA parameters (fp32 shadow), swapped in to save or evaluate."""
-
-    FILE = "student_ema.safetensors"
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"--ema_decay must be in (0, 1), got {decay}")
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
-
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, saved):
-                    p.copy_(v)
-
-    def save(self, folder: Path) -> None:
-        save_file({str(i): s.cpu().contiguous() for i, s in enumerate(self.shadow)}, str(folder / self.FILE))
-
-    def load(self, folder: Path) -> None:
-        path = folder / self.FILE
-        if not path.is_file():
-            raise CheckpointError(f"{folder} has no {self.FILE}: it was written without --ema_decay")
-        tensors = load_file(str(path))
-        for i, s in enumerate(self.shadow):
-            s.copy_(tensors[str(i)].to(s.device))
 
 
 def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddingCache, neg: torch.Tensor,
@@ -933,13 +822,11 @@ def build_monitor(args, shape: tuple, device: torch.device):
     return extension.build_monitor(args, shape, device)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run TDM distillation; returns a summary (final step, losses, output paths)."""
+def make_accelerator(args: argparse.Namespace, output_dir: Path):
+    """The Accelerator of this launch (mixed precision, accumulation, tracker), refusing a launch it misreads."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration
 
-    timebox = TimeBox.of_minutes(args.max_train_minutes)  # counts everything: loading, reflow pairs, evaluation
-    output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # multi-process CPU runs (gloo) need this to see their process group
         mixed_precision=args.mixed_precision,
@@ -956,15 +843,16 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         logger.warning("DeepSpeed config detected: it provides the processes; the LoRA optimizers are this "
                        "trainer's own (one shared base transformer cannot be a DeepSpeed engine per role).")
-    device = accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator
 
-    cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
-    extension = model_extension(args)
-    if extension is not None:  # e.g. TinyWorld: the teacher's own text inputs (empty negative, 32 tokens)
-        extension.check_prompt_cache(cache)
-    check_before_model_load(cache, args)  # prompt cache vs model, output folder, resume folder: before loading
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dtype):
+    """The teacher pipeline on the device with the student and fake adapters (and ASA with --use_sparsity).
+
+    Returns:
+        (pipe, TDMFamily, ASA handle or None, ASA config dict or None).
+    """
+    device = accelerator.device
     want_vae = (args.validation_steps > 0 or args.eval_every > 0) and accelerator.is_main_process
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.family, weight_dtype, with_vae=want_vae)
     if pipe.vae is not None:
@@ -975,7 +863,6 @@ def train(args: argparse.Namespace) -> dict:
             pipe.vae.enable_tiling()
     transformer = pipe.transformer.to(device)
     family = build_family(pipe, args)
-
     asa_handle, asa_config = None, None
     if args.use_sparsity:
         asa_handle, asa_config = apply_sparsity(transformer, args.family, args.dense_steps, args.asa_max_keep)
@@ -983,36 +870,84 @@ def train(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    return pipe, family, asa_handle, asa_config
 
-    tdm_config = TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, lambda_reg=args.lambda_reg,
-                           tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
-                           tau_mode=args.tau_mode, generator_loss=args.generator_loss,
-                           normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
+
+def tdm_config(args: argparse.Namespace) -> TDMConfig:
+    """The objective's hyperparameters from the flags."""
+    return TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, lambda_reg=args.lambda_reg,
+                     tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
+                     tau_mode=args.tau_mode, generator_loss=args.generator_loss,
+                     normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
+
+
+def prompt_batches(cache: PromptEmbeddingCache, sampler: ShardedEpochBatchSampler, state: dict,
+                   args: argparse.Namespace) -> Iterator[torch.Tensor]:
+    """Micro-batches of prompt embeddings, epoch after epoch, without end.
+
+    The position ("epoch", "batch_in_epoch", "micro_step") is kept in `state`, which every checkpoint holds: a
+    resumed run continues mid-epoch with the same batches.
+    """
+    while True:
+        sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
+        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                            generator=loader_generator(args.seed, state["epoch"]))
+        for emb in loader:
+            state["batch_in_epoch"] += 1
+            state["micro_step"] += 1
+            yield emb
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on one (a max-reduce): decisions that must not split the group."""
+    return float(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="max")) > 0
+
+
+def step_telemetry(step_time: float, device: torch.device, asa_handle) -> dict:
+    """The step's wall time, this process's peak memory (CUDA) and ASA's measured sparsity (with --use_sparsity)."""
+    logs = {"step_time": step_time}
+    if device.type == "cuda":  # this process's peak since the start (all adapters, activations, optimizer)
+        logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    stats = (asa_handle.stats() or {}) if asa_handle is not None else {}
+    if "sparsity" in stats:
+        logs["sparsity"] = float(stats["sparsity"])
+    return logs
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run TDM distillation; returns a summary (final step, losses, output paths)."""
+    timebox = TimeBox.of_minutes(args.max_train_minutes)  # counts everything: loading, reflow pairs, evaluation
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    device, rank = accelerator.device, accelerator.process_index
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+    cache = PromptEmbeddingCache(args.prompt_dir)  # clear error for a missing / empty folder, before model loading
+    extension = model_extension(args)
+    if extension is not None:  # e.g. TinyWorld: the teacher's own text inputs (empty negative, 32 tokens)
+        extension.check_prompt_cache(cache)
+    check_before_model_load(cache, args)  # prompt cache vs model, output folder, resume folder: before loading
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipe, family, asa_handle, asa_config = prepare_model(args, accelerator, weight_dtype)
+    transformer = pipe.transformer
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
-    objective = TDMObjective(transformer, family, tdm_config, asa_handle, autocast=autocast, model_dtype=weight_dtype)
+    objective = TDMObjective(transformer, family, tdm_config(args), asa_handle, autocast=autocast,
+                             model_dtype=weight_dtype)
     config_json = blade_config(args, family, objective, asa_config)
-
-    params_g = lora.adapter_parameters(transformer, lora.STUDENT)
-    params_f = lora.adapter_parameters(transformer, lora.FAKE)
-    opt_g = torch.optim.AdamW(params_g, lr=args.learning_rate_g, betas=(0.0, 0.95), weight_decay=1e-4, eps=1e-8)
-    opt_f = torch.optim.AdamW(params_f, lr=args.learning_rate_fake, betas=(0.0, 0.95), weight_decay=1e-4, eps=1e-8)
-    sched_g, sched_f = _make_schedulers(args, opt_g, opt_f)
-    optimizers, schedulers = {"g": opt_g, "fake": opt_f}, {"g": sched_g, "fake": sched_f}
-    ema = StudentEMA(params_g, args.ema_decay) if args.ema_decay > 0 else None
-
-    rank = accelerator.process_index
-    noise_gen = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
-    draw_gen = torch.Generator().manual_seed(args.seed * 1000 + 500 + rank)
-    generators = {"noise": noise_gen, "draw": draw_gen}
+    neg = cache.negative().to(device)
+    shape = family.latent_shape(args.train_batch_size, args.num_frames, args.height, args.width)
+    tdm = TDMStep(args, accelerator, objective, neg, shape)  # optimizers, schedulers, EMA, seeded generators
     seed_everything(args.seed + rank)
 
     sampler = ShardedEpochBatchSampler(len(cache), args.train_batch_size, accelerator.num_processes, rank, args.seed)
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
     path = resolve_resume(args.resume_from_checkpoint, output_dir)
     if path is not None:
-        state.update(load_checkpoint(accelerator, path, transformer, optimizers, schedulers, generators))
-        if ema is not None:
-            ema.load(path)
+        state.update(load_checkpoint(accelerator, path, transformer, tdm.optimizers, tdm.schedulers, tdm.generators))
+        if tdm.ema is not None:
+            tdm.ema.load(path)
         logger.info("resumed from %s at step %d", path, state["global_step"])
     elif args.resume_from_checkpoint:
         logger.info("no complete checkpoint in %s: starting from scratch", output_dir)
@@ -1020,19 +955,16 @@ def train(args: argparse.Namespace) -> dict:
     if args.report_to != "none":
         accelerator.init_trackers("blade_tdm", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    neg = cache.negative().to(device)
-    shape = family.latent_shape(args.train_batch_size, args.num_frames, args.height, args.width)
-    accum = args.gradient_accumulation_steps
-    pairs = make_reflow_pairs(args, objective, pipe, cache, neg, shape, device, rank) if args.reflow_steps else None
+    if args.reflow_steps:
+        tdm.reflow_pairs = make_reflow_pairs(args, objective, pipe, cache, neg, shape, device, rank)
     monitor = build_monitor(args, shape, device) if accelerator.is_main_process and args.eval_every > 0 else None
-    log_path = output_dir / "logs.jsonl"
 
     def evaluate_student(step: int) -> dict:
         decode = lambda x0: decode_latents(pipe, family, x0)  # noqa: E731
-        with ema.swapped_in() if ema is not None else nullcontext():
+        with tdm.averaged_student():
             result = monitor(objective, decode)
         record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
-        if ema is not None:  # the raw weights too: what the average gains is the difference
+        if tdm.ema is not None:  # the raw weights too: what the average gains is the difference
             record.update({f"eval_raw_{k}": v for k, v in monitor(objective, decode).items()})
         append_jsonl(output_dir / "eval.jsonl", record)
         logger.info("step %d: %s", step, record)
@@ -1042,106 +974,38 @@ def train(args: argparse.Namespace) -> dict:
         evaluate_student(0)
     progress = tqdm(total=args.max_train_steps, initial=state["global_step"], desc="TDM",
                     disable=not accelerator.is_local_main_process)
-    last_ckpt, logs, stop = None, {}, False
-    fake_stepped = torch.zeros((), device=device)
-    step_start = time.monotonic()
+    batches = prompt_batches(cache, sampler, state, args)
+    last_ckpt, logs, step_start = None, {}, time.monotonic()
 
-    while state["global_step"] < args.max_train_steps and not stop:
-        sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
-        loader = DataLoader(cache, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
-                            generator=loader_generator(args.seed, state["epoch"]))
-        for emb in loader:
-            state["batch_in_epoch"] += 1
-            state["micro_step"] += 1
-            phase = training_phase(args, state["global_step"])
-            sync = state["micro_step"] % accum == 0
-            emb = emb.to(device)
-            batch = emb.shape[0]
-            logs = {"phase": phase}
-            if phase == "reflow":
-                # Pairs are drawn from the pool; the loader only paces the epoch (same prompts, seeded order).
-                pick = torch.randint(0, pairs["x0"].shape[0], (batch,), generator=draw_gen)
-                loss_g, extra_g = reflow_loss(objective, pairs["x0"][pick], pairs["noise"][pick],
-                                              pairs["emb"][pick], draw_gen)
-                (loss_g / accum).backward()
-                logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
-            else:
-                negb = neg.unsqueeze(0).expand(batch, -1, -1)
-                noise = torch.randn((batch, *shape[1:]), generator=noise_gen, device=device)
-                draws_f = [objective.draw_step(draw_gen) for _ in range(args.fake_updates)]
-                draw_g = objective.draw_step(draw_gen) if phase == "tdm" else None
-                deepest = max(d.i for d in (*draws_f, draw_g) if d is not None)
-                states = objective.rollout(noise, emb, deepest, noise_gen)
-                diagnose = args.diag_every > 0 and (state["global_step"] + 1) % args.diag_every == 0
-                for r, draw_f in enumerate(draws_f):
-                    loss_f, extra = objective.fake_loss(states[draw_f.i], draw_f, emb, negb, noise_gen, draw_gen,
-                                                        diagnose=diagnose and r == 0)
-                    threshold = tdm_config.fake_skip_threshold
-                    skip = threshold is not None and float(loss_f.detach()) > threshold
-                    if not skip:
-                        (loss_f / accum).backward()
-                        fake_stepped += 1
-                    if r == 0:
-                        logs.update({"loss_fake": float(loss_f.detach()), "fake_skipped": float(skip),
-                                     **{k: float(v) for k, v in extra.items()}})
-                    if sync:
-                        # Skip the fake step only when every process skipped it (keeps the processes in lockstep).
-                        if float(accelerator.reduce(fake_stepped.clone(), reduction="sum")) > 0:
-                            logs["grad_norm_fake"] = optimizer_step(accelerator, opt_f, sched_f, params_f)
-                        else:
-                            opt_f.zero_grad(set_to_none=True)
-                        fake_stepped.zero_()
-                if draw_g is not None:
-                    loss_g, extra_g = objective.generator_loss(states[draw_g.i], draw_g, emb, negb, noise_gen,
-                                                               draw_gen)
-                    (loss_g / accum).backward()
-                    logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
-            if not sync:
-                continue
-            if phase != "fake_warmup":
-                logs["grad_norm_g"] = optimizer_step(accelerator, opt_g, sched_g, params_g)
-                state["generator_updates"] = state.get("generator_updates", 0) + 1
-                if ema is not None:
-                    ema.update()
-            state["global_step"] += 1
-            step = state["global_step"]
-            now = time.monotonic()
-            logs.update({"generator_updates": state.get("generator_updates", 0), "lr": sched_g.get_last_lr()[0],
-                         "lr_fake": sched_f.get_last_lr()[0], "step_time": now - step_start})
-            if device.type == "cuda":  # this process's peak since the start (all adapters, activations, optimizer)
-                logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            step_start = now
-            if asa_handle is not None:
-                stats = asa_handle.stats() or {}
-                if "sparsity" in stats:
-                    logs["sparsity"] = float(stats["sparsity"])
-            if monitor is not None and step % args.eval_every == 0:
-                logs.update({k: v for k, v in evaluate_student(step).items() if k != "step"})
-            if accelerator.is_main_process:
-                append_jsonl(log_path, {"step": step, **logs})
-            if args.report_to != "none":
-                accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
-            progress.update(1)
-            progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss_g", "loss_fake") if k in logs})
+    while state["global_step"] < args.max_train_steps:
+        logs = tdm(batches, state)  # one optimizer step: micro-batches, losses, backward, updates
+        step, now = state["global_step"], time.monotonic()
+        logs.update(step_telemetry(now - step_start, device, asa_handle))
+        step_start = now
+        if monitor is not None and step % args.eval_every == 0:
+            logs.update({k: v for k, v in evaluate_student(step).items() if k != "step"})
+        if accelerator.is_main_process:
+            append_jsonl(output_dir / "logs.jsonl", {"step": step, **logs})
+        if args.report_to != "none":
+            accelerator.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=step)
+        progress.update(1)
+        progress.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss_g", "loss_fake") if k in logs})
 
-            out_of_time = torch.tensor(float(timebox.expired(now)), device=device)
-            stop = float(accelerator.reduce(out_of_time, reduction="max")) > 0 or step >= args.max_train_steps
-            guard_finite(accelerator, step, logs, params_g, params_f, emb, args)  # before any checkpoint of it
-            if step % args.checkpointing_steps == 0 or stop:
-                check_replicas_agree(accelerator, params_g + params_f)
-                last_ckpt = save_checkpoint(accelerator, output_dir, step, transformer, family, optimizers,
-                                            schedulers, dict(state), generators, config_json, ema)
-            if args.validation_steps > 0 and step % args.validation_steps == 0 and pipe.vae is not None:
-                with ema.swapped_in() if ema is not None else nullcontext():
-                    run_validation(pipe, objective, cache, args, step, device)
-            if stop:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+        stop = any_process(accelerator, timebox.expired(now)) or step >= args.max_train_steps
+        tdm.guard_finite(step, logs)  # after the step's record is written, before any checkpoint holds it
+        if step % args.checkpointing_steps == 0 or stop:
+            check_replicas_agree(accelerator, tdm.params_g + tdm.params_f)
+            last_ckpt = save_checkpoint(accelerator, output_dir, step, transformer, family, tdm.optimizers,
+                                        tdm.schedulers, dict(state), tdm.generators, config_json, tdm.ema)
+        if args.validation_steps > 0 and step % args.validation_steps == 0 and pipe.vae is not None:
+            with tdm.averaged_student():
+                run_validation(pipe, objective, cache, args, step, device)
+        if stop:
+            break
+    batches.close()  # ends the epoch's DataLoader (and its workers) now, not at garbage collection
 
     if accelerator.is_main_process:
-        with ema.swapped_in() if ema is not None else nullcontext():
+        with tdm.averaged_student():
             save_lora_folder(output_dir, family, transformer, config_json)
     accelerator.wait_for_everyone()
     progress.close()
