@@ -1,7 +1,9 @@
 """The accelerate training loop of sparsity-aware TDM distillation, shared by both model folders.
 
 `wanx/train/train_wanx_tdm.py` and `cogvideox/train/train_cogvideo_tdm.py` only call `main("wan")` /
-`main("cogvideox")`. Design notes:
+`main("cogvideox")`. This module owns the flags, the checks before the model loads, the model setup, the checkpoint
+contents and `train()`'s loop; one optimizer step is `blade.distill.step.TDMStep`, and RNG states, sealed checkpoint
+folders, resume and the time box are the shared `blade.training.runtime`. Design notes:
 
 - One frozen base transformer carries two LoRA adapters ("student", "fake"); the teacher is the base with adapters
   disabled and ASA off. Because the three roles share one module, it is not wrapped in DDP (DDP's gradient hooks
