@@ -42,6 +42,15 @@ def _cogvideox_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]
     return spatial * patch_h, spatial * patch_w, temporal
 
 
+# Wan2.1's standard negative prompt (the text its reference sampler uses for CFG), in diffusers' English wording.
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """Everything the loaders, the CLIs, the trainer and the LoRA config need to know about one model family."""
@@ -63,6 +72,9 @@ class Family:
     tdm_family: str = ""  # "module:function" building the TDM adapter (schedule, latent layout) from a pipeline
     prompt_script: str = ""  # utils/process_prompts_<name>.py encodes this family's prompt cache
     text_width_key: str = "text_dim"  # the transformer config's key for the text-embedding width
+    text_max_length: int = 512  # text tokens per prompt of the published models (the prompt cache's default)
+    negative_prompt: str = ""  # the reference sampler's negative prompt (CFG), the prompt cache's default
+    prompt_list: str | None = None  # the prompt-encoding script's default input, relative to the repository root
     context_parallel: bool = False  # diffusers has a context-parallel plan for its attention (Ulysses + ASA)
     # Trainer preset flags of models of this architecture: (flag, trainer extension module, --help text). A preset
     # only names the extension (``blade.distill.model_extensions``), which provides the model path and video size.
@@ -128,6 +140,9 @@ FAMILIES: dict[str, Family] = {
         tdm_family="blade.distill.tdm:wan_family",
         prompt_script="wanx",
         text_width_key="text_dim",
+        text_max_length=512,
+        negative_prompt=WAN_NEGATIVE_PROMPT,
+        prompt_list="utils/all_dimension_aug_wanx.txt",
         context_parallel=True,
         trainer_presets=(("tinyworld", "blade.tinyworld.distill",
                           "TinyWorld preset: model assets/tinyworld/pipeline and its video size."),),
@@ -152,6 +167,7 @@ FAMILIES: dict[str, Family] = {
         tdm_family="blade.distill.tdm:cogvideox_family",
         prompt_script="cogvideox",
         text_width_key="text_embed_dim",
+        text_max_length=226,
         size_rules_fn=_cogvideox_size_rules,
     ),
 }

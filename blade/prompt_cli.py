@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from blade.families import FAMILIES
+from blade.families import get_family
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure
 from blade.prompts import (
     PromptCacheError,
@@ -31,32 +31,27 @@ from blade.prompts import (
 
 logger = logging.getLogger("blade.prompts")
 
-# Wan2.1's standard negative prompt (the text its reference sampler uses for CFG), in diffusers' English wording.
-WAN_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
-    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
-    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
-    "legs, many people in the background, walking backwards"
-)
-
-
 @dataclass(frozen=True)
 class FamilyDefaults:
-    """What differs between the two preprocessing CLIs."""
+    """What differs between the two preprocessing CLIs: the registry's text-encoding facts of one family."""
 
-    family: str  # "wan" | "cogvideox"
+    family: str  # a blade.families name
     pipeline_class: str  # diffusers class name
     max_length: int  # the transformer's text length in the released models
     negative_prompt: str
     input_file: str | None
 
+    @classmethod
+    def of(cls, family: str) -> FamilyDefaults:
+        spec = get_family(family)
+        input_file = str(_REPO_ROOT / spec.prompt_list) if spec.prompt_list else None
+        return cls(spec.name, spec.pipeline_class, spec.text_max_length, spec.negative_prompt, input_file)
+
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-WAN = FamilyDefaults(
-    "wan", FAMILIES["wan"].pipeline_class, 512, WAN_NEGATIVE_PROMPT,
-    str(_REPO_ROOT / "utils" / "all_dimension_aug_wanx.txt"),
-)
-COGVIDEOX = FamilyDefaults("cogvideox", FAMILIES["cogvideox"].pipeline_class, 226, "", None)
+WAN = FamilyDefaults.of("wan")
+COGVIDEOX = FamilyDefaults.of("cogvideox")
+WAN_NEGATIVE_PROMPT = WAN.negative_prompt  # kept importable under its old name
 
 
 class CLIError(RuntimeError):

@@ -36,7 +36,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-from blade.families import MODELS, get_family
+from blade.families import FAMILIES, MODELS, get_family
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -57,8 +57,8 @@ _DIFFUSERS_CLASSES = {
 _TEXT_ENCODERS = {"wan": (UMT5Config, UMT5EncoderModel), "cogvideox": (T5Config, T5EncoderModel)}
 PIPELINE_CLASSES = {"wan": WanPipeline, "cogvideox": CogVideoXPipeline}
 
-# Maximum prompt length of the published tokenizers (Wan: umT5, 512; CogVideoX: T5, 226).
-MAX_SEQUENCE_LENGTH = {"wan": 512, "cogvideox": 226}
+# Maximum prompt length of the published tokenizers (Wan: umT5, 512; CogVideoX: T5, 226), from the registry.
+MAX_SEQUENCE_LENGTH = {name: family.text_max_length for name, family in FAMILIES.items()}
 
 
 def default_vae_dtype(family: str, dtype: torch.dtype) -> torch.dtype:
