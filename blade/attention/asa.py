@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_mask import BlockMask, as_block_mask
 from .gilbert import gilbert_permutation, inverse_permutation
 from .kernels import BACKENDS, block_sparse_attention
 from .prober import GLOBAL_RNG, SeededGenerators, _estimate_block_mask
@@ -198,14 +199,17 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return summary
 
     # ----------------------------------------------------------------------------------------------- forward
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | torch.Tensor
+    ) -> torch.Tensor:
         """Block-sparse attention with a given mask (+ this config's global tokens), tokens already in block order.
 
         Args:
-            q, k, v: ``[B, H, L, D]``; block_mask: bool ``[B|1, H|1, Nq, Nk]``.
+            q, k, v: ``[B, H, L, D]``; block_mask: ``BlockMask`` (or its bool form) ``[B|1, H|1, Nq, Nk]``.
         Returns:
             ``[B, H, L, D]``; records stats.
         """
+        block_mask = as_block_mask(block_mask)
         q, k, v = _common_dtype(q, k, v)
         global_k, global_v, global_bias = self._global_tokens(k, v)
         out = block_sparse_attention(
@@ -219,9 +223,10 @@ class AdaptiveBlockSparseAttention(nn.Module):
             global_v=global_v,
             global_bias=global_bias,
         )
-        full = block_mask.expand(q.shape[0], q.shape[1], *block_mask.shape[-2:])
+        batch, heads = q.shape[:2]
         pooled_fraction = 1.0 / self.config.pool_size if self.config.pool_size else 0.0
-        self._record(full.sum(), full.numel(), pooled_fraction)
+        total = batch * heads * block_mask.shape[-2] * block_mask.shape[-1]
+        self._record(block_mask.kept_blocks(batch, heads), total, pooled_fraction)
         return out
 
     def estimate_mask(
@@ -230,8 +235,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
         k: torch.Tensor,
         dense_tail_tokens: int | None = None,
         heads: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad).
+    ) -> BlockMask:
+        """The prober's ``BlockMask`` ``[B, H, Nq, Nk]`` for tokens already in block order (built from the ranked
+        blocks: index lists, the dense form on demand).
 
         ``heads=(first, total)``: ``q``/``k`` are heads ``first ...`` of a layer of ``total`` (one process's heads
         under Ulysses context parallelism); the samples drawn are then those of a call with all ``total`` heads.

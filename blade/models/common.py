@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_permutation, inverse_permutation
+from blade.attention.block_mask import as_block_mask
 
 Grid = tuple[int, int, int]
 
@@ -175,7 +176,7 @@ class ASAState:
     hidden_slot: _ArgSlot | None = None
     temb_slot: _ArgSlot | None = None
     # Optional fixed-mask source replacing the prober (training-free baselines: static window, random blocks):
-    # ``(q, k, grid, dense_tail_tokens) -> bool [B|1, H|1, Nq, Nk]``.
+    # ``(q, k, grid, dense_tail_tokens) -> BlockMask`` or bool ``[B|1, H|1, Nq, Nk]``.
     mask_provider: Callable | None = None
     # The running forward's transformer ``_parallel_config`` (diffusers' context parallelism), or None.
     parallel_config: Any = None
@@ -297,9 +298,9 @@ class ASAState:
         if ctx is not None and ctx.mode == MODE_DENSE:
             return self.asa(q, k, v, dense=True)
         if self.mask_provider is not None and ctx is not None:
-            mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
+            mask = as_block_mask(self.mask_provider(q, k, ctx.grid, dense_tail_tokens))
             if heads is not None and mask.shape[1] == heads[1] != q.shape[1]:
-                mask = mask[:, heads[0] : heads[0] + q.shape[1]]
+                mask = mask.select_heads(heads[0], q.shape[1])
         else:
             mask = self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads)
         return self.asa.attend(q, k, v, mask)
