@@ -234,3 +234,17 @@ def test_asa_module_builds_one_object_and_counts_its_blocks():
     assert isinstance(mask, BlockMask) and mask.shape == (1, 2, 5, 5)
     asa.attend(q, k, v, mask)
     assert asa.last_stats["kept_blocks"] == int(mask.dense().sum()) and asa.last_stats["total_blocks"] == 50
+
+
+def test_asa_forward_takes_a_given_mask_and_slices_its_heads():
+    """The one entry point with a fixed mask (a provider's): same output as the kernel over that mask, and a mask of
+    all ``total`` heads sliced to the call's heads under ``heads=(first, total)``."""
+    config = ASAConfig(block_size=16, samples_per_block=4, backend="reference")
+    q, k, v = torch.randn(3, 1, 4, 64, 16, generator=torch.Generator().manual_seed(8)).unbind(0)
+    dense = _random_dense(1, 4, 4, 4, p=0.5, seed=9)
+    asa = AdaptiveBlockSparseAttention(config)
+    out = asa(q, k, v, pre_reordered=True, block_mask=dense)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, dense, block_size=16, backend="reference"))
+    assert asa.last_stats["kept_blocks"] == int(dense.sum())
+    part = asa(q[:, 2:], k[:, 2:], v[:, 2:], pre_reordered=True, heads=(2, 4), block_mask=BlockMask.from_dense(dense))
+    torch.testing.assert_close(part, out[:, 2:])

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_permutation, inverse_permutation
-from blade.attention.block_mask import as_block_mask
 
 Grid = tuple[int, int, int]
 
@@ -295,15 +294,20 @@ class ASAState:
         parallelism, whole sequence): the prober draws as for all heads, a provider's per-head mask is sliced.
         """
         ctx = self.current
-        if ctx is not None and ctx.mode == MODE_DENSE:
-            return self.asa(q, k, v, dense=True)
-        if self.mask_provider is not None and ctx is not None:
-            mask = as_block_mask(self.mask_provider(q, k, ctx.grid, dense_tail_tokens))
-            if heads is not None and mask.shape[1] == heads[1] != q.shape[1]:
-                mask = mask.select_heads(heads[0], q.shape[1])
-        else:
-            mask = self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads)
-        return self.asa.attend(q, k, v, mask)
+        mask = None
+        if self.mask_provider is not None and ctx is not None and ctx.sparse:
+            mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
+        # The module's one entry point; the tokens were put in curve order by the hooks, once per forward.
+        return self.asa(
+            q,
+            k,
+            v,
+            pre_reordered=True,
+            dense=ctx is not None and ctx.mode == MODE_DENSE,
+            dense_tail_tokens=dense_tail_tokens,
+            heads=heads,
+            block_mask=mask,
+        )
 
     def processor_mode(self) -> str:
         """Mode of the running forward for an attention processor (``off`` without a context)."""
