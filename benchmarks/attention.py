@@ -247,7 +247,8 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
                 ref_bwd = bench.rows[-1]["ms"]
 
     # Block-sparse backends.
-    from blade.attention.kernels.triton_bsa import _forward, build_kv_block_index
+    from blade.attention import BlockMask
+    from blade.attention.kernels.triton_bsa import _forward, kernel_lists
 
     for density in densities:
         mask = random_block_mask(batch, heads, n_blocks, n_blocks, density, dev)
@@ -257,7 +258,7 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
                 bench.record(name, "fwd", density, label, lambda fn=fn, mask=mask: fn(q, k, v, mask),
                              kept * dense_flops,
                              ref_fwd)
-            lists = build_kv_block_index(mask)
+            lists = kernel_lists(BlockMask.from_dense(mask), batch, heads)
             bench.record(name, "fwd", density, "ours_kernel_only",
                          lambda lists=lists: _forward(q, k, v, *lists, None, None, None, BLOCK, head_dim**-0.5),
                          kept * dense_flops, ref_fwd)
@@ -281,7 +282,8 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
 def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, n_layers: int, ref_fwd) -> None:
     """Prober, Gilbert reorder (per layer / amortized) and mask -> kernel lists, as ms and % of dense cuDNN fwd."""
     try:
-        from blade.attention import estimate_block_mask, gilbert_permutation
+        from blade.attention import BlockMask, estimate_block_mask, gilbert_permutation
+        from blade.attention.block_mask import dense_to_lists
         from blade.attention.kernels import triton_bsa
     except Exception as err:  # noqa: BLE001
         print(f"  [FAIL] ASA overhead imports: {err!r}", flush=True)
@@ -325,17 +327,16 @@ def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, n_layers: 
     print(f"  prober mask kept fraction: {float(mask.float().mean()):.3f}", flush=True)
 
     def lists_fwd():
-        return triton_bsa.build_kv_block_index(mask)
+        return triton_bsa.kernel_lists(BlockMask.from_dense(mask), batch, heads)
 
     def lists_bwd():
-        return triton_bsa.build_kv_block_index(mask), triton_bsa.build_kv_block_index(mask.transpose(-1, -2))
+        return lists_fwd(), triton_bsa.kernel_lists(BlockMask.from_dense(mask.transpose(-1, -2)), batch, heads)
 
     def lists_fwd_v1():
-        return triton_bsa.build_kv_block_index_torch(mask)
+        return dense_to_lists(mask)
 
     def lists_bwd_v1():
-        return (triton_bsa.build_kv_block_index_torch(mask),
-                triton_bsa.build_kv_block_index_torch(mask.transpose(-1, -2)))
+        return dense_to_lists(mask), dense_to_lists(mask.transpose(-1, -2))
 
     measured = {}
     with torch.no_grad():

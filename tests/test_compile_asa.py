@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not importable")
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, block_sparse_attention  # noqa: E402
+from blade.attention.block_mask import BlockMask, dense_to_lists  # noqa: E402
 from blade.attention.kernels import triton_bsa  # noqa: E402
 from blade.attention.prober import estimate_block_mask  # noqa: E402
 from blade.models.wan import apply_asa  # noqa: E402
@@ -79,9 +80,9 @@ def test_custom_ops_pass_opcheck():
     q, k, v, gk, gv = (t.requires_grad_(True) for t in _tensors(*[(1, 2, n, 16) for n in (40, 36, 36, 3, 3)]))
     mask = (torch.rand(1, 2, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5).to(DEVICE)
     bias = torch.randn(3).to(DEVICE)
-    lists = torch.ops.blade.bsa_block_lists(mask, 1, 2)
-    torch.library.opcheck(torch.ops.blade.bsa_block_lists.default, (mask, 1, 2))
-    torch.library.opcheck(torch.ops.blade.bsa_forward.default, (q, k, v, mask, *lists, gk, gv, bias, 16, 0.25))
+    lists = triton_bsa.kernel_lists(BlockMask.from_dense(mask), 1, 2)
+    torch.library.opcheck(torch.ops.blade.bsa_block_lists.default, (mask,))
+    torch.library.opcheck(torch.ops.blade.bsa_forward.default, (q, k, v, *lists, gk, gv, bias, 16, 0.25))
     q_pos, k_pos = torch.ops.blade.prober_positions(q.device, 40, 36, 16, 4, 1, 2, -1)
     assert q_pos.shape == (1, 2, 3 * 4) and k_pos.shape == (1, 2, 3 * 4) and q_pos.dtype == torch.int64
     torch.library.opcheck(torch.ops.blade.prober_importance.default, (q.detach(), k.detach(), q_pos, k_pos, 4, True))
@@ -89,11 +90,18 @@ def test_custom_ops_pass_opcheck():
 
 def test_mask_lists_compile_fullgraph():
     mask = (torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.4).to(DEVICE)
-    eager = triton_bsa.build_kv_block_index(mask)
-    compiled = _compiled(lambda m: triton_bsa.build_kv_block_index(m.transpose(-1, -2)))(mask)
-    for got, expected in zip(compiled, triton_bsa.build_kv_block_index_torch(mask.transpose(-1, -2))):
+    def lists(m):  # the kernels' lists of a BlockMask made inside the graph (Triton builder: an opaque op)
+        return triton_bsa.kernel_lists(BlockMask.from_dense(m), 2, 3)
+
+    def torch_lists(m):  # the torch builder, flattened as the kernels take it
+        counts, index = dense_to_lists(m)
+        return counts.flatten(), index.flatten(0, 2), triton_bsa.launch_order(counts.flatten(), m.shape[-2])
+
+    eager = lists(mask)
+    compiled = _compiled(lambda m: lists(m.transpose(-1, -2)))(mask)
+    for got, expected in zip(compiled, torch_lists(mask.transpose(-1, -2))):
         assert torch.equal(got, expected)
-    for got, expected in zip(eager, triton_bsa.build_kv_block_index_torch(mask)):
+    for got, expected in zip(eager, torch_lists(mask)):
         assert torch.equal(got, expected)
 
 

@@ -17,6 +17,7 @@ if not _ON_CUDA:
 
 pytest.importorskip("triton", reason="triton is not importable")
 
+from blade.attention.block_mask import BlockMask, dense_to_lists  # noqa: E402
 from blade.attention.kernels import triton_bsa  # noqa: E402
 
 if not _ON_CUDA and not triton_bsa._interpreting():
@@ -142,7 +143,7 @@ def test_half_precision_forward(dtype):
 
 def test_kv_block_index_lists_kept_blocks_in_order():
     mask = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(6)) < 0.4
-    counts, index, order = triton_bsa.build_kv_block_index(mask)
+    counts, index, order = triton_bsa.kernel_lists(BlockMask.from_dense(mask), 2, 3)
     rows = mask.reshape(-1, 7)
     for r in range(rows.shape[0]):
         kept = torch.nonzero(rows[r]).flatten().tolist()
@@ -175,11 +176,13 @@ def test_triton_list_builder_matches_hand_lists_on_any_strides(view):
         "broadcast_batch": base[:1].expand(2, 3, 5, 9),
         "broadcast_head_transposed": base[:, :1].expand(2, 3, 5, 9).transpose(-1, -2),
     }[view].to(DEVICE)
-    counts, index, order = triton_bsa.build_kv_block_index(mask)
+    counts, index, order = triton_bsa.kernel_lists(BlockMask.from_dense(mask), *mask.shape[:2])  # Triton builder
     want_counts, want_index = _lists_by_hand(mask)
     assert counts.tolist() == want_counts and index.tolist() == want_index
-    ref = triton_bsa.build_kv_block_index_torch(mask)
-    assert torch.equal(order, ref[2]) and torch.equal(index, ref[1]) and torch.equal(counts, ref[0])
+    ref_counts, ref_index = dense_to_lists(mask)  # the torch builder
+    ref_order = triton_bsa.launch_order(ref_counts.flatten(), mask.shape[-2])
+    assert torch.equal(order, ref_order) and torch.equal(index, ref_index.flatten(0, 2))
+    assert torch.equal(counts, ref_counts.flatten())
 
 
 def test_config_sets_switch_and_restore():
@@ -187,9 +190,9 @@ def test_config_sets_switch_and_restore():
     assert triton_bsa._ACTIVE[0] == "v2"
     with triton_bsa.config_set("v1"):
         assert triton_bsa._ACTIVE[0] == "v1"
-        v1_lists = triton_bsa.build_kv_block_index(mask.to(DEVICE))
+        v1_lists = triton_bsa.kernel_lists(BlockMask.from_dense(mask.to(DEVICE)), 1, 2)
     assert triton_bsa._ACTIVE[0] == "v2"
-    for a, b in zip(v1_lists, triton_bsa.build_kv_block_index(mask.to(DEVICE))):
+    for a, b in zip(v1_lists, triton_bsa.kernel_lists(BlockMask.from_dense(mask.to(DEVICE)), 1, 2)):
         assert torch.equal(a, b)
     # v2 only adds configs: whatever v1 could pick, v2 can too.
     for kernel in ("fwd", "dq", "dkdv"):

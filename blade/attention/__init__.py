@@ -1,6 +1,8 @@
-"""Adaptive block-sparse attention: Gilbert token order, the sampled-importance prober, kernels and the ASA module."""
+"""Adaptive block-sparse attention: Gilbert token order, the sampled-importance prober, the block-mask object, kernels
+and the ASA module."""
 
 from .asa import AdaptiveBlockSparseAttention, ASAConfig, mean_pool_tokens
+from .block_mask import BlockMask
 from .gilbert import gilbert_permutation, inverse_permutation
 from .kernels import BACKENDS, block_sparse_attention, resolve_backend
 from .prober import estimate_block_mask
@@ -9,6 +11,7 @@ __all__ = [
     "ASAConfig",
     "AdaptiveBlockSparseAttention",
     "BACKENDS",
+    "BlockMask",
     "block_sparse_attention",
     "estimate_block_mask",
     "gilbert_permutation",

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_mask import BlockMask, as_block_mask
 from .gilbert import gilbert_permutation, inverse_permutation
 from .kernels import BACKENDS, block_sparse_attention
 from .prober import GLOBAL_RNG, SeededGenerators, _estimate_block_mask
@@ -198,14 +199,17 @@ class AdaptiveBlockSparseAttention(nn.Module):
         return summary
 
     # ----------------------------------------------------------------------------------------------- forward
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask | torch.Tensor
+    ) -> torch.Tensor:
         """Block-sparse attention with a given mask (+ this config's global tokens), tokens already in block order.
 
         Args:
-            q, k, v: ``[B, H, L, D]``; block_mask: bool ``[B|1, H|1, Nq, Nk]``.
+            q, k, v: ``[B, H, L, D]``; block_mask: ``BlockMask`` (or its bool form) ``[B|1, H|1, Nq, Nk]``.
         Returns:
             ``[B, H, L, D]``; records stats.
         """
+        block_mask = as_block_mask(block_mask)
         q, k, v = _common_dtype(q, k, v)
         global_k, global_v, global_bias = self._global_tokens(k, v)
         out = block_sparse_attention(
@@ -219,9 +223,10 @@ class AdaptiveBlockSparseAttention(nn.Module):
             global_v=global_v,
             global_bias=global_bias,
         )
-        full = block_mask.expand(q.shape[0], q.shape[1], *block_mask.shape[-2:])
+        batch, heads = q.shape[:2]
         pooled_fraction = 1.0 / self.config.pool_size if self.config.pool_size else 0.0
-        self._record(full.sum(), full.numel(), pooled_fraction)
+        total = batch * heads * block_mask.shape[-2] * block_mask.shape[-1]
+        self._record(block_mask.kept_blocks(batch, heads), total, pooled_fraction)
         return out
 
     def estimate_mask(
@@ -230,8 +235,9 @@ class AdaptiveBlockSparseAttention(nn.Module):
         k: torch.Tensor,
         dense_tail_tokens: int | None = None,
         heads: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """The prober's block mask for tokens already in block order (``[B, H, Nq, Nk]`` bool, no grad).
+    ) -> BlockMask:
+        """The prober's ``BlockMask`` ``[B, H, Nq, Nk]`` for tokens already in block order (built from the ranked
+        blocks: index lists, the dense form on demand).
 
         ``heads=(first, total)``: ``q``/``k`` are heads ``first ...`` of a layer of ``total`` (one process's heads
         under Ulysses context parallelism); the samples drawn are then those of a call with all ``total`` heads.
@@ -260,15 +266,28 @@ class AdaptiveBlockSparseAttention(nn.Module):
         *,
         pre_reordered: bool = False,
         dense: bool = False,
+        dense_tail_tokens: int | None = None,
+        heads: tuple[int, int] | None = None,
+        block_mask: BlockMask | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Adaptive block-sparse self-attention.
+        """Adaptive block-sparse self-attention: the one entry point (the module API and the model processors).
+
+        One call: reorder (unless the caller did) -> one ``BlockMask`` (the prober's, or ``block_mask``) -> kernel
+        with global tokens -> stats -> restore the caller's order.
 
         Args:
             q, k, v: ``[B, H, L, D]``. With ``grid=(F, H, W)`` (and ``pre_reordered=False``) the first ``F*H*W``
                 tokens are video tokens in raster order and the rest (e.g. text) a tail that stays dense.
-            pre_reordered: the caller already put the tokens in curve order; ``config.dense_tail_tokens`` tail
-                tokens stay dense.
+            pre_reordered: the caller already put the tokens in curve order (the model adapters do, once per
+                transformer forward); ``dense_tail_tokens`` (default ``config.dense_tail_tokens``) tail tokens stay
+                dense.
             dense: exact dense attention (torch SDPA), recorded as sparsity 0 (dense warm-up steps).
+            dense_tail_tokens: tail tokens attended densely in both directions (with a grid: at least the tokens
+                after the video).
+            heads: ``(first, total)``: the tensors hold heads ``first ...`` of a layer of ``total`` (Ulysses context
+                parallelism): the prober draws as for all heads, a ``block_mask`` of ``total`` heads is sliced.
+            block_mask: a fixed mask (``BlockMask`` or bool ``[B|1, H|1, Nq, Nk]``, in the curve order) used
+                instead of the prober, e.g. a static window.
         Returns:
             ``[B, H, L, D]`` in the caller's token order.
         """
@@ -280,8 +299,8 @@ class AdaptiveBlockSparseAttention(nn.Module):
             return out
 
         length = q.shape[-2]
-        dense_tail = self.config.dense_tail_tokens
-        perm = inv = None
+        dense_tail = self.config.dense_tail_tokens if dense_tail_tokens is None else dense_tail_tokens
+        inv = None
         if grid is not None and not pre_reordered:
             frames, height, width = (int(x) for x in grid)
             n_video = frames * height * width
@@ -291,6 +310,11 @@ class AdaptiveBlockSparseAttention(nn.Module):
             q, k, v = (x.index_select(-2, perm) for x in (q, k, v))
             dense_tail = max(dense_tail, length - n_video)
 
-        mask = self.estimate_mask(q, k, dense_tail)
+        if block_mask is None:
+            mask = self.estimate_mask(q, k, dense_tail, heads=heads)
+        else:
+            mask = as_block_mask(block_mask)
+            if heads is not None and mask.shape[1] == heads[1] != q.shape[1]:
+                mask = mask.select_heads(heads[0], q.shape[1])
         out = self.attend(q, k, v, mask)
         return out.index_select(-2, inv) if inv is not None else out

@@ -9,7 +9,9 @@ dense ``Q K^T`` (1/64 for 16 samples in 128-token blocks).
 
 On CUDA the importance comes from a fused Triton kernel (``kernels/triton_prober.py``) that never materialises the
 sampled score matrix; the torch code here is the reference and the CPU path. Both use the same sampled positions
-(drawn here, in torch), so they give the same mask for the same generator state.
+(drawn here, in torch), so they give the same mask for the same generator state. The selection ranks the top blocks
+of each row and hands them, with the kept counts, to ``BlockMask.from_ranked``: the kernels' index lists are made
+from the ranking directly, without a dense bool mask in between.
 
 ``torch.compile``: the random positions are drawn inside the opaque custom op ``blade::prober_positions`` (a graph
 cannot take a ``torch.Generator``; the op receives an int key naming the generator instead, and it draws exactly
@@ -25,6 +27,8 @@ import warnings
 import weakref
 
 import torch
+
+from .block_mask import BlockMask
 
 # Budget for one head-chunk of sampled scores (float32 elements): ~256 MiB.
 _SCORE_ELEMENTS = 64 * 1024 * 1024
@@ -240,38 +244,47 @@ def _ranked_blocks(importance: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(key, k, dim=-1, largest=True, sorted=True).indices
 
 
-def select_blocks(importance: torch.Tensor, threshold: float, min_keep: float, max_keep: float) -> torch.Tensor:
-    """Threshold + clamp selection over each row of ``importance [..., Nq, Nk]`` (rows sum to 1).
+def _clamped_counts(n_k: int, min_keep: float, max_keep: float) -> tuple[int, int]:
+    """Range ``[low, high]`` of kept blocks per row: ``[ceil(min_keep*Nk), ceil(max_keep*Nk)]`` within ``[1, Nk]``."""
+    low = min(max(_ceil_fraction(min_keep, n_k), 1), n_k)
+    high = min(max(_ceil_fraction(max_keep, n_k), low), n_k)
+    return low, high
+
+
+def rank_blocks(
+    importance: torch.Tensor, threshold: float, min_keep: float, max_keep: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold + clamp selection over each row of ``importance [..., Nq, Nk]`` (rows sum to 1), as ranked lists.
 
     Keeps the smallest top set whose cumulative mass reaches ``threshold`` (the crossing block included), with the
     count clamped to ``[ceil(min_keep*Nk), ceil(max_keep*Nk)]`` and to ``[1, Nk]``.
 
     Returns:
-        bool ``[..., Nq, Nk]``.
+        ``ranked`` int64 ``[..., Nq, K]`` (the top ``K = ceil(max_keep*Nk)`` blocks, most important first) and
+        ``counts`` int64 ``[..., Nq]`` (how many of them are kept): the input of ``BlockMask.from_ranked``.
     """
-    n_k = importance.shape[-1]
-    low = min(max(_ceil_fraction(min_keep, n_k), 1), n_k)
-    high = min(max(_ceil_fraction(max_keep, n_k), low), n_k)
+    low, high = _clamped_counts(importance.shape[-1], min_keep, max_keep)
     # Only the top `high` blocks can be kept: rank just those (the cumulative mass of the rest is irrelevant).
     order = _ranked_blocks(importance, high)
     cumulative = importance.gather(-1, order).cumsum(dim=-1)
-    count = (cumulative < threshold).sum(dim=-1, keepdim=True) + 1  # blocks before the crossing one, plus it
-    count = count.clamp(low, high)
-    rank = torch.arange(order.shape[-1], device=importance.device)
-    keep_sorted = rank < count
-    return torch.zeros(importance.shape, dtype=torch.bool, device=importance.device).scatter(-1, order, keep_sorted)
+    count = (cumulative < threshold).sum(dim=-1) + 1  # blocks before the crossing one, plus it
+    return order, count.clamp(low, high)
 
 
-def _force_dense_tail(mask: torch.Tensor, q_len: int, k_len: int, block_size: int, tail_tokens: int) -> torch.Tensor:
-    """Full rows and columns for the blocks that hold the last ``tail_tokens`` queries / keys."""
+def select_blocks(importance: torch.Tensor, threshold: float, min_keep: float, max_keep: float) -> torch.Tensor:
+    """``rank_blocks`` as a bool mask ``[..., Nq, Nk]`` (True = kept)."""
+    order, count = rank_blocks(importance, threshold, min_keep, max_keep)
+    # BlockMask is [B, H, Nq, Nk]: fold whatever leads the rows into one dim and unfold the dense form.
+    rows = importance.shape[-2:]
+    mask = BlockMask.from_ranked(order.reshape(1, -1, *order.shape[-2:]), count.reshape(1, -1, rows[0]), rows[1])
+    return mask.dense().reshape(importance.shape)
+
+
+def _dense_tail_blocks(q_len: int, k_len: int, block_size: int, tail_tokens: int) -> tuple[int | None, int | None]:
+    """First query block and first key block that hold any of the last ``tail_tokens`` tokens (None, None: none)."""
     if tail_tokens <= 0:
-        return mask
-    first_q_block = max(q_len - tail_tokens, 0) // block_size
-    first_k_block = max(k_len - tail_tokens, 0) // block_size
-    mask = mask.clone()
-    mask[..., first_q_block:, :] = True
-    mask[..., :, first_k_block:] = True
-    return mask
+        return None, None
+    return max(q_len - tail_tokens, 0) // block_size, max(k_len - tail_tokens, 0) // block_size
 
 
 def _use_fused_prober(q: torch.Tensor, samples: int, backend: str) -> bool:
@@ -317,9 +330,10 @@ def estimate_block_mask(
         backend: ``"auto"`` (the fused Triton prober on CUDA when it supports the inputs, else torch),
             ``"torch"`` (the reference) or ``"triton"`` (the fused kernel; also under ``TRITON_INTERPRET=1``).
     Returns:
-        bool ``[B, H, ceil(Lq/bs), ceil(Lk/bs)]`` without grad.
+        bool ``[B, H, ceil(Lq/bs), ceil(Lk/bs)]`` without grad: the dense form of the ``BlockMask`` that ASA builds
+        (``AdaptiveBlockSparseAttention.estimate_mask`` returns the object itself).
     """
-    return _estimate_block_mask(
+    mask = _estimate_block_mask(
         q,
         k,
         block_size=block_size,
@@ -331,6 +345,7 @@ def estimate_block_mask(
         rng_key=_generator_key(generator),
         backend=backend,
     )
+    return mask.dense()
 
 
 @torch.no_grad()
@@ -347,8 +362,9 @@ def _estimate_block_mask(
     rng_key: int,
     backend: str,
     heads: tuple[int, int] | None = None,
-) -> torch.BoolTensor:
-    """``estimate_block_mask`` with the random source given by key (``GLOBAL_RNG`` or ``SeededGenerators.key``).
+) -> BlockMask:
+    """``estimate_block_mask`` as a ``BlockMask`` built from the ranked blocks (no dense mask), with the random
+    source given by key (``GLOBAL_RNG`` or ``SeededGenerators.key``).
 
     ``heads=(first, total)``: ``q``/``k`` hold heads ``first ... first + H - 1`` of a layer of ``total`` (Ulysses
     context parallelism): positions are drawn for all ``total`` heads and this slice kept, so every process draws
@@ -368,8 +384,11 @@ def _estimate_block_mask(
         importance = torch.ops.blade.prober_importance(q, k, q_pos, k_pos, samples_per_block, backend == "triton")
     else:
         importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
-    mask = select_blocks(importance, threshold, min_keep, max_keep)
-    return _force_dense_tail(mask, q_len, k_len, block_size, dense_tail_tokens)
+    ranked, counts = rank_blocks(importance, threshold, min_keep, max_keep)
+    rows_from, cols_from = _dense_tail_blocks(q_len, k_len, block_size, dense_tail_tokens)
+    return BlockMask.from_ranked(
+        ranked, counts, importance.shape[-1], dense_rows_from=rows_from, dense_cols_from=cols_from
+    )
 
 
 # Registered once per process (a re-import re-executes this file in the same module namespace).

@@ -175,7 +175,7 @@ class ASAState:
     hidden_slot: _ArgSlot | None = None
     temb_slot: _ArgSlot | None = None
     # Optional fixed-mask source replacing the prober (training-free baselines: static window, random blocks):
-    # ``(q, k, grid, dense_tail_tokens) -> bool [B|1, H|1, Nq, Nk]``.
+    # ``(q, k, grid, dense_tail_tokens) -> BlockMask`` or bool ``[B|1, H|1, Nq, Nk]``.
     mask_provider: Callable | None = None
     # The running forward's transformer ``_parallel_config`` (diffusers' context parallelism), or None.
     parallel_config: Any = None
@@ -294,15 +294,20 @@ class ASAState:
         parallelism, whole sequence): the prober draws as for all heads, a provider's per-head mask is sliced.
         """
         ctx = self.current
-        if ctx is not None and ctx.mode == MODE_DENSE:
-            return self.asa(q, k, v, dense=True)
-        if self.mask_provider is not None and ctx is not None:
+        mask = None
+        if self.mask_provider is not None and ctx is not None and ctx.sparse:
             mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
-            if heads is not None and mask.shape[1] == heads[1] != q.shape[1]:
-                mask = mask[:, heads[0] : heads[0] + q.shape[1]]
-        else:
-            mask = self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads)
-        return self.asa.attend(q, k, v, mask)
+        # The module's one entry point; the tokens were put in curve order by the hooks, once per forward.
+        return self.asa(
+            q,
+            k,
+            v,
+            pre_reordered=True,
+            dense=ctx is not None and ctx.mode == MODE_DENSE,
+            dense_tail_tokens=dense_tail_tokens,
+            heads=heads,
+            block_mask=mask,
+        )
 
     def processor_mode(self) -> str:
         """Mode of the running forward for an attention processor (``off`` without a context)."""

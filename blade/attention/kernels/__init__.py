@@ -5,6 +5,9 @@ key blocks: work ~ the kept fraction; the CPU path), ``flex`` (compiled FlexAtte
 Hopper fast path), ``bsa`` (mit-han-lab Block-Sparse-Attention, if built) and ``auto`` (on CPU gather, or reference
 under ``torch.compile``, whose graphs cannot take gather's mask-sized shapes; on CUDA triton when it supports the
 inputs, else flex).
+
+The mask is a ``BlockMask`` (``blade.attention.block_mask``), made once per call: each backend takes the form it
+needs from it (index lists or the dense bool form). A bool tensor is accepted too and wrapped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 
 import torch
 
+from ..block_mask import BlockMask, as_block_mask
 from .bsa import bsa_block_sparse_attention
 from .flex import flex_block_sparse_attention
 from .gather import gather_block_sparse_attention
@@ -20,7 +24,7 @@ from .reference import reference_block_sparse_attention
 
 BACKENDS = ("auto", "reference", "gather", "flex", "triton", "bsa")
 
-__all__ = ["BACKENDS", "block_sparse_attention", "resolve_backend"]
+__all__ = ["BACKENDS", "BlockMask", "block_sparse_attention", "resolve_backend"]
 
 
 def _triton_kernel():
@@ -62,20 +66,18 @@ def resolve_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
     return "triton" if _triton_supports(q, block_size) else "flex"
 
 
-def _check_inputs(q, k, v, block_mask, block_size, global_k, global_v, global_bias) -> None:
+def _check_inputs(q, k, v, block_mask: BlockMask, block_size, global_k, global_v, global_bias) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if block_size <= 0 or block_size % 16 != 0:
         raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
-    if block_mask.dtype != torch.bool or block_mask.dim() != 4:
-        raise ValueError(f"block_mask must be a 4-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
     batch, heads, q_len, _ = q.shape
     blocks = (math.ceil(q_len / block_size), math.ceil(k.shape[-2] / block_size))
-    batch_ok, heads_ok = block_mask.shape[0] in (1, batch), block_mask.shape[1] in (1, heads)
-    if tuple(block_mask.shape[-2:]) != blocks or not (batch_ok and heads_ok):
-        raise ValueError(f"block_mask shape {tuple(block_mask.shape)} does not fit [{batch}|1, {heads}|1, *{blocks}]")
+    shape = block_mask.shape
+    if tuple(shape[-2:]) != blocks or shape[0] not in (1, batch) or shape[1] not in (1, heads):
+        raise ValueError(f"block_mask shape {tuple(shape)} does not fit [{batch}|1, {heads}|1, *{blocks}]")
     if (global_k is None) != (global_v is None):
         raise ValueError("global_k and global_v must be given together")
     if global_k is not None:
@@ -89,7 +91,7 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: float | None = None,
@@ -106,7 +108,8 @@ def block_sparse_attention(
     Args:
         q: ``[B, H, Lq, D]``.
         k, v: ``[B, H, Lk, D]``.
-        block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``, True = attend (size-1 dims broadcast).
+        block_mask: a ``BlockMask`` of shape ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]`` (size-1 dims broadcast), or
+            its dense form, a bool tensor of that shape (True = attend), which is wrapped.
         block_size: tokens per block (positive multiple of 16; fast backends may support fewer sizes).
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto" | "reference" | "gather" | "flex" | "triton" | "bsa"``.
@@ -115,6 +118,7 @@ def block_sparse_attention(
     Returns:
         ``[B, H, Lq, D]`` in the dtype of ``q``.
     """
+    block_mask = as_block_mask(block_mask)
     _check_inputs(q, k, v, block_mask, block_size, global_k, global_v, global_bias)
     if global_k is not None and global_k.shape[-2] == 0:
         global_k = global_v = global_bias = None

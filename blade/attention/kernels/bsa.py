@@ -2,8 +2,9 @@
 
 The library is not on PyPI. Its kernel takes FlashAttention-style varlen ("unpadded") inputs ``[total_tokens, H, D]``
 with cumulative sequence offsets, a per-head ``head_mask_type`` (k > 0: block-sparse with mask number k, 1-based)
-and a ``base_blockmask`` bool ``[B, n_sparse_heads, ceil(Lq/128), ceil(Lk/128)]``; blocks are fixed at 128x128,
-dtypes fp16/bf16, head dims 32/64/128. The conversion into that format is plain torch and tested on CPU.
+and a ``base_blockmask`` bool ``[B, n_sparse_heads, ceil(Lq/128), ceil(Lk/128)]`` (our ``BlockMask``'s dense form,
+one mask per head); blocks are fixed at 128x128, dtypes fp16/bf16, head dims 32/64/128. The conversion into that
+format is plain torch and tested on CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from ..block_mask import BlockMask, as_block_mask
 
 BSA_BLOCK_SIZE = 128
 BSA_HEAD_DIMS = (32, 64, 128)
@@ -47,20 +50,26 @@ def _unpad(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_bsa_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int = BSA_BLOCK_SIZE
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
+    block_size: int = BSA_BLOCK_SIZE,
 ) -> BSAInputs:
     """Convert our inputs into the format of ``block_sparse_attn_func`` (pure torch, no CUDA needed).
 
     Args:
-        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; block_mask: bool ``[B|1, H|1, ceil(Lq/128), ceil(Lk/128)]``.
+        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; block_mask: ``BlockMask`` (or its bool form)
+            ``[B|1, H|1, ceil(Lq/128), ceil(Lk/128)]``, whose dense form the library takes, one mask per head.
     """
     if block_size != BSA_BLOCK_SIZE:
         raise ValueError(f"backend='bsa' supports block_size={BSA_BLOCK_SIZE} only, got {block_size}")
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[-2]
+    dense = as_block_mask(block_mask).dense()
     expected = (math.ceil(q_len / block_size), math.ceil(k_len / block_size))
-    if tuple(block_mask.shape[-2:]) != expected:
-        raise ValueError(f"block_mask has {tuple(block_mask.shape[-2:])} blocks, expected {expected}")
+    if tuple(dense.shape[-2:]) != expected:
+        raise ValueError(f"block_mask has {tuple(dense.shape[-2:])} blocks, expected {expected}")
     device = q.device
     return BSAInputs(
         q=_unpad(q),
@@ -69,7 +78,7 @@ def to_bsa_inputs(
         cu_seqlens_q=torch.arange(batch + 1, device=device, dtype=torch.int32) * q_len,
         cu_seqlens_k=torch.arange(batch + 1, device=device, dtype=torch.int32) * k_len,
         head_mask_type=torch.arange(1, heads + 1, device=device, dtype=torch.int32),
-        base_blockmask=block_mask.expand(batch, heads, *expected).contiguous().to(device),
+        base_blockmask=dense.expand(batch, heads, *expected).contiguous().to(device),
         max_seqlen_q=q_len,
         max_seqlen_k=k_len,
     )
@@ -85,7 +94,7 @@ def bsa_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: float | None = None,

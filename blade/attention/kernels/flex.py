@@ -1,7 +1,8 @@
-"""FlexAttention backend: a ``BlockMask`` built directly from our bool block mask, run through compiled flex.
+"""FlexAttention backend: torch's flex ``BlockMask`` made from our ``BlockMask``'s index lists, run through compiled
+flex.
 
-The kept kv blocks of each query block become ``kv_indices`` (vectorized: a stable sort puts the kept columns
-first). Global tokens are appended after K/V padded to a block multiple, so they occupy their own kv blocks, which
+Our lists (kept kv blocks first, per query block) are flex's ``kv_num_blocks`` / ``kv_indices`` as they are. Global
+tokens are appended after K/V padded to a block multiple, so they occupy their own kv blocks, which
 are marked visible for every query block; their logit bias is added by ``score_mod`` and padding tokens are hidden
 by ``mask_mod``. Blocks with no padding are passed as "full" blocks so the kernel skips ``mask_mod`` on them.
 
@@ -22,6 +23,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from ..block_mask import BlockMask, as_block_mask
 
 # Graphs of compiled flex kept per process (one per shape / global-token layout / grad mode).
 RECOMPILE_LIMIT = 64
@@ -67,20 +70,6 @@ def _run_compiled_flex(*args, **kwargs) -> torch.Tensor:
         return _compiled_flex_attention()(*args, **kwargs)
 
 
-def mask_to_kv_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept kv blocks per query block, in the format of ``BlockMask.from_kv_blocks``.
-
-    Args:
-        block_mask: bool ``[B, H, Nq, Nk]``.
-    Returns:
-        ``kv_num_blocks`` int32 ``[B, H, Nq]`` and ``kv_indices`` int32 ``[B, H, Nq, Nk]`` (kept columns first, in
-        increasing order; the tail past ``kv_num_blocks`` is ignored by flex).
-    """
-    num = block_mask.sum(dim=-1, dtype=torch.int32)
-    order = torch.argsort(block_mask.to(torch.int16), dim=-1, descending=True, stable=True)
-    return num, order.to(torch.int32).contiguous()
-
-
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad ``x [B, H, L, D]`` along L to ``length`` tokens."""
     return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
@@ -90,7 +79,7 @@ def flex_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: float | None = None,
@@ -101,12 +90,13 @@ def flex_block_sparse_attention(
     """Block-sparse attention through compiled FlexAttention; same contract as ``block_sparse_attention``.
 
     Args:
-        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``.
+        q: ``[B, H, Lq, D]``; k, v: ``[B, H, Lk, D]``; block_mask: ``BlockMask`` (or its bool form)
+            ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``.
         global_k, global_v: optional ``[B, H, G, D]``; global_bias: optional ``[G]``.
     Returns:
         ``[B, H, Lq, D]``.
     """
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, global_k, global_v)
@@ -119,11 +109,10 @@ def flex_block_sparse_attention(
     q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     n_k_blocks = math.ceil(k_len / block_size)
-    kv_block_mask = block_mask
+    block_mask = as_block_mask(block_mask)
 
     mask_mod = None
     score_mod = None
-    full_mask = None
     if global_k is not None:
         # Layout of the kv axis: [K (padded to n_k_blocks*bs) | globals (padded to a block multiple)].
         n_global = global_k.shape[-2]
@@ -133,14 +122,15 @@ def flex_block_sparse_attention(
         k = torch.cat([_pad_tokens(k, k_pad), _pad_tokens(global_k.to(k.dtype), n_g_blocks * block_size)], dim=-2)
         v = torch.cat([_pad_tokens(v, k_pad), _pad_tokens(global_v.to(v.dtype), n_g_blocks * block_size)], dim=-2)
 
-        glob = block_mask.new_ones(block_mask.shape[:-1] + (n_g_blocks,))
-        kv_block_mask = torch.cat([block_mask, glob], dim=-1)
-        # Columns whose tokens are all real skip mask_mod ("full" blocks); ragged ones keep it.
-        ragged = torch.zeros(n_k_blocks + n_g_blocks, dtype=torch.bool, device=block_mask.device)
+        # The kv axis gains the global blocks (visible to every query block). Columns whose tokens are all real
+        # skip mask_mod ("full" blocks); ragged ones keep it. Both are masks of their own, as flex takes them.
+        dense = block_mask.dense()
+        kv_dense = torch.cat([dense, dense.new_ones(dense.shape[:-1] + (n_g_blocks,))], dim=-1)
+        ragged = torch.zeros(n_k_blocks + n_g_blocks, dtype=torch.bool, device=dense.device)
         ragged[n_k_blocks - 1] = k_len % block_size != 0
         ragged[-1] = n_global % block_size != 0
-        full_mask = kv_block_mask & ~ragged
-        kv_block_mask = kv_block_mask & ragged
+        kv_lists = BlockMask.from_dense(kv_dense & ragged).lists()
+        full_lists = BlockMask.from_dense(kv_dense & ~ragged).lists()
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx < k_len) | ((kv_idx >= k_pad) & (kv_idx < k_pad + n_global))
@@ -154,14 +144,11 @@ def flex_block_sparse_attention(
             return torch.where(kv_idx >= k_pad, score + bias[g_idx].to(score.dtype), score)
     else:
         kv_len = k_len
+        kv_lists, full_lists = block_mask.lists(), (None, None)
 
-    kv_num, kv_idx = mask_to_kv_indices(kv_block_mask)
-    full_num, full_idx = mask_to_kv_indices(full_mask) if full_mask is not None else (None, None)
-    flex_mask = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
+    flex_mask = FlexBlockMask.from_kv_blocks(
+        *kv_lists,
+        *full_lists,
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),

@@ -6,7 +6,7 @@ its cost is that of dense attention and more; here each query block attends, thr
 tokens, so the work shrinks with the mask. Exact (the same softmax, in float32 or float64 as the inputs come; half
 precision is computed in float32) and differentiable through autograd.
 
-The packed width ``K_max`` is read from the mask (a host sync), so this path is for eager use; under
+The packed width ``K_max`` is read from the mask's kept counts (a host sync), so this path is for eager use; under
 ``torch.compile`` ``auto`` keeps the reference backend.
 """
 
@@ -16,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..block_mask import BlockMask, as_block_mask
 
 # Budget for one chunk's packed keys + score tile (float elements); ~256 MiB at float32.
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -81,7 +83,7 @@ def gather_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: float | None = None,
@@ -94,7 +96,8 @@ def gather_block_sparse_attention(
     Args:
         q: ``[B, H, Lq, D]``.
         k, v: ``[B, H, Lk, D]``.
-        block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``, True = attend.
+        block_mask: ``BlockMask`` (or its bool form) ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``; this backend reads
+            the index lists (the kept key blocks of a query block, increasing, are its packed keys).
         global_k, global_v: optional ``[B, H, G, D]``; global_bias optional float ``[G]``.
     Returns:
         ``[B, H, Lq, D]`` in the dtype of ``q``; queries that see nothing get zeros.
@@ -107,11 +110,12 @@ def gather_block_sparse_attention(
     n_q, n_k = math.ceil(q_len / block_size), math.ceil(k_len / block_size)
     n = batch * heads
 
-    mask = block_mask.expand(batch, heads, n_q, n_k).reshape(n, n_q, n_k)
-    kept = max(1, int(mask.sum(dim=-1).max()))  # host sync: the packed width
-    # Indices of the kept blocks first (topk of 0/1 values puts every 1 before any 0), then padding.
-    kept_valid, kept_index = torch.topk(mask.to(torch.uint8), kept, dim=-1, sorted=True)
-    kept_valid = kept_valid.bool()
+    counts, index = as_block_mask(block_mask).lists()
+    counts = counts.expand(batch, heads, n_q).reshape(n, n_q)
+    kept = max(1, int(counts.max()))  # host sync: the packed width
+    # The lists hold the kept blocks first; the padding after them is a valid block index, hidden by kept_valid.
+    kept_index = index[..., :kept].expand(batch, heads, n_q, kept).reshape(n, n_q, kept).long()
+    kept_valid = torch.arange(kept, device=q.device) < counts.unsqueeze(-1)
     token_valid = (torch.arange(n_k * block_size, device=q.device) < k_len).view(n_k, block_size)
 
     q_blocks = _pad_to_blocks(q.to(compute_dtype), n_q, block_size).flatten(0, 1)  # [N, Nq, bs, D]

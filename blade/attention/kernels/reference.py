@@ -12,6 +12,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..block_mask import BlockMask, as_block_mask
+
 # Budget for one chunk's float32 score tile (elements); ~128 MiB at float32.
 _CHUNK_SCORE_ELEMENTS = 32 * 1024 * 1024
 
@@ -71,7 +73,7 @@ def reference_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: float | None = None,
@@ -85,13 +87,15 @@ def reference_block_sparse_attention(
     Args:
         q: ``[B, H, Lq, D]``.
         k, v: ``[B, H, Lk, D]``.
-        block_mask: bool ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``, True = attend.
+        block_mask: ``BlockMask`` (or its bool form) ``[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]``, True = attend; this
+            backend reads the dense form.
         global_k, global_v: optional ``[B, H, G, D]`` keys/values visible to every query.
         global_bias: optional float ``[G]`` added to the scaled global scores.
         chunk_blocks: query blocks per chunk (default: from a memory budget).
     Returns:
         ``[B, H, Lq, D]`` in the dtype of ``q``.
     """
+    dense = as_block_mask(block_mask).dense()
     out_dtype = q.dtype
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, heads, q_len, head_dim = q.shape
@@ -115,7 +119,7 @@ def reference_block_sparse_attention(
     for first in range(0, n_q_blocks, chunk_blocks):
         last = min(first + chunk_blocks, n_q_blocks)
         q_chunk = qc[:, :, first * block_size : min(last * block_size, q_len)]
-        mask_chunk = block_mask[:, :, first:last]
+        mask_chunk = dense[:, :, first:last]
         args = (q_chunk, kc, vc, mask_chunk, block_size, k_len, scale, gk, gv, gb)
         if needs_grad and n_q_blocks > chunk_blocks:
             # Recompute the chunk's scores in the backward instead of storing all of them.

@@ -5,20 +5,21 @@ softmax over the keys of the kept 128-blocks plus the always-visible global toke
 logits). Ragged last blocks are masked, rows that see nothing get zeros.
 
 Kernel layout (FlashAttention-2 style):
-- forward: one program per (batch*head, query tile); it walks the kept kv blocks of its query block (an index list
-  built from the mask), then the dense global segment, with an online softmax in the exp2 domain. It saves the
+- forward: one program per (batch*head, query tile); it walks the kept kv blocks of its query block (the
+  `BlockMask`'s index list), then the dense global segment, with an online softmax in the exp2 domain. It saves the
   row log-sum-exp (base 2, fp32) for the backward.
 - backward: `delta = rowsum(dO * O)`, then a dq kernel over the same kv index lists, a dk/dv kernel over the
-  transposed lists (per kv block, the query blocks that use it), and a dense dk/dv kernel for the global tokens
-  whose partial sums over query chunks are reduced in torch.
+  transposed lists (per kv block, the query blocks that use it; built in the backward from the forward's lists), and
+  a dense dk/dv kernel for the global tokens whose partial sums over query chunks are reduced in torch.
 
 Programs are launched in order of decreasing work (rows with more kept blocks first), which keeps the tail of the
 launch short when heads have very different densities.
 
-The mask -> index-list conversion is itself one small Triton kernel (a per-row prefix sum that compacts the kept
-columns), so it costs one launch instead of a segmented sort. Launch configurations come in named sets: "v2" (the
-default) and "v1" (the first GPU-tuned set with the torch list builder), kept so a benchmark can show regressions;
-see `config_set`.
+A mask made by the prober already holds its index lists. For one that holds only a dense mask (static masks, the
+backward's transposed mask), `block_lists` builds them with one small Triton kernel (a per-row prefix sum that
+compacts the kept columns): one launch instead of a segmented sort, the same lists as `dense_to_lists`. Launch
+configurations come in named sets: "v2" (the default) and "v1" (the first GPU-tuned set with the torch list
+builder), kept so a benchmark can show regressions; see `config_set`.
 
 `torch.compile`: the Triton launches run inside opaque custom operators (``blade::bsa_block_lists``,
 ``blade::bsa_forward`` with its autograd formula, ``blade::bsa_backward``), whose fake implementations give the
@@ -36,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from ..block_mask import BlockMask, as_block_mask, dense_to_lists, lists_to_dense
+
 try:
     import triton
     import triton.language as tl
@@ -48,9 +51,10 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "triton_block_sparse_attention",
-    "build_kv_block_index",
-    "build_kv_block_index_torch",
+    "block_lists",
     "config_set",
+    "kernel_lists",
+    "launch_order",
     "is_available",
     "supports",
 ]
@@ -72,7 +76,7 @@ def is_available() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_order(counts: torch.Tensor, rows: int) -> torch.Tensor:
+def launch_order(counts: torch.Tensor, rows: int) -> torch.Tensor:
     """Launch order of the rows: heads with more kept blocks first, the rows of one head together (so concurrent
     programs share that head's K/V in L2). ``counts [B*H*R]`` -> int32 ``[B*H*R]``."""
     head_work = counts.view(-1, rows).sum(-1)
@@ -81,50 +85,36 @@ def _launch_order(counts: torch.Tensor, rows: int) -> torch.Tensor:
     return order.flatten().to(torch.int32)
 
 
-def build_kv_block_index_torch(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference (and CPU) version of `build_kv_block_index`: vectorized torch ops, a stable sort per row."""
-    rows, cols = block_mask.shape[-2], block_mask.shape[-1]
-    flat = block_mask.reshape(-1, cols).to(torch.int8)
-    counts = flat.sum(-1, dtype=torch.int32)
-    # A stable descending sort puts the kept blocks first, in increasing block order.
-    index = torch.sort(flat, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    return counts, index.contiguous(), _launch_order(counts, rows)
-
-
-def build_kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row lists of kept column blocks (no dense token mask, no Python loop), as a custom op (opaque to compile).
-
-    Args:
-        block_mask: bool `[B, H, R, C]` (True = attend); any strides (expanded or transposed views are fine).
+def block_lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dense_to_lists`` of a bool ``[B, H, R, C]`` mask (any strides: expanded or transposed views are fine) as
+    an op opaque to ``torch.compile``: the Triton row compaction where it runs, else the torch stable sort.
 
     Returns:
-        counts `[B*H*R]` int32 (kept blocks per row), index `[B*H*R, C]` int32 (kept column blocks in increasing
-        order, then the others in increasing order), order `[B*H*R]` int32 (the launch order: heads with more kept
-        blocks first, the rows of one head together).
+        counts int32 ``[B, H, R]`` and index int32 ``[B, H, R, C]`` (kept columns first, increasing, then the
+        others, increasing): the lists of ``BlockMask``, which passes this builder when it holds only a dense mask.
     """
-    return torch.ops.blade.bsa_block_lists(block_mask, block_mask.shape[0], block_mask.shape[1])
+    return torch.ops.blade.bsa_block_lists(dense)
 
 
-def _kv_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`build_kv_block_index` itself (eager code: the Triton builder where it runs, else the torch one)."""
-    use_kernel = triton is not None and (block_mask.is_cuda or _interpreting()) and not _LIST_KERNEL_FAILED
-    if not use_kernel or _CONFIG_SETS[_ACTIVE[0]]["lists"] != "triton" or block_mask.shape[-1] > _MAX_LIST_COLS:
-        return build_kv_block_index_torch(block_mask)
+def _block_lists_eager(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_lists` itself (eager code: the Triton builder where it runs, else the torch one)."""
+    use_kernel = triton is not None and (dense.is_cuda or _interpreting()) and not _LIST_KERNEL_FAILED
+    if not use_kernel or _CONFIG_SETS[_ACTIVE[0]]["lists"] != "triton" or dense.shape[-1] > _MAX_LIST_COLS:
+        return dense_to_lists(dense)
     try:
-        return _build_kv_block_index_triton(block_mask)
+        return _compact_rows(dense)
     except Exception as err:  # a compiler problem must not take attention down: warn once, use torch from now on
         _LIST_KERNEL_FAILED.append(repr(err))
         warnings.warn(f"Triton mask -> list builder failed ({err!r}); using the torch builder", stacklevel=2)
-        return build_kv_block_index_torch(block_mask)
+        return dense_to_lists(dense)
 
 
-def _build_kv_block_index_triton(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, heads, rows, cols = block_mask.shape
-    n_rows = batch * heads * rows
-    counts = torch.empty(n_rows, dtype=torch.int32, device=block_mask.device)
-    index = torch.empty((n_rows, cols), dtype=torch.int32, device=block_mask.device)
-    mask = block_mask if block_mask.dtype == torch.bool else block_mask.bool()
-    _compact_rows_kernel[(n_rows,)](
+def _compact_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, rows, cols = dense.shape
+    counts = torch.empty((batch, heads, rows), dtype=torch.int32, device=dense.device)
+    index = torch.empty((batch, heads, rows, cols), dtype=torch.int32, device=dense.device)
+    mask = dense if dense.dtype == torch.bool else dense.bool()
+    _compact_rows_kernel[(batch * heads * rows,)](
         mask.view(torch.uint8),
         counts,
         index,
@@ -134,7 +124,30 @@ def _build_kv_block_index_triton(block_mask: torch.Tensor) -> tuple[torch.Tensor
         cols,
         BLOCK_C=max(16, triton.next_power_of_2(cols)),
     )
-    return counts, index, _launch_order(counts, rows)
+    return counts, index
+
+
+def kernel_lists(block_mask: BlockMask, batch: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernels walk, from a ``BlockMask`` ``[B|1, H|1, R, C]`` broadcast to ``batch x heads``.
+
+    Returns:
+        counts int32 ``[B*H*R]``, index int32 ``[B*H*R, C]`` (kept column blocks first, in increasing order) and
+        the launch order int32 ``[B*H*R]`` (heads with more kept blocks first, the rows of one head together).
+    """
+    counts, index = block_mask.lists(builder=block_lists)
+    rows, cols = index.shape[-2:]
+    kv_count = counts.expand(batch, heads, rows).reshape(-1)
+    kv_index = index.expand(batch, heads, rows, cols).reshape(-1, cols)
+    return kv_count, kv_index, launch_order(kv_count, rows)
+
+
+def _transposed_lists(kv_count: torch.Tensor, kv_index: torch.Tensor, batch: int, heads: int):
+    """Per kv block, the query blocks that use it (the dk/dv kernel's lists), from the forward's flat lists."""
+    rows, cols = kv_count.numel() // (batch * heads), kv_index.shape[-1]
+    dense = lists_to_dense(kv_count.view(batch, heads, rows), kv_index.view(batch, heads, rows, cols), cols)
+    q_count, q_index = _block_lists_eager(dense.transpose(-1, -2))
+    q_count = q_count.reshape(-1)
+    return q_count, q_index.reshape(-1, rows), launch_order(q_count, cols)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1045,7 +1058,7 @@ def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_lo
 
 
 def _backward(
-    do, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
+    do, q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
 ):
     """Runs the backward kernels. Returns dq, dk, dv and (dglobal_k, dglobal_v) or (None, None)."""
     batch, heads, seq_q, head_dim = q.shape
@@ -1123,7 +1136,7 @@ def _backward(
     )
 
     # Transposed lists (per kv block, the query blocks that use it): only the backward needs them.
-    q_count, q_index, col_order = _kv_block_index(block_mask.transpose(-1, -2))
+    q_count, q_index, col_order = _transposed_lists(kv_count, kv_index, batch, heads)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     n_cols = batch * heads * n_k_blocks
@@ -1225,25 +1238,20 @@ def _kernel_layout(q, k, v, global_k, global_v, *flat: Optional[torch.Tensor]) -
 # same module namespace, so the registered implementations already call the reloaded helpers.
 def _register_ops() -> None:
     @torch.library.custom_op("blade::bsa_block_lists", mutates_args=())
-    def block_lists(
-        block_mask: torch.Tensor, batch: int, heads: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`build_kv_block_index` of `block_mask [B|1, H|1, R, C]` broadcast to `[batch, heads, R, C]`."""
-        return _kv_block_index(block_mask.expand(batch, heads, -1, -1))
+    def lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`block_lists` of a bool `[B, H, R, C]` mask."""
+        return _block_lists_eager(dense)
 
-    @block_lists.register_fake
-    def _(block_mask, batch, heads):
-        rows, cols = block_mask.shape[-2:]
-        n_rows = batch * heads * rows
-        new = lambda *shape: block_mask.new_empty(shape, dtype=torch.int32)
-        return new(n_rows), new(n_rows, cols), new(n_rows)
+    @lists.register_fake
+    def _(dense):
+        new = lambda *shape: dense.new_empty(shape, dtype=torch.int32)
+        return new(*dense.shape[:-1]), new(*dense.shape)
 
     @torch.library.custom_op("blade::bsa_forward", mutates_args=())
     def forward(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        block_mask: torch.Tensor,
         kv_count: torch.Tensor,
         kv_index: torch.Tensor,
         row_order: torch.Tensor,
@@ -1253,14 +1261,14 @@ def _register_ops() -> None:
         block_size: int,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Out `[B, H, Lq, D]` and the base-2 LSE `[B*H, NQ*bs]`; `block_mask` is only kept for the backward."""
+        """Out `[B, H, Lq, D]` and the base-2 LSE `[B*H, NQ*bs]` (the lists are `kernel_lists`')."""
         q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2 = _kernel_layout(
             q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2
         )
         return _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale)
 
     @forward.register_fake
-    def _(q, k, v, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale):
+    def _(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale):
         batch, heads, seq_q, _ = q.shape
         lse_len = -(-seq_q // block_size) * block_size
         return q.new_empty(q.shape), q.new_empty((batch * heads, lse_len), dtype=torch.float32)
@@ -1273,7 +1281,6 @@ def _register_ops() -> None:
         v: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor,
-        block_mask: torch.Tensor,
         kv_count: torch.Tensor,
         kv_index: torch.Tensor,
         row_order: torch.Tensor,
@@ -1284,13 +1291,12 @@ def _register_ops() -> None:
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv and dglobal_k, dglobal_v (empty placeholders without global tokens: ops return tensors)."""
-        mask = block_mask.expand(q.shape[0], q.shape[1], -1, -1)
         q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2, lse = _kernel_layout(
             q, k, v, global_k, global_v, kv_count, kv_index, row_order, bias_log2, lse
         )
         out = _last_dim_contiguous(out)
         dq, dk, dv, dgk, dgv = _backward(
-            grad_out, q, k, v, out, lse, mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
+            grad_out, q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
             block_size, scale,
         )  # fmt: skip
         if dgk is None:
@@ -1298,7 +1304,7 @@ def _register_ops() -> None:
         return dq, dk, dv, dgk, dgv
 
     @backward.register_fake
-    def _(grad_out, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, *rest):
+    def _(grad_out, q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, *rest):
         if global_k is None:
             dgk, dgv = q.new_empty(0), q.new_empty(0)
         else:
@@ -1306,22 +1312,21 @@ def _register_ops() -> None:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dgk, dgv
 
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale = inputs
+        q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v,
-                              bias_log2)  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, bias_log2)
         ctx.block_size, ctx.scale = block_size, scale
 
     def grad(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2 = ctx.saved_tensors
+        q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, bias_log2 = ctx.saved_tensors
         dq, dk, dv, dgk, dgv = torch.ops.blade.bsa_backward(
-            grad_out, q, k, v, out, lse, block_mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
+            grad_out, q, k, v, out, lse, kv_count, kv_index, row_order, global_k, global_v, bias_log2,
             ctx.block_size, ctx.scale,
         )  # fmt: skip
         if global_k is None:
             dgk = dgv = None
-        # The LSE is internal (never differentiated); the mask, lists, bias and sizes get no gradient.
-        return dq, dk, dv, None, None, None, None, dgk, dgv, None, None, None
+        # The LSE is internal (never differentiated); the lists, bias and sizes get no gradient.
+        return dq, dk, dv, None, None, None, dgk, dgv, None, None, None
 
     forward.register_autograd(grad, setup_context=setup_context)
 
@@ -1335,7 +1340,7 @@ if not hasattr(torch.ops.blade, "bsa_forward"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias) -> None:
+def _validate(q, k, v, block_mask: BlockMask, block_size, global_k, global_v, global_bias) -> None:
     """Raises ValueError for configurations this kernel does not handle (the dispatcher then falls back)."""
     if triton is None:
         raise ValueError(f"triton is not importable: {_TRITON_IMPORT_ERROR}")
@@ -1355,7 +1360,7 @@ def _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias) 
     if seq_q == 0 or k.shape[2] == 0:
         raise ValueError("empty sequences are not supported by the triton kernel")
     n_q_blocks, n_k_blocks = -(-seq_q // block_size), -(-k.shape[2] // block_size)
-    if block_mask.dim() != 4 or block_mask.shape[-2:] != (n_q_blocks, n_k_blocks):
+    if len(block_mask.shape) != 4 or tuple(block_mask.shape[-2:]) != (n_q_blocks, n_k_blocks):
         raise ValueError(f"block_mask must be [B, H, {n_q_blocks}, {n_k_blocks}], got {tuple(block_mask.shape)}")
     if block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads):
         raise ValueError(f"block_mask batch/head dims {tuple(block_mask.shape[:2])} do not broadcast to {batch, heads}")
@@ -1392,7 +1397,7 @@ def triton_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    block_mask: BlockMask | torch.Tensor,
     *,
     block_size: int = 128,
     scale: Optional[float] = None,
@@ -1404,7 +1409,8 @@ def triton_block_sparse_attention(
 
     Args:
         q: `[B, H, Lq, D]`, k, v: `[B, H, Lk, D]` (fp16/bf16, or fp32 computed in tf32 on the GPU).
-        block_mask: bool `[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]`, True = attend.
+        block_mask: `BlockMask` (or its bool form) `[B|1, H|1, ceil(Lq/bs), ceil(Lk/bs)]`; the kernels walk its
+            index lists (built by `block_lists` when it holds only a dense mask).
         block_size: tokens per mask block (power of two).
         scale: logit scale, default `1/sqrt(D)`.
         global_k, global_v: `[B, H, G, D]` tokens visible to every query.
@@ -1416,11 +1422,11 @@ def triton_block_sparse_attention(
     Raises:
         ValueError: for configurations the kernel does not support.
     """
+    block_mask = as_block_mask(block_mask)
     _validate(q, k, v, block_mask, block_size, global_k, global_v, global_bias)
     batch, heads = q.shape[:2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    # Broadcast inside the ops (an expanded view handed to a compiled graph's op may be materialised).
-    mask = block_mask.to(device=q.device, dtype=torch.bool)
+    mask = block_mask.to(q.device)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if _interpreting() and q.dtype == torch.bfloat16:
         # The CPU interpreter's tl.dot mishandles bf16 operands: emulate in fp32 (GPU runs use bf16 tensor cores).
@@ -1429,7 +1435,7 @@ def triton_block_sparse_attention(
             q.float(),
             k.float(),
             v.float(),
-            block_mask,
+            mask,
             block_size=block_size,
             scale=scale,
             global_k=to32(global_k),
@@ -1442,8 +1448,8 @@ def triton_block_sparse_attention(
         global_k, global_v = global_k.contiguous(), global_v.contiguous()
         if global_bias is not None:
             bias_log2 = (global_bias.detach().to(device=q.device, dtype=torch.float32) * _LOG2E).contiguous()
-    kv_count, kv_index, row_order = torch.ops.blade.bsa_block_lists(mask, batch, heads)
+    kv_count, kv_index, row_order = kernel_lists(mask, batch, heads)
     out, _ = torch.ops.blade.bsa_forward(
-        q, k, v, mask, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
+        q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_log2, block_size, scale
     )
     return out
