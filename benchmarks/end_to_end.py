@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blade.families import get_family  # noqa: E402
 from blade.speed import speed_up_pipeline  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
@@ -106,8 +107,7 @@ class PipelineFactory:
             }
 
     def _tiny_pipeline(self):
-        builder = tiny.build_tiny_wan_pipeline if self.family == "wan" else tiny.build_tiny_cogvideox_pipeline
-        return builder(seed=0).to(self.device, self.dtype)
+        return tiny.build_tiny_pipeline(self.family, seed=0).to(self.device, self.dtype)
 
     def pipeline(self):
         if self.tiny:
@@ -316,11 +316,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
 
 
 def _apply_asa(family: str, transformer):
-    if family == "wan":
-        from blade.models.wan import apply_asa
-    else:
-        from blade.models.cogvideox import apply_asa
-    return apply_asa(transformer)
+    return get_family(family).adapter().apply_asa(transformer)
 
 
 def _extrapolate(stages: dict[str, float], measured_steps: int, steps: int) -> dict[str, float]:

@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 from blade.distill import lora  # noqa: E402
 from blade.distill import trainer as tr  # noqa: E402
 from blade.distill.tdm import TDMConfig, TDMObjective  # noqa: E402
+from blade.families import get_family  # noqa: E402
 
 FULL_SIZE = {"wan": (81, 480, 832), "cogvideox": (49, 480, 720)}
 TINY_SIZE = {"wan": (9, 128, 128), "cogvideox": (9, 128, 128)}  # 192 video tokens: 2 ASA blocks
-TEXT_LENGTH = {"wan": 512, "cogvideox": 226}
 MODEL_NAMES = {"wan": "Wan2.1-T2V-1.3B", "cogvideox": "CogVideoX-5B"}
 COLUMNS = ("model", "attention", "batch", "first step s", "steady step s (median)", "peak GiB", "sparsity",
            "ASA speedup")
@@ -80,9 +80,8 @@ def build_pipe(family: str, args, device: torch.device, dtype: torch.dtype):
     if args.tiny:
         from blade.testing import tiny
 
-        build = tiny.build_tiny_wan_pipeline if family == "wan" else tiny.build_tiny_cogvideox_pipeline
         overrides = {"num_layers": args.num_layers} if args.num_layers else {}
-        pipe = build(seed=0, **overrides)
+        pipe = tiny.build_tiny_pipeline(family, seed=0, **overrides)
         pipe.transformer.to(device=device, dtype=dtype).requires_grad_(False)
         return pipe
     from blade.testing import full_size
@@ -94,8 +93,9 @@ def build_pipe(family: str, args, device: torch.device, dtype: torch.dtype):
 
 def text_shape(family: str, transformer, tiny: bool) -> tuple[int, int]:
     cfg = transformer.config
-    width = cfg.text_dim if family == "wan" else cfg.text_embed_dim
-    length = (8 if family == "wan" else cfg.max_text_seq_length) if tiny else TEXT_LENGTH[family]
+    width = cfg[get_family(family).text_width_key]
+    # tiny: CogVideoX's transformer fixes its text length (max_text_seq_length), Wan's takes any (8 here)
+    length = cfg.get("max_text_seq_length", 8) if tiny else get_family(family).text_max_length
     return length, width
 
 
@@ -109,7 +109,7 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     """1 + args.steps trainer iterations of one arm; returns its row (times, peak memory, sparsity, draws)."""
     transformer = pipe.transformer
     ns = SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=5, fake_warmup_steps=0, family=family,
-                         shift=1.0 if family == "wan" else None, max_train_steps=300,
+                         shift=1.0 if get_family(family).flow_shift else None, max_train_steps=300,
                          **{k: v for k, v in tr.FAMILY_DEFAULTS[family].items() if k in ("cfg", "lambda_reg")})
     handle = tr.apply_sparsity(transformer, family, dense_steps=0)[0] if attention == "asa" else None
     lora.load_adapter_state_dict(transformer, lora.STUDENT, snapshot[lora.STUDENT])

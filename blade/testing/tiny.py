@@ -233,6 +233,14 @@ def tiny_wan22_vae(seed: int = 0) -> AutoencoderKLWan:
         ).eval()  # fmt: skip
 
 
+def build_tiny_pipeline(family: str, seed: int = 0, **overrides: Any):
+    """The tiny random pipeline of a family (``build_tiny_wan_pipeline`` / ``build_tiny_cogvideox_pipeline``)."""
+    builders = {"wan": build_tiny_wan_pipeline, "cogvideox": build_tiny_cogvideox_pipeline}
+    if family not in builders:
+        raise ValueError(f"no tiny builder for family {family!r}; known: {sorted(builders)}")
+    return builders[family](seed=seed, **overrides)
+
+
 def build_tiny_wan22_a14b_pipeline(seed: int = 0, boundary_ratio: float = 0.875, **overrides: Any) -> WanPipeline:
     """Tiny random two-expert ``WanPipeline`` in the Wan2.2-T2V-A14B layout: ``transformer`` (high noise, t >=
     ``boundary_ratio`` x 1000) and ``transformer_2`` (low noise), each a tiny Wan transformer with its own weights
