@@ -426,7 +426,8 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     """About what one checkpoint + the final LoRA take on disk, from the transformer config (no weights read).
 
     fp32 student + fake LoRAs (4 bytes x rank x (in + out) per targeted Linear, each), AdamW's two moments for
-    both, and the final student copy: 7 adapter sizes, plus 10% and 1 MiB for JSON, RNG states and headers.
+    both, and the final student copy: 7 adapter sizes, plus 10% and 1 MiB for JSON, RNG states and headers. A
+    two-expert folder (`transformer_2/config.json`) counts twice (same architecture, both experts are trained).
     """
     from blade.pipelines.loading import empty_transformer
 
@@ -436,6 +437,8 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
             params += args.rank * (module.in_features + module.out_features)
+    if (Path(args.pretrained_model_name_or_path) / "transformer_2" / "config.json").is_file():
+        params *= 2
     return int(7 * 4 * params * 1.1) + 2**20
 
 
