@@ -28,16 +28,24 @@ __all__ = ["FAMILIES", "MODELS", "Family", "ModelSpec", "get_family", "get_model
            "model_of_pipeline", "video_defaults"]
 
 
-def _wan_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> tuple[int, int, int]:
+def _wan_vae_scales(vae: Mapping[str, Any]) -> tuple[int, int]:
     # WanPipeline sizes latents from these two VAE config fields (class defaults 8 and 4).
-    spatial, temporal = int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
+    return int(vae.get("scale_factor_spatial", 8)), int(vae.get("scale_factor_temporal", 4))
+
+
+def _wan_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> tuple[int, int, int]:
+    spatial, temporal = _wan_vae_scales(vae)
     _, patch_h, patch_w = transformer.get("patch_size", (1, 2, 2))
     return spatial * patch_h, spatial * patch_w, temporal
 
 
+def _cogvideox_vae_scales(vae: Mapping[str, Any]) -> tuple[int, int]:
+    return 2 ** (len(vae.get("block_out_channels", (128, 256, 256, 512))) - 1), int(
+        vae.get("temporal_compression_ratio", 4))
+
+
 def _cogvideox_size_rules(vae: Mapping[str, Any], transformer: Mapping[str, Any]) -> tuple[int, int, int]:
-    spatial = 2 ** (len(vae.get("block_out_channels", (128, 256, 256, 512))) - 1)
-    temporal = int(vae.get("temporal_compression_ratio", 4))
+    spatial, temporal = _cogvideox_vae_scales(vae)
     patch_h = patch_w = int(transformer.get("patch_size", 2))
     return spatial * patch_h, spatial * patch_w, temporal
 
@@ -83,6 +91,8 @@ class Family:
     size_rules_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[int, int, int]] | None = field(
         default=None, repr=False, compare=False
     )
+    vae_scales_fn: Callable[[Mapping[str, Any]], tuple[int, int]] | None = field(default=None, repr=False,
+                                                                                  compare=False)
 
     def download_hint(self) -> str:
         return (
@@ -114,6 +124,10 @@ class Family:
     def size_rules(self, vae_config: Mapping[str, Any], transformer_config: Mapping[str, Any]) -> tuple[int, int, int]:
         """``(height_multiple, width_multiple, frame_step)`` from the VAE and transformer configs."""
         return self.size_rules_fn(vae_config, transformer_config)
+
+    def vae_scales(self, vae_config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(spatial, temporal)`` compression of the VAE config, as the pipeline computes them from its VAE."""
+        return self.vae_scales_fn(vae_config)
 
     def training_defaults(self) -> dict[str, Any]:
         """The TDM trainer's per-family defaults: size, fps, CFG, lambda_reg."""
@@ -148,6 +162,7 @@ FAMILIES: dict[str, Family] = {
                           "TinyWorld preset: model assets/tinyworld/pipeline and its video size."),),
         vae_float32=True,
         size_rules_fn=_wan_size_rules,
+        vae_scales_fn=_wan_vae_scales,
     ),
     "cogvideox": Family(
         name="cogvideox",
@@ -169,6 +184,7 @@ FAMILIES: dict[str, Family] = {
         text_width_key="text_embed_dim",
         text_max_length=226,
         size_rules_fn=_cogvideox_size_rules,
+        vae_scales_fn=_cogvideox_vae_scales,
     ),
 }
 

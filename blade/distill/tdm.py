@@ -104,11 +104,30 @@ def _call_wan(transformer, x, model_t, emb):
     return transformer(hidden_states=x, timestep=model_t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
+def expanded_timesteps(model_t: torch.Tensor, x: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token timesteps ``[B, L]`` as WanPipeline passes them with ``expand_timesteps`` (Wan2.2 TI2V).
+
+    WanPipeline gives every latent token (``L = F * ceil(H / p_h) * ceil(W / p_w)`` for latents ``[B, C, F, H, W]``,
+    its ``mask[0][0][:, ::2, ::2]`` with patch 2) the step's ``t`` (a text-to-video mask is all ones); here each
+    sample's own ``model_t [B]`` is repeated over its tokens.
+    """
+    _, p_h, p_w = patch_size
+    frames, height, width = x.shape[2:]
+    tokens = frames * -(-height // p_h) * -(-width // p_w)
+    return model_t[:, None].expand(x.shape[0], tokens)
+
+
+def _call_wan_expanded(transformer, x, model_t, emb):
+    timestep = expanded_timesteps(model_t, x, tuple(transformer.config.patch_size))
+    return _call_wan(transformer, x, timestep, emb)
+
+
 def wan_family(pipe, shift: float = 1.0) -> TDMFamily:
     """Wan2.1: flow matching (velocity), [B, C, F, H, W] latents, velocity-space fake loss.
 
     `shift` = 1 puts the K anchors uniformly in sigma (the paper's uniform anchors, the released training code's
     intent); the denoiser is conditioned on 1000 * sigma(t) either way, so no timestep lookup is involved.
+    A pipeline with ``expand_timesteps`` (Wan2.2 TI2V) gets one timestep per latent token, as WanPipeline passes it.
     """
     return TDMFamily(
         name="wan",
@@ -120,7 +139,7 @@ def wan_family(pipe, shift: float = 1.0) -> TDMFamily:
         fake_loss_space="output",
         huber_mode="scaled",
         normalize_generator=False,
-        call=_call_wan,
+        call=_call_wan_expanded if getattr(pipe.config, "expand_timesteps", False) else _call_wan,
         pipeline_class=type(pipe),
         default_fake_skip=2.0,
     )
@@ -300,7 +319,8 @@ class StepDraw:
 
 
 class TDMObjective:
-    """TDM losses for a transformer carrying the "student" and "fake" LoRA adapters (see `blade.distill.lora`).
+    """TDM losses for a transformer carrying the "student" and "fake" LoRA adapters (see `blade.distill.lora`), or
+    an `ExpertRouter` (`blade.distill.experts`) whose experts carry them, called as one transformer.
 
     Roles on the one base model:
       student = adapter "student", ASA on (when an ASA handle is given);

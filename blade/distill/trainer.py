@@ -8,6 +8,10 @@ folders, resume and the time box are the shared `blade.training.runtime`. Design
 - One frozen base transformer carries two LoRA adapters ("student", "fake"); the teacher is the base with adapters
   disabled and ASA off. Because the three roles share one module, it is not wrapped in DDP (DDP's gradient hooks
   cannot follow adapter switching); the trainer all-reduces the LoRA gradients itself before each optimizer step.
+- A two-expert pipeline (Wan2.2-T2V-A14B: `transformer` + `transformer_2`) is distilled as a whole: both experts
+  carry the student and fake adapters, and `blade.distill.experts.ExpertRouter` sends every call at noise level t
+  to the expert that owns t (WanPipeline's boundary rule). The optimizers hold both experts' adapters; checkpoints
+  and the final LoRA folder hold one file per expert (`*_transformer_2.safetensors` beside the first).
 - Prompts are sharded over processes with a seeded per-epoch permutation: each prompt is used once per epoch (the
   released code re-read overlapping windows of prompts). The sampler is resumable mid-epoch.
 - Checkpoints are atomic (`checkpoint-N.tmp` -> fsync -> `COMPLETE` marker -> `os.replace`) and hold everything
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 from blade.collectives import collective_in_place
 from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re-exported (its name before the move)
 from blade.distill import lora
+from blade.distill.experts import denoiser, expert_file_name, experts_of
 from blade.distill.model_extensions import ModelExtensionError, load_extension
 
 # StudentEMA, training_phase, optimizer_step, sync_gradients and _make_schedulers lived here: still importable from
@@ -92,7 +97,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     """The command line of both entry points (released flag names, per-family defaults)."""
     d = FAMILY_DEFAULTS[family]
     p = argparse.ArgumentParser(
-        description=f"Sparsity-aware TDM distillation of a {family} video model into an 8-step LoRA student.",
+        description=f"Sparsity-aware TDM distillation of a {family} video model into an 8-step LoRA student. A "
+                    "two-expert model (Wan2.2-T2V-A14B) trains both experts: each network call goes to the expert "
+                    "owning its noise level (t >= boundary_ratio * 1000: transformer, else transformer_2), and the "
+                    "LoRA folder holds one file per expert.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--pretrained_model_name_or_path", default=None,
@@ -418,7 +426,8 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     """About what one checkpoint + the final LoRA take on disk, from the transformer config (no weights read).
 
     fp32 student + fake LoRAs (4 bytes x rank x (in + out) per targeted Linear, each), AdamW's two moments for
-    both, and the final student copy: 7 adapter sizes, plus 10% and 1 MiB for JSON, RNG states and headers.
+    both, and the final student copy: 7 adapter sizes, plus 10% and 1 MiB for JSON, RNG states and headers. A
+    two-expert folder (`transformer_2/config.json`) counts twice (same architecture, both experts are trained).
     """
     from blade.pipelines.loading import empty_transformer
 
@@ -428,6 +437,8 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
             params += args.rank * (module.in_features + module.out_features)
+    if (Path(args.pretrained_model_name_or_path) / "transformer_2" / "config.json").is_file():
+        params *= 2
     return int(7 * 4 * params * 1.1) + 2**20
 
 
@@ -453,23 +464,39 @@ def load_pipeline(model_path: str, family: str, dtype: torch.dtype, with_vae: bo
 
     path = Path(model_path)
     check_model_folder(family, path)  # ModelFolderError (a FileNotFoundError) naming what is missing
-    cls = get_family(family).pipeline_cls()
+    from blade.pipelines.loading import read_component_config
+
+    fam = get_family(family)
     extra = {} if with_vae and (path / "vae").is_dir() else {"vae": None}
-    return cls.from_pretrained(str(path), text_encoder=None, tokenizer=None, torch_dtype=dtype,
-                               local_files_only=True, **extra)
+    pipe = fam.pipeline_cls().from_pretrained(str(path), text_encoder=None, tokenizer=None, torch_dtype=dtype,
+                                              local_files_only=True, **extra)
+    if pipe.vae is None and (path / "vae" / "config.json").is_file():
+        # Without its VAE the pipeline falls back to 8x spatial / 4x temporal compression, which sizes the latents
+        # wrongly for other VAEs (Wan2.2 TI2V: 16x): take the factors from the VAE config, as the pipeline would.
+        spatial, temporal = fam.vae_scales(read_component_config(path, "vae"))
+        pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal = spatial, temporal
+    return pipe
 
 
 def build_family(pipe, args) -> TDMFamily:
     return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
-def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None):
-    """Patch the transformer's self-attention with ASA; returns (handle, config as a dict)."""
+def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None, pipe=None):
+    """Patch the transformer's self-attention with ASA; returns (handle, config as a dict).
+
+    With `pipe` of two experts, both are patched (one shared ASA module and step tracker, a `PipelineASAHandle`).
+    """
     adapter = get_family(family).adapter()
     config = adapter.default_asa_config()
     if max_keep is not None:
         config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
-    handle = adapter.apply_asa(transformer, config, dense_steps=dense_steps)
+    if pipe is not None and getattr(pipe, "transformer_2", None) is not None:
+        from blade.models import apply_asa_pipeline
+
+        handle = apply_asa_pipeline(pipe, config, dense_steps=dense_steps)
+    else:
+        handle = adapter.apply_asa(transformer, config, dense_steps=dense_steps)
     cfg_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
     return handle, cfg_dict
 
@@ -501,16 +528,17 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
 
 
 def init_adapters(accelerator, transformer: torch.nn.Module, args) -> None:
-    """Add the student and fake LoRA adapters (float32), identical on every process.
+    """Add the student and fake LoRA adapters (float32) to the transformer (to every expert of an `ExpertRouter`,
+    `transformer` first), identical on every process.
 
     PEFT draws the LoRA A matrices from torch's global generator, whose state differs between processes unless it is
     seeded here; with different initial weights the processes would train different students from the same averaged
     gradients (and only process 0's would be saved). So: seed, then also copy process 0's values to the others.
     """
     torch.manual_seed(args.seed)
-    lora.add_student_and_fake(transformer, args.rank, args.lora_alpha,
-                              lora.target_modules(transformer, args.lora_targets))
-    lora.cast_lora_to(transformer, torch.float32)
+    for _, expert in experts_of(transformer):
+        lora.add_student_and_fake(expert, args.rank, args.lora_alpha, lora.target_modules(expert, args.lora_targets))
+        lora.cast_lora_to(expert, torch.float32)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
 
@@ -541,17 +569,27 @@ def check_replicas_agree(accelerator, params: list[torch.nn.Parameter]) -> None:
 
 
 def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
-    """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json, readable by all."""
-    state = lora.adapter_state_dict(transformer, lora.STUDENT)
-    state = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in state.items()}
-    bad = nonfinite_keys(state)
-    if bad:  # last line of defence: never write a LoRA that renders black videos
-        raise NonFiniteError(f"refusing to save {folder / LORA_WEIGHT_NAME}: {len(bad)} of {len(state)} student LoRA "
-                             f"tensors hold NaN/Inf (e.g. {bad[0]})")
-    family.pipeline_class.save_lora_weights(
-        str(folder), transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME, safe_serialization=True
-    )
-    make_readable(folder / LORA_WEIGHT_NAME, config.save(folder))  # safetensors writes 0600
+    """Student LoRA in diffusers format (loadable by `pipe.load_lora_weights`) + blade_config.json, readable by all.
+
+    One file per expert, each with `transformer.`-prefixed keys: diffusers' WanLoraLoaderMixin saves only
+    `transformer` layers and loads a file into `transformer_2` with `load_into_transformer_2=True`, which is how
+    `blade.api.load_blade_lora` reads `pytorch_lora_weights_transformer_2.safetensors`.
+    """
+    states = {}
+    for expert_name, expert in experts_of(transformer):
+        state = lora.adapter_state_dict(expert, lora.STUDENT)
+        state = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in state.items()}
+        name = expert_file_name(LORA_WEIGHT_NAME, expert_name)
+        bad = nonfinite_keys(state)
+        if bad:  # last line of defence: never write a LoRA that renders black videos
+            raise NonFiniteError(f"refusing to save {folder / name}: {len(bad)} of {len(state)} student LoRA "
+                                 f"tensors hold NaN/Inf (e.g. {bad[0]})")
+        states[name] = state
+    for name, state in states.items():  # nothing is written unless every expert is finite
+        family.pipeline_class.save_lora_weights(
+            str(folder), transformer_lora_layers=state, weight_name=name, safe_serialization=True
+        )
+    make_readable(*(folder / name for name in states), config.save(folder))  # safetensors writes 0600
 
 
 def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
@@ -611,8 +649,10 @@ def _write_checkpoint_files(tmp: Path, step: int, transformer, family, optimizer
                             trainer_state: dict, config: BladeConfig, num_processes: int, ema=None) -> None:
     """The main process's part of a checkpoint, into the temporary folder; COMPLETE is written last."""
     _write_lora_folder(tmp, family, transformer, config)
-    fake = lora.adapter_state_dict(transformer, lora.FAKE)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in fake.items()}, str(tmp / FAKE_WEIGHT_NAME))
+    for expert_name, expert in experts_of(transformer):
+        fake = lora.adapter_state_dict(expert, lora.FAKE)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in fake.items()},
+                  str(tmp / expert_file_name(FAKE_WEIGHT_NAME, expert_name)))
     if ema is not None:
         ema.save(tmp)
     torch.save(
@@ -683,8 +723,11 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
     Every file is read before anything is restored, and a bad one is named with the checkpoint to fall back to.
     """
     check_checkpoint(path)
-    student = _load_checkpoint_file(path, LORA_WEIGHT_NAME, lambda f: load_file(str(f)))
-    fake = _load_checkpoint_file(path, FAKE_WEIGHT_NAME, lambda f: load_file(str(f)))
+    experts = experts_of(transformer)
+    student = {name: _load_checkpoint_file(path, expert_file_name(LORA_WEIGHT_NAME, name), lambda f: load_file(str(f)))
+               for name, _ in experts}
+    fake = {name: _load_checkpoint_file(path, expert_file_name(FAKE_WEIGHT_NAME, name), lambda f: load_file(str(f)))
+            for name, _ in experts}
     states = _load_checkpoint_file(path, "optimizer.pt",
                                    lambda f: torch.load(f, map_location="cpu", weights_only=False))
     trainer_state = _load_checkpoint_file(path, "trainer_state.json", lambda f: json.loads(f.read_text()))
@@ -693,11 +736,12 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
            if (path / rng_name).is_file() else None)
 
     def restore(_path: Path) -> None:
-        prefix = "transformer."
-        lora.load_adapter_state_dict(
-            transformer, lora.STUDENT, {k[len(prefix):]: v for k, v in student.items() if k.startswith(prefix)}
-        )
-        lora.load_adapter_state_dict(transformer, lora.FAKE, fake)
+        prefix = "transformer."  # every expert's file: see _write_lora_folder
+        for name, expert in experts:
+            lora.load_adapter_state_dict(
+                expert, lora.STUDENT, {k[len(prefix):]: v for k, v in student[name].items() if k.startswith(prefix)}
+            )
+            lora.load_adapter_state_dict(expert, lora.FAKE, fake[name])
         for k, o in optimizers.items():
             o.load_state_dict(states["optimizers"][k])
         for k, s in schedulers.items():
@@ -849,10 +893,12 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path):
 
 
 def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dtype):
-    """The teacher pipeline on the device with the student and fake adapters (and ASA with --use_sparsity).
+    """The teacher pipeline on the device with the student and fake adapters (and ASA with --use_sparsity), on
+    every expert of a two-expert pipeline.
 
     Returns:
-        (pipe, TDMFamily, ASA handle or None, ASA config dict or None).
+        (pipe, the denoiser TDM calls: the transformer or an `ExpertRouter` over both experts, TDMFamily, ASA handle
+        or None, ASA config dict or None).
     """
     device = accelerator.device
     want_vae = (args.validation_steps > 0 or args.eval_every > 0) and accelerator.is_main_process
@@ -863,16 +909,17 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
             pipe.vae.enable_slicing()
         if args.enable_tiling:
             pipe.vae.enable_tiling()
-    transformer = pipe.transformer.to(device)
+    transformer = denoiser(pipe).to(device)
     family = build_family(pipe, args)
     asa_handle, asa_config = None, None
     if args.use_sparsity:
-        asa_handle, asa_config = apply_sparsity(transformer, args.family, args.dense_steps, args.asa_max_keep)
+        asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, args.dense_steps, args.asa_max_keep,
+                                                pipe=pipe)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    return pipe, family, asa_handle, asa_config
+    return pipe, transformer, family, asa_handle, asa_config
 
 
 def tdm_config(args: argparse.Namespace) -> TDMConfig:
@@ -932,8 +979,7 @@ def train(args: argparse.Namespace) -> dict:
         extension.check_prompt_cache(cache)
     check_before_model_load(cache, args)  # prompt cache vs model, output folder, resume folder: before loading
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe, family, asa_handle, asa_config = prepare_model(args, accelerator, weight_dtype)
-    transformer = pipe.transformer
+    pipe, transformer, family, asa_handle, asa_config = prepare_model(args, accelerator, weight_dtype)
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
     objective = TDMObjective(transformer, family, tdm_config(args), asa_handle, autocast=autocast,
                              model_dtype=weight_dtype)
