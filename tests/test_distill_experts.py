@@ -3,6 +3,7 @@
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -218,3 +219,48 @@ def test_vae_scales_are_the_pipelines(build):
     pipe = build()
     family = get_family(family_of_transformer(pipe.transformer))
     assert family.vae_scales(pipe.vae.config) == (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal)
+
+
+def test_guidance_scale_by_hand():
+    from blade.distill.tdm import cfg_combine, guidance_scale
+
+    t = torch.tensor([999.0, 875.0, 874.9, 100.0])
+    assert guidance_scale(t, 4.0) == 4.0 and guidance_scale(t, 4.0, 4.0, BOUNDARY) == 4.0
+    assert guidance_scale(t, 4.0, 3.0, BOUNDARY).tolist() == [4.0, 4.0, 3.0, 3.0]  # WanPipeline: t >= boundary high
+    cond, uncond = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    mixed = cfg_combine(cond, uncond, guidance_scale(t, 4.0, 3.0, BOUNDARY))
+    want = torch.stack([uncond[i] + s * (cond[i] - uncond[i]) for i, s in enumerate([4.0, 4.0, 3.0, 3.0])])
+    assert torch.allclose(mixed, want)
+
+
+def test_cfg_2_guides_the_low_noise_teacher_and_is_refused_for_one_expert(a14b_assets, tmp_path):
+    """The teacher's CFG x0 of a mixed batch with cfg 4 / cfg_2 3 equals, per sample, the one-scale teacher at the
+    scale of the sample's expert; --cfg_2 on a one-transformer folder is refused before the model loads."""
+    from blade.distill.tdm import TDMConfig, TDMObjective
+
+    pipe = build_tiny_wan22_a14b_pipeline(seed=0)
+    router, family = denoiser(pipe), wan_family(pipe, shift=1.0)
+    trainer.init_adapters(SimpleNamespace(num_processes=1), router,  # the teacher role switches the adapters off
+                          SimpleNamespace(seed=0, rank=4, lora_alpha=4, lora_targets="attn"))
+    x = torch.randn(2, 16, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([950, 300])  # one sample per expert
+    emb, neg = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+
+    def teacher_x0(cfg, cfg_2=None):
+        config = TDMConfig(k_step=2, cfg=cfg, cfg_2=cfg_2, cfg_boundary=router.boundary)
+        return TDMObjective(router, family, config).teacher_cfg_x0(x, t, emb, neg)[0]
+
+    mixed = teacher_x0(4.0, 3.0)
+    assert torch.allclose(mixed[0], teacher_x0(4.0)[0], atol=1e-6)
+    assert torch.allclose(mixed[1], teacher_x0(3.0)[1], atol=1e-6)
+    assert not torch.allclose(mixed[1], teacher_x0(4.0)[1], atol=1e-4)
+
+    one = tmp_path / "one"
+    build_tiny_wan_pipeline(seed=0).save_pretrained(one)
+    args = trainer.parse_args("wan", ["--pretrained_model_name_or_path", str(one), "--prompt_dir",
+                                      str(a14b_assets / "prompts"), "--output_dir", str(tmp_path / "o"), *SMALL,
+                                      "--cfg_2", "3.0"])
+    with pytest.raises(SystemExit, match="--cfg_2 is the low-noise expert's guidance"):
+        trainer.train(args)
+    out = tmp_path / "two"
+    assert trainer.train(_args(a14b_assets, out, "--max_train_steps", "2", "--cfg_2", "2.0"))["global_step"] == 2

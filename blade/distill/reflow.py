@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from blade.distill.tdm import TDMObjective, cfg_combine
+from blade.distill.tdm import TDMObjective, cfg_combine, guidance_scale
 
 
 @torch.no_grad()
@@ -29,9 +29,12 @@ def teacher_ode_pairs(
     num_steps: int,
     cfg: float,
     batch_size: int = 32,
+    cfg_2: float | None = None,
+    boundary: float | None = None,
 ) -> torch.Tensor:
     """The teacher's CFG sample ``x0_T`` [N, ...] from each noise ``z`` [N, ...] (float32), ``num_steps`` of its
-    scheduler (a diffusers scheduler, copied per batch: multistep solvers keep state).
+    scheduler (a diffusers scheduler, copied per batch: multistep solvers keep state). With `cfg_2` and `boundary`
+    (two-expert models) the steps below the boundary use `cfg_2`, as WanPipeline's `guidance_scale_2`.
 
     Args:
         emb: [N, L, D] prompt embeddings; neg: [L, D] negative/unconditional embedding.
@@ -51,8 +54,10 @@ def teacher_ode_pairs(
             x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             with objective.role("teacher"):
                 cond = family.call(transformer, x_in.to(dtype), model_t, e).float()
-                uncond = family.call(transformer, x_in.to(dtype), model_t, n).float() if cfg != 1.0 else cond
-            x = sched.step(cfg_combine(cond, uncond, cfg), t, x, return_dict=False)[0].float()
+                scale = guidance_scale(model_t, cfg, cfg_2, boundary)
+                guided = torch.is_tensor(scale) or scale != 1.0
+                uncond = family.call(transformer, x_in.to(dtype), model_t, n).float() if guided else cond
+            x = sched.step(cfg_combine(cond, uncond, scale), t, x, return_dict=False)[0].float()
         out[start:stop] = x
     return out
 

@@ -220,9 +220,26 @@ def forward_diffuse(
     return ratio * x_s.to(ratio.dtype) + std * noise.to(ratio.dtype)
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` (linear, so valid for outputs or x0)."""
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` (linear, so valid for outputs or x0); a tensor
+    `scale` [B] is one scale per sample."""
+    if torch.is_tensor(scale):
+        scale = scale.to(device=cond.device, dtype=cond.dtype).view(-1, *([1] * (cond.ndim - 1)))
     return uncond + scale * (cond - uncond)
+
+
+def guidance_scale(model_t: torch.Tensor, cfg: float, cfg_2: float | None = None,
+                   boundary: float | None = None) -> float | torch.Tensor:
+    """The teacher's CFG scale at model timesteps `model_t` [B]: `cfg`, except `cfg_2` below `boundary` where given.
+
+    A two-expert Wan2.2 pipeline guides its low-noise expert (`transformer_2`, model timestep < boundary) with its
+    own `guidance_scale_2`; WanPipeline uses `guidance_scale` for both when that is None. Returns a float when one
+    scale serves every sample, else a [B] tensor.
+    """
+    if cfg_2 is None or boundary is None or cfg_2 == cfg:
+        return cfg
+    high = model_t.reshape(-1) >= boundary
+    return torch.where(high, torch.tensor(float(cfg)), torch.tensor(float(cfg_2))).to(torch.float32)
 
 
 def fake_score_loss(
@@ -301,6 +318,17 @@ class TDMConfig:
     tau_mode: str = "to_max"  # "to_max": tau in (t_mid, tau_max] (released BLADE); "segment": (t_mid, t_i] (TDM)
     generator_loss: str = "huber"  # "huber": pseudo-Huber (released); "l2": squared error (DMD2)
     normalize_generator: bool | None = None  # per-sample 1/mean|x0 - teacher| (None: the family's default)
+    cfg_2: float | None = None  # two-expert models: the teacher's scale below cfg_boundary (None: cfg everywhere)
+    cfg_boundary: float | None = None  # model timestep where cfg_2 takes over (the expert router's boundary)
+
+    def guidance(self, model_t: torch.Tensor) -> float | torch.Tensor:
+        """The teacher's CFG scale at model timesteps `model_t` [B] (`guidance_scale`)."""
+        return guidance_scale(model_t, self.cfg, self.cfg_2, self.cfg_boundary)
+
+    @property
+    def unconditional_needed(self) -> bool:
+        """Whether any CFG scale differs from 1 (else the unconditional forward is skipped)."""
+        return self.cfg != 1.0 or (self.cfg_2 is not None and self.cfg_2 != 1.0)
 
     def __post_init__(self) -> None:
         if self.tau_mode not in ("to_max", "segment"):
@@ -383,9 +411,10 @@ class TDMObjective:
         pipeline does) keep peak memory at one batch."""
         with torch.no_grad():
             cond = self.predict("teacher", x, t, emb)
-            uncond = self.predict("teacher", x, t, neg) if self.config.cfg != 1.0 else cond
+            uncond = self.predict("teacher", x, t, neg) if self.config.unconditional_needed else cond
         sched = self.family.schedule
-        return sched.to_x0(cfg_combine(cond, uncond, self.config.cfg), x, t), sched.to_x0(cond, x, t)
+        scale = self.config.guidance(sched.model_timestep(t))
+        return sched.to_x0(cfg_combine(cond, uncond, scale), x, t), sched.to_x0(cond, x, t)
 
     # ---- random draws --------------------------------------------------------------------------------------
 

@@ -124,6 +124,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=d["cfg"],
                    help="Teacher classifier-free guidance scale in TDM (the family's released recipe value, for "
                    "every model of the family).")
+    p.add_argument("--cfg_2", type=float, default=None,
+                   help="Two-expert models (Wan2.2-T2V-A14B): the teacher's guidance scale for the low-noise expert "
+                   "(transformer_2), as WanPipeline's guidance_scale_2 (default: --cfg for both experts).")
     p.add_argument("--eta", type=float, default=0.9, help="Student re-noising: eta*eps + sqrt(1-eta^2)*z.")
     p.add_argument("--tau_max", type=int, default=979, help="Largest diffusion time of the fake/teacher scores.")
     p.add_argument("--use_sparsity", action="store_true",
@@ -306,7 +309,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                  "lr_warmup_steps", "reflow_steps", "fake_warmup_steps", "diag_every", "eval_every"):
         value = getattr(args, name)
         need(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
-    for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg"):
+    for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg", "cfg_2"):
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0), f"--{name} must be a finite number >= 0, "
              f"got {value}")
@@ -437,15 +440,23 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
             params += args.rank * (module.in_features + module.out_features)
-    if (Path(args.pretrained_model_name_or_path) / "transformer_2" / "config.json").is_file():
+    if two_expert_folder(args.pretrained_model_name_or_path):
         params *= 2
     return int(7 * 4 * params * 1.1) + 2**20
+
+
+def two_expert_folder(model_path: str | os.PathLike) -> bool:
+    """Whether a model folder holds a second expert (`transformer_2/config.json`, Wan2.2-T2V-A14B)."""
+    return (Path(model_path) / "transformer_2" / "config.json").is_file()
 
 
 def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespace) -> None:
     """Everything that can be refused in seconds, before the model loads: the prompt cache against the model, the
     output folder (creatable, writable, room for one checkpoint), and an explicit checkpoint to resume from."""
     check_prompt_cache(cache, args)
+    if args.cfg_2 is not None and not two_expert_folder(args.pretrained_model_name_or_path):
+        raise SystemExit(f"error: --cfg_2 is the low-noise expert's guidance of a two-expert model (Wan2.2-T2V-A14B); "
+                         f"{args.pretrained_model_name_or_path} has one transformer: use --cfg alone")
     check_output_dir(args.output_dir, estimate_checkpoint_bytes(args))
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
@@ -826,6 +837,8 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
 
     path = Path(args.output_dir) / f"reflow_pairs_{rank}.pt"
     key = {"n": args.reflow_pairs, "steps": args.reflow_teacher_steps, "cfg": args.cfg, "seed": args.seed}
+    if args.cfg_2 is not None:  # (only then: pairs cached before --cfg_2 existed keep their key)
+        key["cfg_2"] = args.cfg_2
     if path.is_file():
         stored = torch.load(path, map_location=device, weights_only=True)
         if stored.get("key") == key:
@@ -837,7 +850,8 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
     logger.info("sampling %d teacher ODE pairs (%d steps, cfg %s)", args.reflow_pairs, args.reflow_teacher_steps,
                 args.cfg)
     x0 = teacher_ode_pairs(objective, pipe.scheduler, noise, emb, neg, args.reflow_teacher_steps, args.cfg,
-                           batch_size=max(args.train_batch_size, 64))
+                           batch_size=max(args.train_batch_size, 64), cfg_2=objective.config.cfg_2,
+                           boundary=objective.config.cfg_boundary)
     pairs = {"noise": noise, "x0": x0, "emb": emb, "key": key}
     torch.save({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in pairs.items()}, path)
     return pairs
@@ -922,9 +936,10 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
     return pipe, transformer, family, asa_handle, asa_config
 
 
-def tdm_config(args: argparse.Namespace) -> TDMConfig:
-    """The objective's hyperparameters from the flags."""
-    return TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, lambda_reg=args.lambda_reg,
+def tdm_config(args: argparse.Namespace, boundary: float | None = None) -> TDMConfig:
+    """The objective's hyperparameters from the flags (`boundary`: a two-expert model's, where --cfg_2 starts)."""
+    return TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, cfg_2=args.cfg_2, cfg_boundary=boundary,
+                     lambda_reg=args.lambda_reg,
                      tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
                      tau_mode=args.tau_mode, generator_loss=args.generator_loss,
                      normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
@@ -981,7 +996,8 @@ def train(args: argparse.Namespace) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe, transformer, family, asa_handle, asa_config = prepare_model(args, accelerator, weight_dtype)
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
-    objective = TDMObjective(transformer, family, tdm_config(args), asa_handle, autocast=autocast,
+    objective = TDMObjective(transformer, family, tdm_config(args, getattr(transformer, "boundary", None)),
+                             asa_handle, autocast=autocast,
                              model_dtype=weight_dtype)
     config_json = blade_config(args, family, objective, asa_config)
     neg = cache.negative().to(device)
