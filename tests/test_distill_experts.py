@@ -264,3 +264,16 @@ def test_cfg_2_guides_the_low_noise_teacher_and_is_refused_for_one_expert(a14b_a
         trainer.train(args)
     out = tmp_path / "two"
     assert trainer.train(_args(a14b_assets, out, "--max_train_steps", "2", "--cfg_2", "2.0"))["global_step"] == 2
+
+
+def test_a_checkpoint_missing_an_experts_file_is_named(a14b_assets, tmp_path, monkeypatch):
+    """Refused before the model loads, naming the missing expert file."""
+    out = tmp_path / "run"
+    trainer.train(_args(a14b_assets, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    (out / "checkpoint-1" / "fake_lora_transformer_2.safetensors").unlink()
+    loaded = []
+    monkeypatch.setattr(trainer, "prepare_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(trainer.CheckpointError, match="lacks fake_lora_transformer_2.safetensors"):
+        trainer.train(_args(a14b_assets, tmp_path / "again", "--max_train_steps", "2", "--resume_from_checkpoint",
+                            str(out / "checkpoint-1")))
+    assert not loaded

@@ -460,7 +460,8 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
     check_output_dir(args.output_dir, estimate_checkpoint_bytes(args))
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
-        check_checkpoint(Path(resume))
+        two = two_expert_folder(args.pretrained_model_name_or_path)
+        check_checkpoint(Path(resume), ("transformer", "transformer_2") if two else ("transformer",))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,8 +690,8 @@ def _resume_advice(path: Path) -> str:
             f"(or remove {path})")
 
 
-def check_checkpoint(path: Path) -> None:
-    """Refuse a folder that is not a complete checkpoint, with a clear message."""
+def check_checkpoint(path: Path, experts: tuple[str, ...] = ("transformer",)) -> None:
+    """Refuse a folder that is not a complete checkpoint (of a run training `experts`), with a clear message."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     if not (path / COMPLETE_MARKER).is_file():
@@ -699,9 +700,12 @@ def check_checkpoint(path: Path) -> None:
             "written. Resume from an earlier checkpoint-N folder (or 'latest', which skips incomplete ones); "
             f"{_resume_advice(path)}."
         )
-    for name in (LORA_WEIGHT_NAME, FAKE_WEIGHT_NAME, "optimizer.pt", "trainer_state.json"):
+    per_expert = [expert_file_name(name, expert) for expert in experts for name in (LORA_WEIGHT_NAME, FAKE_WEIGHT_NAME)]
+    for name in (*per_expert, "optimizer.pt", "trainer_state.json"):
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} lacks {name}; it is corrupt: {_resume_advice(path)}")
+            hint = (" (a checkpoint of a one-transformer run cannot resume a two-expert one)"
+                    if name.endswith("_transformer_2.safetensors") else "")
+            raise CheckpointError(f"checkpoint {path} lacks {name}{hint}; it is corrupt: {_resume_advice(path)}")
 
 
 _LOAD_ERRORS = (SafetensorError, ValueError, RuntimeError, OSError, EOFError, KeyError, TypeError,
@@ -733,8 +737,8 @@ def load_checkpoint(accelerator, path: Path, transformer, optimizers: dict, sche
 
     Every file is read before anything is restored, and a bad one is named with the checkpoint to fall back to.
     """
-    check_checkpoint(path)
     experts = experts_of(transformer)
+    check_checkpoint(path, tuple(name for name, _ in experts))
     student = {name: _load_checkpoint_file(path, expert_file_name(LORA_WEIGHT_NAME, name), lambda f: load_file(str(f)))
                for name, _ in experts}
     fake = {name: _load_checkpoint_file(path, expert_file_name(FAKE_WEIGHT_NAME, name), lambda f: load_file(str(f)))
