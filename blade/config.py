@@ -40,6 +40,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+LORA_TARGET_PRESETS = ("attn", "attn_ffn", "all")  # blade.distill.lora's presets (no import: config stays light)
+_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2")  # fields newer than the files already in use
+
+
 @dataclass(eq=True)
 class BladeConfig(Mapping):
     """What a BLADE student LoRA was trained with; the content of its folder's ``blade_config.json``.
@@ -54,6 +58,9 @@ class BladeConfig(Mapping):
         asa: the ``ASAConfig`` fields as a dict, or None for a dense student.
         dense_steps: leading student steps run with dense attention.
         lora_rank, lora_alpha, cfg, num_frames, height, width, fps: what the student was trained at.
+        lora_targets: the trainer's ``--lora_targets`` preset (``"attn"``, ``"attn_ffn"``, ``"all"``); the LoRA file's
+            keys say the same, this names the choice. cfg_2: the teacher's low-noise-expert guidance (two experts).
+            Both are written only when set, so files from before them round-trip unchanged.
         extra: keys this type does not know (kept, and written back by ``save``), e.g. the DDPM ``beta_*`` keys.
     """
 
@@ -72,6 +79,8 @@ class BladeConfig(Mapping):
     height: int | None = None
     width: int | None = None
     fps: float | None = None
+    lora_targets: str | None = None
+    cfg_2: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +120,9 @@ class BladeConfig(Mapping):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 yield f"{name} must be an int >= 1 or null, got {value!r}"
-        for name in ("fps", "lora_alpha", "cfg"):
+        if self.lora_targets is not None and self.lora_targets not in LORA_TARGET_PRESETS:
+            yield f"lora_targets must be one of {list(LORA_TARGET_PRESETS)} or null, got {self.lora_targets!r}"
+        for name in ("fps", "lora_alpha", "cfg", "cfg_2"):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 yield f"{name} must be a number or null, got {value!r}"
@@ -158,7 +169,8 @@ class BladeConfig(Mapping):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: every field in declaration order, then the unknown keys read with it."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "extra" and not (f.name in _WRITTEN_WHEN_SET and getattr(self, f.name) is None)}
         if out["anchors"] is not None:
             out["anchors"] = [int(a) for a in out["anchors"]]
         if out["asa"] is not None:

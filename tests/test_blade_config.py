@@ -42,6 +42,8 @@ def test_older_and_hand_written_files(tmp_path):
         ({"asa": {"nope": 1}}, "unknown ASAConfig fields"),
         ({"dense_steps": -1}, "dense_steps must be an int >= 0"),
         ({"height": "tall"}, "height must be an int >= 1"),
+        ({"lora_targets": "ffn"}, "lora_targets must be one of"),
+        ({"cfg_2": "three"}, "cfg_2 must be a number"),
     ],
 )
 def test_invalid_values_are_refused_with_the_key(data, message):
@@ -61,3 +63,18 @@ def test_load_names_the_file(tmp_path):
         BladeConfig.load(tmp_path / CONFIG_NAME)
     with pytest.raises(FileNotFoundError):
         BladeConfig.load(tmp_path / "missing")
+
+
+def test_training_choices_are_written_only_when_set(tmp_path):
+    """lora_targets and cfg_2 (newer than the bundled file) round-trip when set and stay absent when not, and the
+    preset names are the trainer's."""
+    from blade.config import LORA_TARGET_PRESETS
+    from blade.distill import lora
+
+    assert set(LORA_TARGET_PRESETS) == {*lora.TARGET_PRESETS, lora.ALL_LINEAR}
+    config = BladeConfig(family="wan", lora_targets="all", cfg_2=3.0)
+    config.save(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["lora_targets"] == "all" and saved["cfg_2"] == 3.0 and BladeConfig.load(tmp_path) == config
+    BladeConfig(family="wan").save(tmp_path)
+    assert not {"lora_targets", "cfg_2"} & set(json.loads((tmp_path / CONFIG_NAME).read_text()))

@@ -378,6 +378,9 @@ def test_lora_targets_reach_the_saved_lora_and_a_stock_pipeline(assets, tmp_path
     train(_args(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0",
                 "--report_to", "none", "--lora_targets", preset))
     saved = _lora(out)
+    from blade.config import BladeConfig
+
+    assert BladeConfig.load(out).lora_targets == preset  # the choice is named in blade_config.json too
     layers = {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in saved}
     assert all(name in layers for name in present) and not any(name in layers for name in absent)
     pipe = build_tiny_wan_pipeline(seed=0)

@@ -527,6 +527,8 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         lora_rank=args.rank,
         lora_alpha=args.lora_alpha,
         cfg=args.cfg,
+        cfg_2=args.cfg_2,
+        lora_targets=args.lora_targets,
         num_frames=args.num_frames,
         height=args.height,
         width=args.width,
