@@ -9,17 +9,24 @@ Models: the published transformer (Wan2.1-T2V-1.3B at 81x480x832 = 32,760 video 
 encoder: the prompt embeddings are random, of the real width and length (Wan 512x4096, CogVideoX 226x4096), as the
 trainer reads them from the prompt cache.
 
-Each step is the trainer's iteration (`blade/distill/trainer.py::train`), driven with the trainer's own pieces:
-`init_adapters` (student + fake LoRA, rank 64, fp32), `apply_sparsity`, `TDMObjective` (rollout, fake loss +
-backward, fake optimizer step, generator loss + backward, generator optimizer step via `optimizer_step`), the
-trainer's AdamW settings and LR schedulers, `--gradient_checkpointing`, bf16 autocast, the trainer's default flags
-(K 8, eta 0.9, the family's cfg and lambda_reg). The trainer itself logs `step_time`/`peak_memory_gib` only to its
-tracker; calling the pieces directly gives every step's time without a tensorboard round trip.
+Each timed step is one call of the trainer's `blade.distill.step.TDMStep` (`trainer.train` calls the same object
+once per optimizer step): the student rollout, the fake-score loss + backward + optimizer step, the generator loss +
+backward + optimizer step, with the trainer's AdamW settings, LR schedulers and seeded noise/draw generators. It is
+built as the trainer builds it: the trainer's own flags (`trainer.build_parser` defaults, so a new trainer flag comes
+with its default; the benchmark sets the seed, batch, LoRA rank/targets, size, `--gradient_checkpointing` and the
+mixed precision), `init_adapters` (student + fake LoRA, rank 64, fp32), `apply_sparsity`, `TDMObjective` with
+`trainer.tdm_config` (K 8, eta 0.9, the family's cfg and lambda_reg, the trainer's generator loss), and a one-process
+`accelerate.Accelerator` whose autocast is the trainer's (bf16 on CUDA). The prompt batches are one random embedding
+repeated. The trainer itself logs `step_time`/`peak_memory_gib` only to its tracker; calling `TDMStep` directly gives
+every step's time without a tensorboard round trip.
 
 Dense and ASA arms run on the same transformer with the same initial LoRA weights and the same seeds, hence the same
 step draws (rollout lengths), so their step times are paired: the ASA speedup is the ratio of the summed timed
-steps. Step 1 of each arm is reported apart ("first step": CUDA/Triton warm-up, autotuning); "steady" is the median of
-the following `--steps` steps. Peak memory is `torch.cuda.max_memory_allocated` over the arm (weights included).
+steps. `draws_fake_gen` holds each step's [fake, generator] step indices, recorded by wrapping the objective's
+`draw_step` (TDMStep's logs do not carry them); `losses_fake_gen` holds each step's `loss_fake` and `loss_g` from
+TDMStep's logs. Step 1 of each arm is reported apart ("first step": CUDA/Triton warm-up, autotuning); "steady" is the
+median of the following `--steps` steps. Peak memory is `torch.cuda.max_memory_allocated` over the arm's steps
+(weights, optimizer state and activations).
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -40,7 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from blade.distill import lora  # noqa: E402
 from blade.distill import trainer as tr  # noqa: E402
-from blade.distill.tdm import TDMConfig, TDMObjective  # noqa: E402
+from blade.distill.step import TDMStep  # noqa: E402
+from blade.distill.tdm import TDMObjective  # noqa: E402
 from blade.families import get_family  # noqa: E402
 
 FULL_SIZE = {"wan": (81, 480, 832), "cogvideox": (49, 480, 720)}
@@ -105,70 +113,96 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, snapshot) -> dict:
-    """1 + args.steps trainer iterations of one arm; returns its row (times, peak memory, sparsity, draws)."""
+def trainer_args(family: str, args, batch: int, dtype: torch.dtype) -> argparse.Namespace:
+    """The trainer's flags for this arm: its parser's defaults (new flags come with theirs), the benchmark's
+    seed, batch, LoRA and size, and the fill-ins of `trainer.parse_args` (which also wants a model folder and a
+    prompt cache this benchmark does not have)."""
+    frames, height, width_px = args.size or (TINY_SIZE if args.tiny else FULL_SIZE)[family]
+    parser = tr.build_parser(family)
+    # placeholders for the folders: nothing is read from or written to them (random weights, random embeddings)
+    argv = ["--pretrained_model_name_or_path", "(random weights)", "--prompt_dir", "(random embeddings)",
+            "--output_dir", "(none)", "--seed", str(args.seed), "--train_batch_size", str(batch),
+            "--rank", str(args.rank), "--lora_alpha", str(args.rank), "--lora_targets", args.lora_targets,
+            "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no", "--report_to", "none",
+            "--num_frames", str(frames), "--height", str(height), "--width", str(width_px)]
+    if not args.no_gradient_checkpointing:
+        argv.append("--gradient_checkpointing")
+    ns = parser.parse_args(argv)
+    ns.family = family
+    tr.validate_args(parser, ns)
+    ns.learning_rate_g = ns.learning_rate if ns.learning_rate_g is None else ns.learning_rate_g
+    ns.validation_steps = 0
+    ns.model_extension = None
+    if not hasattr(ns, "shift"):
+        ns.shift = None
+    return ns
+
+
+class _RecordingDraws:
+    """Wraps `objective.draw_step` to record each draw's step index (TDMStep's logs do not carry the draws)."""
+
+    def __init__(self, draw_step):
+        self.draw_step, self.indices = draw_step, []
+
+    def __call__(self, generator):
+        draw = self.draw_step(generator)
+        self.indices.append(draw.i)
+        return draw
+
+
+def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, snapshot, accelerator) -> dict:
+    """1 + args.steps calls of the trainer's `TDMStep` on one arm; returns its row (times, peak memory, sparsity,
+    draws)."""
     transformer = pipe.transformer
-    ns = SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=5, fake_warmup_steps=0, family=family,
-                         shift=1.0 if get_family(family).flow_shift else None, max_train_steps=300,
-                         **{k: v for k, v in tr.FAMILY_DEFAULTS[family].items() if k in ("cfg", "lambda_reg")})
+    ns = trainer_args(family, args, batch, dtype)
     handle = tr.apply_sparsity(transformer, family, dense_steps=0)[0] if attention == "asa" else None
     lora.load_adapter_state_dict(transformer, lora.STUDENT, snapshot[lora.STUDENT])
     lora.load_adapter_state_dict(transformer, lora.FAKE, snapshot[lora.FAKE])
     family_obj = tr.build_family(pipe, ns)
-    config = TDMConfig(k_step=8, eta=0.9, cfg=ns.cfg, lambda_reg=ns.lambda_reg, tau_max=979)
-    if dtype == torch.float32:
-        from contextlib import nullcontext as autocast
-    else:
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype)
-    objective = TDMObjective(transformer, family_obj, config, handle, autocast=autocast, model_dtype=dtype)
-    params_g = lora.adapter_parameters(transformer, lora.STUDENT)
-    params_f = lora.adapter_parameters(transformer, lora.FAKE)
-    opt_g = torch.optim.AdamW(params_g, lr=1e-4, betas=(0.0, 0.95), weight_decay=1e-4, eps=1e-8)  # as the trainer
-    opt_f = torch.optim.AdamW(params_f, lr=5e-4, betas=(0.0, 0.95), weight_decay=1e-4, eps=1e-8)
-    sched_g, sched_f = tr._make_schedulers(ns, opt_g, opt_f)
-    accelerator = SimpleNamespace(num_processes=1)  # what optimizer_step needs of it on one process
+    autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext  # as trainer.train
+    objective = TDMObjective(transformer, family_obj, tr.tdm_config(ns), handle, autocast=autocast,
+                             model_dtype=dtype)
+    recorder = objective.draw_step = _RecordingDraws(objective.draw_step)
 
-    noise_gen = torch.Generator(device).manual_seed(args.seed * 1000)
-    draw_gen = torch.Generator().manual_seed(args.seed * 1000 + 500)
     emb_gen = torch.Generator(device).manual_seed(args.seed + 7)
     length, width = text_shape(family, transformer, args.tiny)
     emb = torch.randn(batch, length, width, generator=emb_gen, device=device) * 0.1
-    negb = (torch.randn(length, width, generator=emb_gen, device=device) * 0.1).unsqueeze(0).expand(batch, -1, -1)
-    frames, height, width_px = args.size or (TINY_SIZE if args.tiny else FULL_SIZE)[family]
-    shape = family_obj.latent_shape(batch, frames, height, width_px)
+    neg = torch.randn(length, width, generator=emb_gen, device=device) * 0.1
+    shape = family_obj.latent_shape(batch, ns.num_frames, ns.height, ns.width)
+    tdm = TDMStep(ns, accelerator, objective, neg, shape)  # optimizers, schedulers, seeded generators: the trainer's
+    state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
 
+    def batches():  # the trainer's prompt_batches, without the loader: the same random embeddings every micro-step
+        while True:
+            state["batch_in_epoch"] += 1
+            state["micro_step"] += 1
+            yield emb
+
+    stream = batches()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times, sparsities, draws, losses = [], [], [], []
-    for _ in range(1 + args.steps):  # the body of trainer.train's loop (accumulation 1, one process)
+    for _ in range(1 + args.steps):
+        drawn = len(recorder.indices)
         start = _sync(device)
-        noise = torch.randn(shape, generator=noise_gen, device=device)
-        draw_f, draw_g = objective.draw_step(draw_gen), objective.draw_step(draw_gen)
-        states = objective.rollout(noise, emb, max(draw_f.i, draw_g.i), noise_gen)
-        loss_f, _ = objective.fake_loss(states[draw_f.i], draw_f, emb, negb, noise_gen, draw_gen)
-        loss_f.backward()
-        tr.optimizer_step(accelerator, opt_f, sched_f, params_f)
-        loss_g, _ = objective.generator_loss(states[draw_g.i], draw_g, emb, negb, noise_gen, draw_gen)
-        loss_g.backward()
-        tr.optimizer_step(accelerator, opt_g, sched_g, params_g)
-        del states, noise
+        logs = tdm(stream, state)  # one optimizer step, exactly the trainer's
         times.append(_sync(device) - start)
-        draws.append([draw_f.i, draw_g.i])
-        losses.append([float(loss_f.detach()), float(loss_g.detach())])
+        draws.append(recorder.indices[drawn:])
+        losses.append([logs["loss_fake"], logs["loss_g"]])
         if handle is not None:
             sparsities.append(float((handle.stats() or {}).get("sparsity", 0.0)))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    stream.close()
     if handle is not None:
         handle.remove()
-    del opt_g, opt_f, objective
+    del tdm, objective
     gc.collect()
     steady = times[1:]
     return {
         "model": MODEL_NAMES[family] + (" (tiny)" if args.tiny else ""),
         "family": family, "attention": attention, "batch": batch,
-        "size": [frames, height, width_px], "latent_shape": list(shape),
+        "size": [ns.num_frames, ns.height, ns.width], "latent_shape": list(shape),
         "first step s": round(times[0], 3),
         "steady step s (median)": round(statistics.median(steady), 3),
         "steady_steps_s": [round(t, 3) for t in steady],
@@ -179,12 +213,10 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     }
 
 
-def run_model(family: str, args, device, dtype) -> list[dict]:
+def run_model(family: str, args, device, dtype, accelerator) -> list[dict]:
     pipe = build_pipe(family, args, device, dtype)
     transformer = pipe.transformer
-    tr.init_adapters(SimpleNamespace(num_processes=1), transformer, SimpleNamespace(seed=args.seed, rank=args.rank,
-                                                                                    lora_alpha=args.rank,
-                                                                                    lora_targets=args.lora_targets))
+    tr.init_adapters(accelerator, transformer, trainer_args(family, args, args.batch[0], dtype))
     if not args.no_gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -196,7 +228,7 @@ def run_model(family: str, args, device, dtype) -> list[dict]:
         for attention in args.attention:
             print(f"[train_step] {family} batch {batch} {attention} ...", flush=True)
             try:
-                row = run_arm(pipe, family, attention, batch, args, device, dtype, snapshot)
+                row = run_arm(pipe, family, attention, batch, args, device, dtype, snapshot, accelerator)
             except torch.cuda.OutOfMemoryError as err:
                 row = {"model": MODEL_NAMES[family], "family": family, "attention": attention, "batch": batch,
                        "error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -232,6 +264,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def make_accelerator(device: torch.device, dtype: torch.dtype):
+    """One process's `accelerate.Accelerator`, as the trainer's `make_accelerator` builds it (its autocast, its
+    device; one process, so its reductions are copies), on `device`."""
+    from accelerate import Accelerator
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    if accelerator.device.type != device.type or accelerator.num_processes != 1:
+        raise SystemExit(f"error: accelerate picked {accelerator.device} x {accelerator.num_processes} processes "
+                         f"for --device {device}: run this benchmark as one plain process")
+    return accelerator
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -239,6 +285,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: --device cuda but CUDA is not available (use --tiny --device cpu for a CPU check)")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
+    accelerator = make_accelerator(device, dtype)
     import importlib.metadata as md
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -254,7 +301,7 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
     for family in args.models:
-        rows += run_model(family, args, device, dtype)
+        rows += run_model(family, args, device, dtype, accelerator)
         write_json()
     print(json.dumps(meta))
     print(markdown_table(rows))
