@@ -2,8 +2,8 @@
 
 import pytest
 
-from blade.tinyworld.prompts import all_scene_prompts, main, read_prompt_lines, sample_prompts
-from blade.tinyworld.world import parse_prompt
+from blade.tinyworld.prompts import all_scene_prompts, main, sample_prompts
+from blade.tinyworld.world import parse_prompt, read_prompts
 
 
 def test_the_grammar_is_enumerated_exactly():
@@ -39,7 +39,7 @@ def test_cli_writes_the_list_and_refuses_bad_input(tmp_path, capsys):
     ex.write_text("# held out\na small red square moves up on a black background\n")
     out = tmp_path / "p.txt"
     assert main(["--count", "40", "--seed", "3", "--exclude", str(ex), "--out", str(out)]) == 0
-    lines = read_prompt_lines(out)
+    lines = [text for text, _ in read_prompts(out)]
     assert lines == sample_prompts(40, 3, 0.78, ["a small red square moves up on a black background"])
     ex.write_text("a purple dog\n")
     assert main(["--count", "4", "--exclude", str(ex), "--out", str(tmp_path / "q.txt")]) == 2

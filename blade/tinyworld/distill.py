@@ -56,9 +56,9 @@ check_prompt_cache = check_tinyworld_prompt_cache
 
 def build_monitor(args: argparse.Namespace, shape: tuple, device):
     """The in-training evaluator for --eval_every (the world's metrics need its grammar)."""
-    from blade.tinyworld.evaluate import read_prompts
     from blade.tinyworld.model import bundled_pipeline_path
     from blade.tinyworld.monitor import TinyWorldMonitor
+    from blade.tinyworld.world import read_prompts
 
     prompts_file = args.eval_prompts or bundled_pipeline_path().parent / "eval_prompts.txt"
     prompts = [text for text, _ in read_prompts(prompts_file)]  # grammar-checked, errors name the line

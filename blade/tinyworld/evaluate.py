@@ -42,32 +42,10 @@ from blade.config import BladeConfig
 from blade.models.wan import default_asa_config
 from blade.tinyworld import metrics
 from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline
-from blade.tinyworld.world import PromptError, Scene, parse_prompt, render_prompt
+from blade.tinyworld.world import PromptError, Scene, read_prompts, render_prompt
 
 ATTENTION_MODES = ("dense", "asa", "window", "random")
 PSNR_CAP_DB = 100.0  # identical videos have infinite PSNR; capped so that means and JSON stay finite
-
-
-def read_prompts(path: str | Path) -> list[tuple[str, Scene]]:
-    """Prompts of a file (one a line; blank lines and ``#`` comments skipped), each parsed by the world's grammar.
-
-    Raises ``PromptError`` naming the line and the bad word, and ``ValueError`` for a file with no prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            prompts.append((text, parse_prompt(text)))
-        except PromptError as err:
-            raise PromptError(f"{path}:{number}: {err}") from None
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt (blank lines and # comments are skipped)")
-    return prompts
 
 
 def configure_attention(

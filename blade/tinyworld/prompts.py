@@ -20,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from blade.tinyworld.world import BACKGROUNDS, COLORS, MOTIONS, SHAPES, SIZES, ObjectSpec, Scene, parse_prompt
+from blade.tinyworld.world import (
+    BACKGROUNDS,
+    COLORS,
+    MOTIONS,
+    SHAPES,
+    SIZES,
+    ObjectSpec,
+    Scene,
+    parse_prompt,
+    read_prompts,
+)
 
 
 def all_scene_prompts(num_objects: int) -> list[str]:
@@ -60,12 +70,6 @@ def sample_prompts(count: int, seed: int, two_object_share: float = 0.5, exclude
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
-def read_prompt_lines(path: str | Path) -> list[str]:
-    """Prompts of a text file, one a line; blank lines and # comments skipped."""
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--two_object_share", type=float, default=0.78,
                         help="share of two-object prompts (0.78: the shipped 2,000-prompt list's share)")
     parser.add_argument("--exclude", nargs="*", default=[],
-                        help="prompt files (one a line, # comments) whose prompts must not be drawn, e.g. the "
+                        help="grammar prompt files (one a line, # comments) whose prompts must not be drawn, e.g. the "
                         "held-out evaluation prompts")
     parser.add_argument("--out", required=True, help="text file to write, one prompt a line")
     args = parser.parse_args(argv)
     try:
-        exclude = [p for f in args.exclude for p in read_prompt_lines(f)]
+        exclude = [text for f in args.exclude for text, _ in read_prompts(f)]
         prompts = sample_prompts(args.count, args.seed, args.two_object_share, exclude)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

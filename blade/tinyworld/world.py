@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -228,6 +229,28 @@ def parse_prompt(text: str) -> Scene:
             if obj.color == "white":
                 raise PromptError(f"color 'white' at word {pos} is not allowed on a gray background (only on black)")
     return Scene(objects=tuple(obj for obj, _ in objects), background=background)
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, Scene]]:
+    """Prompts of a file (one a line; blank lines and ``#`` comments skipped), each parsed by the world's grammar.
+
+    Raises ``PromptError`` naming the line and the bad word, and ``ValueError`` for a file with no prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            prompts.append((text, parse_prompt(text)))
+        except PromptError as err:
+            raise PromptError(f"{path}:{number}: {err}") from None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (blank lines and # comments are skipped)")
+    return prompts
 
 
 def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
