@@ -312,6 +312,20 @@ def _read_json(path: os.PathLike) -> Any:
         return None
 
 
+def folder_experts(model_path: str | os.PathLike) -> tuple[str, ...]:
+    """The denoisers a pipeline folder holds, from its JSON only: ``("transformer", "transformer_2")`` when
+    model_index.json lists a second expert (or, without that entry, when ``transformer_2/config.json`` exists),
+    else ``("transformer",)``."""
+    root = os.fspath(model_path)
+    index = _read_json(os.path.join(root, "model_index.json"))
+    entry = index.get("transformer_2") if isinstance(index, dict) else None
+    if isinstance(entry, list):
+        second = len(entry) == 2 and entry[1] is not None
+    else:
+        second = os.path.isfile(os.path.join(root, "transformer_2", "config.json"))
+    return ("transformer", "transformer_2") if second else ("transformer",)
+
+
 def model_of_folder(model_path: str | os.PathLike, family: str | None = None) -> ModelSpec | None:
     """The published model a diffusers pipeline folder holds, from its JSON only (no weight is read), or None.
 
@@ -324,13 +338,7 @@ def model_of_folder(model_path: str | os.PathLike, family: str | None = None) ->
     config = _read_json(os.path.join(root, "transformer", "config.json"))
     if not isinstance(config, dict):
         return None
-    index = _read_json(os.path.join(root, "model_index.json"))
-    entry = index.get("transformer_2") if isinstance(index, dict) else None
-    if isinstance(entry, list):
-        second = len(entry) == 2 and entry[1] is not None
-    else:
-        second = os.path.isfile(os.path.join(root, "transformer_2", "config.json"))
-    spec = _match(("transformer", "transformer_2") if second else ("transformer",), config)
+    spec = _match(folder_experts(root), config)
     if spec is not None and family is not None and spec.family != family:
         return None
     return spec

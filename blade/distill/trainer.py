@@ -53,7 +53,7 @@ from blade.distill.model_extensions import ModelExtensionError, load_extension
 from blade.distill.step import StudentEMA, TDMStep, optimizer_step, sync_gradients, training_phase  # noqa: F401
 from blade.distill.step import make_schedulers as _make_schedulers  # noqa: F401
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
-from blade.families import FAMILIES, get_family, video_defaults
+from blade.families import FAMILIES, folder_experts, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
@@ -440,28 +440,22 @@ def estimate_checkpoint_bytes(args: argparse.Namespace) -> int:
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and lora.is_target(name, targets):
             params += args.rank * (module.in_features + module.out_features)
-    if two_expert_folder(args.pretrained_model_name_or_path):
-        params *= 2
+    params *= len(folder_experts(args.pretrained_model_name_or_path))  # every expert is trained
     return int(7 * 4 * params * 1.1) + 2**20
-
-
-def two_expert_folder(model_path: str | os.PathLike) -> bool:
-    """Whether a model folder holds a second expert (`transformer_2/config.json`, Wan2.2-T2V-A14B)."""
-    return (Path(model_path) / "transformer_2" / "config.json").is_file()
 
 
 def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespace) -> None:
     """Everything that can be refused in seconds, before the model loads: the prompt cache against the model, the
     output folder (creatable, writable, room for one checkpoint), and an explicit checkpoint to resume from."""
     check_prompt_cache(cache, args)
-    if args.cfg_2 is not None and not two_expert_folder(args.pretrained_model_name_or_path):
+    experts = folder_experts(args.pretrained_model_name_or_path)
+    if args.cfg_2 is not None and len(experts) == 1:
         raise SystemExit(f"error: --cfg_2 is the low-noise expert's guidance of a two-expert model (Wan2.2-T2V-A14B); "
                          f"{args.pretrained_model_name_or_path} has one transformer: use --cfg alone")
     check_output_dir(args.output_dir, estimate_checkpoint_bytes(args))
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
-        two = two_expert_folder(args.pretrained_model_name_or_path)
-        check_checkpoint(Path(resume), ("transformer", "transformer_2") if two else ("transformer",))
+        check_checkpoint(Path(resume), experts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
