@@ -124,18 +124,14 @@ def trainer_args(family: str, args, batch: int, dtype: torch.dtype) -> argparse.
             "--output_dir", "(none)", "--seed", str(args.seed), "--train_batch_size", str(batch),
             "--rank", str(args.rank), "--lora_alpha", str(args.rank), "--lora_targets", args.lora_targets,
             "--mixed_precision", "bf16" if dtype == torch.bfloat16 else "no", "--report_to", "none",
-            "--num_frames", str(frames), "--height", str(height), "--width", str(width_px)]
+            "--num_frames", str(frames), "--height", str(height), "--width", str(width_px), "--validation_steps", "0"]
     if not args.no_gradient_checkpointing:
         argv.append("--gradient_checkpointing")
     ns = parser.parse_args(argv)
     ns.family = family
     tr.validate_args(parser, ns)
-    ns.learning_rate_g = ns.learning_rate if ns.learning_rate_g is None else ns.learning_rate_g
-    ns.validation_steps = 0
     ns.model_extension = None
-    if not hasattr(ns, "shift"):
-        ns.shift = None
-    return ns
+    return tr.fill_derived_flags(ns)
 
 
 class _RecordingDraws:

@@ -214,11 +214,7 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 def preset_extension(args: argparse.Namespace) -> str | None:
     """The trainer extension module named by the preset flag given (e.g. --tinyworld), or None."""
-    family = getattr(args, "family", None)
-    presets = get_family(family).trainer_presets if family else ()
-    chosen = [module for flag, module, _ in presets if getattr(args, flag, False)]
-    if not family and getattr(args, "tinyworld", False):  # a bare Namespace built without parse_args
-        chosen = [TINYWORLD_EXTENSION]
+    chosen = [module for flag, module, _ in get_family(args.family).trainer_presets if getattr(args, flag, False)]
     return chosen[0] if chosen else None
 
 
@@ -266,12 +262,18 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     for key in ("num_frames", "height", "width", "fps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    if args.prompt_dir is None:
+        raise SystemExit("error: --prompt_dir is required (run utils/process_prompts_*.py first)")
+    return fill_derived_flags(args)
+
+
+def fill_derived_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags whose default depends on others (student lr, validation cadence, precision) or on the family (the
+    flow shift exists only where the family takes one); also what code building its own flags calls."""
     if args.learning_rate_g is None:
         args.learning_rate_g = args.learning_rate
     if args.validation_steps is None:
         args.validation_steps = args.checkpointing_steps
-    if args.prompt_dir is None:
-        raise SystemExit("error: --prompt_dir is required (run utils/process_prompts_*.py first)")
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     if not hasattr(args, "shift"):
@@ -866,8 +868,7 @@ def __getattr__(name: str):
 
 def model_extension(args: argparse.Namespace):
     """The model's trainer extension module (``blade.distill.model_extensions``), or None."""
-    name = getattr(args, "model_extension", None) or preset_extension(args)  # the latter: a Namespace built by hand
-    return load_extension(name) if name else None
+    return load_extension(args.model_extension) if args.model_extension else None
 
 
 def build_monitor(args, shape: tuple, device: torch.device):
