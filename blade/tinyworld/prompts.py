@@ -27,6 +27,7 @@ from blade.tinyworld.world import (
     SHAPES,
     SIZES,
     ObjectSpec,
+    PromptError,
     Scene,
     parse_prompt,
     read_prompts,
@@ -34,15 +35,17 @@ from blade.tinyworld.world import (
 
 
 def all_scene_prompts(num_objects: int) -> list[str]:
-    """Every valid prompt of the grammar with `num_objects` objects (1 or 2), in a fixed order."""
+    """Every valid prompt of the grammar with `num_objects` objects (1 or 2), in a fixed order. Validity is `Scene`'s
+    own (white only on black, two objects of different colours): every combination is offered to it."""
     singles = [ObjectSpec(size=s, color=c, shape=h, motion=m)
                for s, c, h, m in itertools.product(SIZES, COLORS, SHAPES, MOTIONS)]
     prompts = []
     for background in BACKGROUNDS:
-        allowed = [o for o in singles if background == "black" or o.color != "white"]
-        groups = [(o,) for o in allowed] if num_objects == 1 else [
-            (a, b) for a, b in itertools.product(allowed, allowed) if a.color != b.color]
-        prompts += [Scene(objects=g, background=background).prompt for g in groups]
+        for objects in itertools.product(singles, repeat=num_objects):
+            try:
+                prompts.append(Scene(objects=objects, background=background).prompt)
+            except PromptError:
+                continue
     return prompts
 
 
