@@ -21,9 +21,7 @@ pytest.importorskip(
     "USE_DEEPSPEED=1): this ZeRO-2 path is documented, not run in CI"
 )
 
-from blade.prompt_cli import WAN  # noqa: E402
-from blade.prompt_cli import main as encode_main  # noqa: E402
-from blade.testing.tiny import build_tiny_wan_pipeline  # noqa: E402
+from blade.testing.tiny import build_tiny_wan_pipeline, save_with_prompt_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",
@@ -51,11 +49,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    build_tiny_wan_pipeline(seed=0).save_pretrained(root / "pipe")
-    (root / "p.txt").write_text("a red ball moves left\na dog runs\na blue car on the road\na small cat\n")
-    assert encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
-                             "--model_path", str(root / "pipe"), "--max_length", "8", "--num_validation", "1"]) == 0
+    root = save_with_prompt_cache(build_tiny_wan_pipeline(seed=0), tmp_path_factory.mktemp("ds"),
+                                  ["a red ball moves left", "a dog runs", "a blue car on the road", "a small cat"])
     # the repo's ZeRO-2 accelerate config, with its relative ds_config.json path made absolute
     text = (REPO / "wanx" / "train" / "config.yaml").read_text()
     (root / "config.yaml").write_text(text.replace("../../ds_config.json", str(REPO / "ds_config.json")))

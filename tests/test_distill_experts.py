@@ -14,13 +14,12 @@ from blade.api import load_blade_lora
 from blade.distill.experts import ExpertRouter, denoiser, expert_file_name, experts_of
 from blade.distill.tdm import expanded_timesteps, wan_family
 from blade.pipelines.loading import LORA_WEIGHT_NAME_2
-from blade.prompt_cli import WAN
-from blade.prompt_cli import main as encode_main
 from blade.testing.tiny import (
     build_tiny_cogvideox_pipeline,
     build_tiny_wan22_a14b_pipeline,
     build_tiny_wan22_ti2v_pipeline,
     build_tiny_wan_pipeline,
+    save_with_prompt_cache,
 )
 
 SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",
@@ -97,12 +96,8 @@ def test_ti2v_tdm_call_passes_wanpipelines_per_token_timesteps():
 
 @pytest.fixture(scope="module")
 def a14b_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("experts")
-    build_tiny_wan22_a14b_pipeline(seed=0).save_pretrained(root / "pipe")
-    (root / "p.txt").write_text("a red ball moves left\na dog runs\na blue car on the road\na small cat\n")
-    assert encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
-                             "--model_path", str(root / "pipe"), "--max_length", "8", "--num_validation", "1"]) == 0
-    return root
+    return save_with_prompt_cache(build_tiny_wan22_a14b_pipeline(seed=0), tmp_path_factory.mktemp("experts"),
+                                  ["a red ball moves left", "a dog runs", "a blue car on the road", "a small cat"])
 
 
 def _args(assets, out, *extra):
@@ -186,11 +181,8 @@ def test_two_expert_training_with_asa_patches_both_experts(a14b_assets, tmp_path
 
 
 def test_ti2v_training_step_runs_with_per_token_timesteps(tmp_path, monkeypatch):
-    root = tmp_path / "ti2v"
-    build_tiny_wan22_ti2v_pipeline(seed=0).save_pretrained(root / "pipe")
-    (root / "p.txt").write_text("a red ball moves left\na dog runs\n")
-    assert encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
-                             "--model_path", str(root / "pipe"), "--max_length", "8", "--num_validation", "1"]) == 0
+    root = save_with_prompt_cache(build_tiny_wan22_ti2v_pipeline(seed=0), tmp_path / "ti2v",
+                                  ["a red ball moves left", "a dog runs"])
     shapes = []
     real = trainer.denoiser
 

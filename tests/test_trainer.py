@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from blade.distill.trainer import CheckpointError, check_checkpoint, parse_args, train
-from blade.prompt_cli import WAN
 from blade.prompt_cli import main as encode_main
 from blade.prompts import PromptCacheError
-from blade.testing.tiny import build_tiny_wan_pipeline
+from blade.testing.tiny import build_tiny_wan_pipeline, save_with_prompt_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2", "--rank", "4", "--lora_alpha", "4",
@@ -24,13 +23,9 @@ SMALL = ["--num_frames", "9", "--height", "16", "--width", "16", "--k_step", "2"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    build_tiny_wan_pipeline(seed=0).save_pretrained(root / "pipe")
-    (root / "p.txt").write_text("\n".join(["a red ball moves left", "a dog runs", "a blue car on the road",
-                                           "a small cat", "a bird flies over the river"]) + "\n")
-    assert encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
-                             "--model_path", str(root / "pipe"), "--max_length", "8", "--num_validation", "1"]) == 0
-    return root
+    return save_with_prompt_cache(build_tiny_wan_pipeline(seed=0), tmp_path_factory.mktemp("trainer"),
+                                  ["a red ball moves left", "a dog runs", "a blue car on the road", "a small cat",
+                                   "a bird flies over the river"])
 
 
 def _args(assets, out, *extra):

@@ -274,3 +274,20 @@ def build_tiny_wan22_ti2v_pipeline(seed: int = 0, **overrides: Any) -> WanPipeli
         tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
         transformer=base.transformer, expand_timesteps=True,
     )  # fmt: skip
+
+
+def save_with_prompt_cache(pipe: Any, root: Any, prompts: list[str], max_length: int = 8) -> Any:
+    """Save a tiny Wan-architecture `pipe` to ``root/pipe`` and encode `prompts` with it into ``root/prompts`` (the
+    trainer's prompt cache, one validation prompt), through the same CLI as ``utils/process_prompts_wanx.py``;
+    returns `root` (a ``pathlib.Path``)."""
+    from blade.prompt_cli import WAN
+    from blade.prompt_cli import main as encode_main
+
+    pipe.save_pretrained(root / "pipe")
+    (root / "p.txt").write_text("\n".join(prompts) + "\n")
+    code = encode_main(WAN, ["--input_file", str(root / "p.txt"), "--output_dir", str(root / "prompts"),
+                             "--model_path", str(root / "pipe"), "--max_length", str(max_length),
+                             "--num_validation", "1"])
+    if code != 0:
+        raise RuntimeError(f"encoding the prompts of {root} failed with exit code {code}")
+    return root
