@@ -76,6 +76,69 @@ def test_fake_loss_diagnose_logs_the_teacher_error_on_the_same_batch():
     assert logs["loss_teacher_dsm"].item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def _tiny_objective(fake_attention: str, asa: bool, checkpointing: bool = False) -> TDMObjective:
+    """Tiny Wan (seed 0) with ASA (as the trainer applies it: before the adapters) or without, student/fake adapters
+    perturbed apart, and an objective whose fake loss also calls the teacher (lambda_reg) before its backward."""
+    from blade.distill.trainer import apply_sparsity
+
+    pipe = build_tiny_wan_pipeline(seed=0)
+    tr = pipe.transformer
+    handle = apply_sparsity(tr, "wan", 0)[0] if asa else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
+        lora.add_student_and_fake(tr, rank=4, alpha=8)
+    with torch.no_grad():
+        for seed, name in ((7, lora.STUDENT), (8, lora.FAKE)):
+            g = torch.Generator().manual_seed(seed)
+            for p in lora.adapter_parameters(tr, name):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    if checkpointing:
+        tr.enable_gradient_checkpointing()
+    tr.train()
+    config = TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5, fake_attention=fake_attention)
+    return TDMObjective(tr, wan_family(pipe), config, asa_handle=handle)
+
+
+def test_dense_fake_attention_runs_the_fake_dense_and_the_student_sparse():
+    """--fake_attention dense: the fake's prediction equals the same weights with no ASA at all (768 tokens = 6 key
+    blocks, ASA keeps 2: the sparse fake differs), the student's stays the sparse one, and the fake's gradient through
+    checkpointed blocks (recomputed in backward after the teacher ran) equals the plain backward's."""
+    dense_fake, sparse_fake = _tiny_objective("dense", asa=True), _tiny_objective("asa", asa=True)
+    no_asa = _tiny_objective("asa", asa=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(dense_fake.family.latent_shape(1, 9, 256, 256), generator=g)
+    emb = torch.randn(1, 8, 32, generator=g)
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        reference = {role: no_asa.predict(role, x, t, emb) for role in ("student", "fake")}
+        def student_of(obj):  # the prober samples from the global RNG (ASAConfig.seed None): same draws for both
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(5)
+                return obj.predict("student", x, t, emb)
+
+        student = student_of(dense_fake)
+        assert torch.allclose(student, student_of(sparse_fake), atol=1e-6)
+        assert not torch.allclose(student, reference["student"], atol=1e-3)
+        assert torch.allclose(dense_fake.predict("fake", x, t, emb), reference["fake"], atol=1e-5)
+        assert not torch.allclose(sparse_fake.predict("fake", x, t, emb), reference["fake"], atol=1e-3)
+        assert torch.allclose(dense_fake.predict("fake", x, t, emb), reference["fake"], atol=1e-5)  # after a switch
+    with pytest.raises(ValueError, match="fake_attention"):
+        TDMConfig(fake_attention="flash")
+
+    def fake_grads(obj):
+        d = torch.Generator().manual_seed(1)
+        torch.manual_seed(5)  # the student's sparse rollout inside the loss: the same prober draws for both
+        loss, _ = obj.fake_loss(x, obj.draw_step(d), emb, torch.zeros_like(emb), torch.Generator().manual_seed(2), d,
+                                diagnose=True)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in lora.adapter_parameters(obj.transformer, lora.FAKE)])
+
+    with torch.random.fork_rng(devices=[]):
+        plain = fake_grads(_tiny_objective("dense", asa=True))
+        checkpointed = fake_grads(_tiny_objective("dense", asa=True, checkpointing=True))
+    assert plain.abs().sum() > 0 and torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-7)
+
+
 def test_training_phases_in_order():
     args = SimpleNamespace(reflow_steps=2, fake_warmup_steps=3)
     assert [training_phase(args, s) for s in range(7)] == ["reflow"] * 2 + ["fake_warmup"] * 3 + ["tdm"] * 2

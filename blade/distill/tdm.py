@@ -320,6 +320,7 @@ class TDMConfig:
     normalize_generator: bool | None = None  # per-sample 1/mean|x0 - teacher| (None: the family's default)
     cfg_2: float | None = None  # two-expert models: the teacher's scale below cfg_boundary (None: cfg everywhere)
     cfg_boundary: float | None = None  # model timestep where cfg_2 takes over (the expert router's boundary)
+    fake_attention: str = "asa"  # "asa": the fake runs the student's sparse attention (released); "dense": full
 
     def guidance(self, model_t: torch.Tensor) -> float | torch.Tensor:
         """The teacher's CFG scale at model timesteps `model_t` [B] (`guidance_scale`)."""
@@ -335,6 +336,8 @@ class TDMConfig:
             raise ValueError(f"tau_mode must be 'to_max' or 'segment', got {self.tau_mode!r}")
         if self.generator_loss not in ("huber", "l2"):
             raise ValueError(f"generator_loss must be 'huber' or 'l2', got {self.generator_loss!r}")
+        if self.fake_attention not in ("asa", "dense"):
+            raise ValueError(f"fake_attention must be 'asa' or 'dense', got {self.fake_attention!r}")
 
 
 @dataclass
@@ -352,7 +355,7 @@ class TDMObjective:
 
     Roles on the one base model:
       student = adapter "student", ASA on (when an ASA handle is given);
-      fake    = adapter "fake",    ASA on;
+      fake    = adapter "fake",    ASA on (off with ``config.fake_attention == "dense"``);
       teacher = adapters disabled, ASA off (dense), CFG with the negative embedding.
     """
 
@@ -379,6 +382,9 @@ class TDMObjective:
     def role(self, name: str) -> Iterator[None]:
         """Switch the shared transformer to "student", "fake" or "teacher" for the block."""
         if name == "teacher":
+            # Restore the attention the active role had (not simply ASA on): a dense fake's loss may call the
+            # teacher before its backward, whose checkpointed recompute must see the fake's own attention again.
+            was_enabled = self.asa.enabled if self.asa is not None else None
             if self.asa is not None:
                 self.asa.enabled = False
             try:
@@ -386,21 +392,22 @@ class TDMObjective:
                     yield
             finally:
                 if self.asa is not None:
-                    self.asa.enabled = True
+                    self.asa.enabled = was_enabled
             return
         self._activate(name)
         with self.autocast():
             yield
 
     def _activate(self, name: str) -> None:
-        """Leave the transformer in the "student" or "fake" configuration (its adapter active, ASA on).
+        """Leave the transformer in the "student" or "fake" configuration (its adapter active, ASA on unless the
+        fake is configured dense).
 
         A loss must leave its own role active: gradient checkpointing recomputes the blocks during `backward` with
         whatever adapter is active then, and a wrong one silently corrupts the gradient (same shapes, no error).
         """
         lora.activate(self.transformer, lora.STUDENT if name == "student" else lora.FAKE)
         if self.asa is not None:
-            self.asa.enabled = True
+            self.asa.enabled = name == "student" or self.config.fake_attention == "asa"
 
     def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         with self.role(role):

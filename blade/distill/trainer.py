@@ -135,6 +135,14 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--asa_max_keep", type=float, default=None,
                    help="Largest share of key blocks ASA keeps per query block (default: the family's, 0.17 = "
                    "sparsity >= 0.83); e.g. 0.25 for sparsity >= 0.75. Saved in blade_config.json for inference.")
+    p.add_argument("--asa_block_size", type=int, default=None,
+                   help="Tokens per ASA block, a multiple of 16 (default: the family's, 128). Smaller blocks select "
+                   "more finely on short videos (TinyWorld's 5,120 tokens are 40 blocks of 128, a full-size Wan video "
+                   "256). Saved in blade_config.json for inference.")
+    p.add_argument("--fake_attention", choices=["asa", "dense"], default="asa",
+                   help="Attention of the fake score under --use_sparsity: asa = the student's sparse attention (the "
+                   "released code copies the sparse student); dense = full attention, so that fake - teacher holds "
+                   "no sparse-attention error of the fake's own, only the student's mismatch (slower steps).")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (student and fake).")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha.")
     p.add_argument("--lora_targets", choices=[*lora.TARGET_PRESETS, lora.ALL_LINEAR], default="all",
@@ -317,6 +325,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
              f"got {value}")
     need(args.asa_max_keep is None or (math.isfinite(args.asa_max_keep) and 0.0 < args.asa_max_keep <= 1.0),
          f"--asa_max_keep must be in (0, 1], got {args.asa_max_keep}")
+    need(args.asa_block_size is None or (args.asa_block_size > 0 and args.asa_block_size % 16 == 0),
+         f"--asa_block_size must be a positive multiple of 16, got {args.asa_block_size}")
+    need(args.fake_attention == "asa" or args.use_sparsity,
+         "--fake_attention dense changes nothing without --use_sparsity (the fake is dense already); drop it or add "
+         "--use_sparsity")
     for name in ("max_train_minutes", "fake_loss_skip", "huber_c", "shift"):
         value = getattr(args, name, None)
         need(value is None or (math.isfinite(value) and value > 0),
@@ -490,8 +503,10 @@ def build_family(pipe, args) -> TDMFamily:
     return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
-def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None, pipe=None):
-    """Patch the transformer's self-attention with ASA; returns (handle, config as a dict).
+def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None, pipe=None,
+                   block_size: int | None = None):
+    """Patch the transformer's self-attention with ASA; returns (handle, config as a dict). `max_keep` and
+    `block_size` override the family's defaults.
 
     With `pipe` of two experts, both are patched (one shared ASA module and step tracker, a `PipelineASAHandle`).
     """
@@ -499,6 +514,8 @@ def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float |
     config = adapter.default_asa_config()
     if max_keep is not None:
         config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
+    if block_size is not None:
+        config = dataclasses.replace(config, block_size=block_size)
     if pipe is not None and getattr(pipe, "transformer_2", None) is not None:
         from blade.models import apply_asa_pipeline
 
@@ -929,7 +946,7 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
     asa_handle, asa_config = None, None
     if args.use_sparsity:
         asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, args.dense_steps, args.asa_max_keep,
-                                                pipe=pipe)
+                                                pipe=pipe, block_size=args.asa_block_size)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -942,7 +959,7 @@ def tdm_config(args: argparse.Namespace, boundary: float | None = None) -> TDMCo
     return TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, cfg_2=args.cfg_2, cfg_boundary=boundary,
                      lambda_reg=args.lambda_reg,
                      tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
-                     tau_mode=args.tau_mode, generator_loss=args.generator_loss,
+                     tau_mode=args.tau_mode, generator_loss=args.generator_loss, fake_attention=args.fake_attention,
                      normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
 
 
