@@ -131,6 +131,14 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
     if "transformer_2" not in files and getattr(pipe, "transformer_2", None) is not None:
         warnings.warn(f"no {LORA_WEIGHT_NAME_2} beside {weights}: the LoRA goes into `transformer` only; "
                       "`transformer_2` keeps its base weights", stacklevel=2)
+    trained_ratio = config.boundary_ratio if config is not None else None
+    pipe_ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if trained_ratio is not None and pipe_ratio is not None and abs(float(pipe_ratio) - trained_ratio) > 1e-9:
+        raise LoraMismatchError(  # before any weight loads: a different routing sends anchors to the wrong expert
+            f"{weights.parent} was trained with boundary_ratio {trained_ratio} (anchors at t >= {trained_ratio} x "
+            f"1000 to `transformer`), but this pipeline routes at {pipe_ratio}: load the model folder the student was "
+            f"trained from, or set `pipe.register_to_config(boundary_ratio={trained_ratio})` first"
+        )
     adapters = {expert: _ADAPTER_NAME if expert == "transformer" else f"{_ADAPTER_NAME}_2" for expert in files}
     for expert, file in files.items():
         load_blade_lora_weights(pipe, file, adapter_name=adapters[expert], expert=expert)

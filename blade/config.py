@@ -41,7 +41,7 @@ def _is_number(value: Any) -> bool:
 
 
 LORA_TARGET_PRESETS = ("attn", "attn_ffn", "all")  # blade.distill.lora's presets (no import: config stays light)
-_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2")  # fields newer than the files already in use
+_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2", "boundary_ratio")  # fields newer than the files already in use
 
 
 @dataclass(eq=True)
@@ -60,7 +60,9 @@ class BladeConfig(Mapping):
         lora_rank, lora_alpha, cfg, num_frames, height, width, fps: what the student was trained at.
         lora_targets: the trainer's ``--lora_targets`` preset (``"attn"``, ``"attn_ffn"``, ``"all"``); the LoRA file's
             keys say the same, this names the choice. cfg_2: the teacher's low-noise-expert guidance (two experts).
-            Both are written only when set, so files from before them round-trip unchanged.
+            boundary_ratio: a two-expert student's routing (WanPipeline's ``boundary_ratio``: anchors at
+            ``t >= boundary_ratio * 1000`` go to ``transformer``), which the pipeline it is loaded into must share.
+            These three are written only when set, so files from before them round-trip unchanged.
         extra: keys this type does not know (kept, and written back by ``save``), e.g. the DDPM ``beta_*`` keys.
     """
 
@@ -81,6 +83,7 @@ class BladeConfig(Mapping):
     fps: float | None = None
     lora_targets: str | None = None
     cfg_2: float | None = None
+    boundary_ratio: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +129,8 @@ class BladeConfig(Mapping):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 yield f"{name} must be a number or null, got {value!r}"
+        if self.boundary_ratio is not None and not (_is_number(self.boundary_ratio) and 0 < self.boundary_ratio < 1):
+            yield f"boundary_ratio must be a number in (0, 1) or null, got {self.boundary_ratio!r}"
         if not isinstance(self.extra, dict):
             yield f"extra must be a dict, got {type(self.extra).__name__}"
 

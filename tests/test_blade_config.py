@@ -44,6 +44,8 @@ def test_older_and_hand_written_files(tmp_path):
         ({"height": "tall"}, "height must be an int >= 1"),
         ({"lora_targets": "ffn"}, "lora_targets must be one of"),
         ({"cfg_2": "three"}, "cfg_2 must be a number"),
+        ({"boundary_ratio": 1.5}, "boundary_ratio must be a number in"),
+        ({"boundary_ratio": "high"}, "boundary_ratio must be a number in"),
     ],
 )
 def test_invalid_values_are_refused_with_the_key(data, message):
@@ -66,15 +68,16 @@ def test_load_names_the_file(tmp_path):
 
 
 def test_training_choices_are_written_only_when_set(tmp_path):
-    """lora_targets and cfg_2 (newer than the bundled file) round-trip when set and stay absent when not, and the
-    preset names are the trainer's."""
+    """lora_targets, cfg_2 and boundary_ratio (newer than the bundled file) round-trip when set and stay absent when
+    not, and the preset names are the trainer's."""
     from blade.config import LORA_TARGET_PRESETS
     from blade.distill import lora
 
     assert set(LORA_TARGET_PRESETS) == {*lora.TARGET_PRESETS, lora.ALL_LINEAR}
-    config = BladeConfig(family="wan", lora_targets="all", cfg_2=3.0)
+    config = BladeConfig(family="wan", lora_targets="all", cfg_2=3.0, boundary_ratio=0.875)
     config.save(tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert saved["lora_targets"] == "all" and saved["cfg_2"] == 3.0 and BladeConfig.load(tmp_path) == config
+    assert saved["lora_targets"] == "all" and saved["cfg_2"] == 3.0 and saved["boundary_ratio"] == 0.875
+    assert BladeConfig.load(tmp_path) == config
     BladeConfig(family="wan").save(tmp_path)
-    assert not {"lora_targets", "cfg_2"} & set(json.loads((tmp_path / CONFIG_NAME).read_text()))
+    assert not {"lora_targets", "cfg_2", "boundary_ratio"} & set(json.loads((tmp_path / CONFIG_NAME).read_text()))

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 import blade.distill.trainer as trainer
 from blade.api import load_blade_lora
+from blade.config import BladeConfig
 from blade.distill.experts import ExpertRouter, denoiser, expert_file_name, experts_of
 from blade.distill.tdm import expanded_timesteps, wan_family
-from blade.pipelines.loading import LORA_WEIGHT_NAME_2
+from blade.pipelines.loading import LORA_WEIGHT_NAME_2, LoraMismatchError
 from blade.testing.tiny import (
     build_tiny_cogvideox_pipeline,
     build_tiny_wan22_a14b_pipeline,
@@ -162,6 +163,15 @@ def test_two_expert_training_routes_resumes_and_loads(a14b_assets, tmp_path, mon
         after = {n: _out(getattr(pipe, n), x, t, e) for n, t in probes.items()}
     for name in probes:
         assert not torch.allclose(before[name], after[name]), name
+
+    # the folder records the routing it was trained with; a pipeline routing elsewhere is refused before loading
+    assert BladeConfig.load(full).boundary_ratio == pipe.config.boundary_ratio
+    other = build_tiny_wan22_a14b_pipeline(seed=0)
+    other.register_to_config(boundary_ratio=0.5)
+    reference = other.transformer.blocks[0].attn1.to_q.weight.detach().clone()
+    with pytest.raises(LoraMismatchError, match="boundary_ratio"):
+        load_blade_lora(other, full, fuse=True, asa=False)
+    assert torch.equal(other.transformer.blocks[0].attn1.to_q.weight, reference)
 
 
 def test_two_expert_training_with_asa_patches_both_experts(a14b_assets, tmp_path, monkeypatch):

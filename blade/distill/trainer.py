@@ -526,8 +526,10 @@ def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float |
     return handle, cfg_dict
 
 
-def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: dict | None) -> BladeConfig:
-    """The blade_config.json written beside every LoRA (docs/internals.md, "BLADE LoRA folder")."""
+def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: dict | None,
+                 boundary_ratio: float | None = None) -> BladeConfig:
+    """The blade_config.json written beside every LoRA (docs/internals.md, "BLADE LoRA folder"); `boundary_ratio`:
+    a two-expert pipeline's routing, which inference checks."""
     return BladeConfig(
         family=family.name,
         k_step=args.k_step,
@@ -541,6 +543,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         lora_alpha=args.lora_alpha,
         cfg=args.cfg,
         cfg_2=args.cfg_2,
+        boundary_ratio=boundary_ratio,
         lora_targets=args.lora_targets,
         num_frames=args.num_frames,
         height=args.height,
@@ -1017,7 +1020,9 @@ def train(args: argparse.Namespace) -> dict:
     objective = TDMObjective(transformer, family, tdm_config(args, getattr(transformer, "boundary", None)),
                              asa_handle, autocast=autocast,
                              model_dtype=weight_dtype)
-    config_json = blade_config(args, family, objective, asa_config)
+    two_experts = len(experts_of(transformer)) > 1
+    config_json = blade_config(args, family, objective, asa_config,
+                               boundary_ratio=float(pipe.config.boundary_ratio) if two_experts else None)
     neg = cache.negative().to(device)
     shape = family.latent_shape(args.train_batch_size, args.num_frames, args.height, args.width)
     tdm = TDMStep(args, accelerator, objective, neg, shape)  # optimizers, schedulers, EMA, seeded generators
