@@ -139,6 +139,39 @@ def test_dense_fake_attention_runs_the_fake_dense_and_the_student_sparse():
     assert plain.abs().sum() > 0 and torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-7)
 
 
+def test_diagnose_logs_the_fakes_own_sparse_attention_error():
+    """fake_asa_error = mean |x0 of the fake with ASA - x0 of the fake dense| on the fake loss's own batch, recomputed
+    by hand from the same draws (the prober's global-RNG draws replayed in the same order: student, then sparse fake),
+    whichever attention the fake trains with; absent without ASA."""
+    g = torch.Generator().manual_seed(0)
+    obj = _tiny_objective("dense", asa=True)
+    x = torch.randn(obj.family.latent_shape(1, 9, 256, 256), generator=g)
+    emb = torch.randn(1, 8, 32, generator=g)
+    draw = obj.draw_step(torch.Generator().manual_seed(1))
+    sched = obj.family.schedule
+
+    def run(o):
+        torch.manual_seed(5)
+        return o.fake_loss(x, draw, emb, torch.zeros_like(emb), torch.Generator().manual_seed(2),
+                           torch.Generator().manual_seed(3), diagnose=True)[1]
+
+    with torch.random.fork_rng(devices=[]):
+        logged = run(obj)["fake_asa_error"]
+        ref = _tiny_objective("asa", asa=True)  # its "fake" role is the sparse fake
+        torch.manual_seed(5)
+        with torch.no_grad():
+            t_i = torch.full((1,), float(draw.t_i))
+            out = ref.predict("student", x, t_i, emb)
+            draws = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+            _, x_tau, tau = ref._segment(out, x, draw, *draws)
+            sparse = sched.to_x0(ref.predict("fake", x_tau, tau, emb), x_tau, tau)
+            dense = sched.to_x0(_tiny_objective("asa", asa=False).predict("fake", x_tau, tau, emb), x_tau, tau)
+        assert logged.item() == pytest.approx((sparse - dense).abs().mean().item(), rel=1e-4)
+        assert logged.item() > 1e-3
+        assert "fake_asa_error" in run(_tiny_objective("asa", asa=True))
+        assert "fake_asa_error" not in run(_tiny_objective("asa", asa=False))
+
+
 def test_training_phases_in_order():
     args = SimpleNamespace(reflow_steps=2, fake_warmup_steps=3)
     assert [training_phase(args, s) for s in range(7)] == ["reflow"] * 2 + ["fake_warmup"] * 3 + ["tdm"] * 2

@@ -484,7 +484,8 @@ class TDMObjective:
         The batch is a fresh student rollout, so the loss before this update is the fake score's denoising error on
         samples it has not trained on. With `diagnose`, the logs also hold the (conditional, dense) teacher's error
         on the same noisy samples and targets, ``loss_teacher_dsm``: a fake that tracks the student denoises its
-        samples better than the teacher does (ratio < 1); a lagging fake does not.
+        samples better than the teacher does (ratio < 1); a lagging fake does not. Under ASA it also logs
+        ``fake_asa_error`` (see `_fake_asa_error`).
         """
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         with torch.no_grad():
@@ -500,6 +501,8 @@ class TDMObjective:
                 teacher_out = self.predict("teacher", x_tau, tau, emb)
         if diagnose:
             logs["loss_teacher_dsm"] = fake_score_loss(sched, teacher_out, x_tau, tau, x0, space).detach()
+            if self.asa is not None:
+                logs["fake_asa_error"] = self._fake_asa_error(fake_out, x_tau, tau, emb)
         if self.config.lambda_reg > 0:
             x0_teacher = sched.to_x0(teacher_out, x_tau, tau)
             reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
@@ -507,6 +510,22 @@ class TDMObjective:
             loss = loss + self.config.lambda_reg * reg
         self._activate("fake")  # for a checkpointed backward (see `_activate`)
         return loss, logs
+
+    def _fake_asa_error(self, fake_out: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor,
+                        emb: torch.Tensor) -> torch.Tensor:
+        """mean |x0 of the fake with ASA - x0 of the fake dense| on the fake's batch (one extra forward, no grad, with
+        the fake's attention switched): how much of the generator's signal (``score_gap`` = |fake - teacher|) is the
+        sparse attention's own error rather than the student's mismatch, whichever attention the fake trains with."""
+        sched = self.family.schedule
+        self._activate("fake")
+        trained_sparse = self.asa.enabled
+        self.asa.enabled = not trained_sparse
+        try:
+            with torch.no_grad(), self.autocast():
+                other = self.family.predict(self.transformer, x_tau, tau, emb, self.model_dtype)
+        finally:
+            self.asa.enabled = trained_sparse
+        return (sched.to_x0(fake_out.detach(), x_tau, tau) - sched.to_x0(other, x_tau, tau)).abs().mean()
 
     def generator_loss(self, x_ti, draw: StepDraw, emb, neg, generator, tau_generator) -> tuple[torch.Tensor, dict]:
         """Generator loss (grad flows into the "student" adapter through its x0 at x_{t_i} only). Call `backward` on
