@@ -178,6 +178,36 @@ def test_gradient_checkpointing_same_output_and_grads():
         assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_checkpointed_block_recomputes_in_its_own_forwards_context():
+    """Backward after a later forward with ASA off: each checkpointed block is recomputed with the context (mode,
+    permutation) of the forward it ran in, whichever forward ran last; ASA applied before checkpointing is enabled
+    (the trainer's order), and the gradients equal the plain (stored-activation) backward's."""
+    x, t, e = inputs(2, 16, 16, batch=2)  # 128 tokens: 8 key blocks, sparse_config keeps at most 4
+    x_off, _, e_off = inputs(2, 16, 16, batch=2, seed=1)
+
+    def losses_and_grads(checkpointing):
+        model = tiny_wan_transformer().train()
+        handle = apply_asa(model, sparse_config())  # the global RNG: the checkpoint replays the prober's draws
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        torch.manual_seed(0)
+        sparse = run(model, x, t, e)
+        handle.enabled = False
+        dense = run(model, x_off, t, e_off)
+        handle.enabled = True
+        (sparse.square().mean() + dense.abs().mean()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return sparse.detach(), dense.detach(), grads, handle
+
+    ref_sparse, ref_dense, ref_grads, _ = losses_and_grads(False)
+    sparse, dense, grads, handle = losses_and_grads(True)
+    assert handle.stats()["sparsity"] > 0
+    assert torch.allclose(sparse, ref_sparse) and torch.allclose(dense, ref_dense)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_deepcopy_is_independent():
     model = tiny_wan_transformer()
     x, t, e = inputs(2, 6, 8)

@@ -104,7 +104,6 @@ class CogVideoXASAProcessor(CogVideoXAttnProcessor2_0):
 
 
 class CogVideoXFamily(ModelFamily):
-    temb_arg = "temb"
     rope_arg = "image_rotary_emb"
 
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:

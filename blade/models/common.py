@@ -8,17 +8,22 @@
   after the last one (norms, modulation, FFN and Wan's text cross-attention are token-wise, so only the RoPE tables
   have to follow: Wan's ``rope`` output is permuted by a forward hook, CogVideoX's ``image_rotary_emb`` argument in
   the transformer pre-hook);
-- every block's pre-hook makes its forward's context current for the processors. The context travels on the
-  ``temb`` tensor that the transformer hands to every block, so a gradient-checkpointing recomputation during
-  backward sees the permutation and mode of its own forward even if the model ran other inputs in between.
+- the context is ``ASAState.current``, read by the first and last blocks' hooks and by the processors. With
+  gradient checkpointing on, the transformer pre-hook wraps the transformer's ``_gradient_checkpointing_func``
+  (the function diffusers runs each checkpointed block through; ``enable_gradient_checkpointing`` may set it before
+  or after ``install_asa``) in ``ASAState.checkpoint_block``: it hands the checkpoint a call of the block that makes
+  the context of the forward it was first run in current, and restores the previous one afterwards, so the
+  recomputation during backward sees the permutation and mode of its own forward even if the model ran other
+  inputs (or ASA off) in between.
 
 One ``AdaptiveBlockSparseAttention`` instance is shared by all layers (it is parameter-free) and aggregates stats.
-The hooks are bound methods of ``ASAState`` (no closures), so ``copy.deepcopy`` of a patched transformer (e.g. the
-TDM fake score) yields an independent, consistently patched copy.
+The hooks and the checkpoint wrapper are bound methods of ``ASAState`` (no closures), so ``copy.deepcopy`` of a
+patched transformer (e.g. the TDM fake score) yields an independent, consistently patched copy.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +36,8 @@ from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_per
 
 Grid = tuple[int, int, int]
 
-# Attribute of a transformer that holds its ASAHandle, and of the per-forward `temb` tensor that holds its context.
+# Attribute of a transformer that holds its ASAHandle.
 HANDLE_ATTR = "_blade_asa_handle"
-_CONTEXT_ATTR = "_blade_asa_context"
 
 MODE_OFF = "off"  # stock attention, no reordering (ASA disabled, or no grid)
 MODE_DENSE = "dense"  # dense warm-up step through the ASA module (counted as sparsity 0), no reordering
@@ -98,8 +102,6 @@ def permute_tokens(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tens
 class ModelFamily:
     """How one transformer family exposes what the ASA hooks need. Subclassed in ``wan.py`` / ``cogvideox.py``."""
 
-    #: Name of the block argument that carries the per-forward conditioning tensor (context courier).
-    temb_arg = "temb"
     #: Name of the transformer forward argument with the RoPE tables to permute (None: use ``rope_module``).
     rope_arg: str | None = None
 
@@ -173,7 +175,8 @@ class ASAState:
     current: ForwardContext | None = None
     forward_signature: inspect.Signature | None = None
     hidden_slot: _ArgSlot | None = None
-    temb_slot: _ArgSlot | None = None
+    # The transformer's own ``_gradient_checkpointing_func``, wrapped by ``checkpoint_block`` (``wrap_checkpointing``).
+    checkpoint_function: Callable | None = None
     # Optional fixed-mask source replacing the prober (training-free baselines: static window, random blocks):
     # ``(q, k, grid, dense_tail_tokens) -> BlockMask`` or bool ``[B|1, H|1, Nq, Nk]``.
     mask_provider: Callable | None = None
@@ -206,6 +209,7 @@ class ASAState:
     # ------------------------------------------------------------------------------------------------ hooks
     def transformer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         self.parallel_config = getattr(module, "_parallel_config", None)
+        self.wrap_checkpointing(module)
         bound = bind_arguments(self.forward_signature, args, kwargs)
         arguments = bound.arguments
         hidden_states = arguments["hidden_states"]
@@ -214,6 +218,42 @@ class ASAState:
         if ctx.sparse and self.family.reorder_arguments(module, arguments, ctx):
             return bound.args, bound.kwargs
         return None
+
+    # ------------------------------------------------------------------------------------ gradient checkpointing
+    def wrap_checkpointing(self, module: nn.Module) -> None:
+        """With gradient checkpointing on, route the transformer's checkpointed blocks through ``checkpoint_block``.
+
+        Done at every forward, not at install: ``enable_gradient_checkpointing`` (re)sets the function, before or
+        after ``install_asa``. The function found there is kept as ``checkpoint_function`` and called by the wrapper.
+        """
+        if not getattr(module, "gradient_checkpointing", False):
+            return
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if function is None or function == self.checkpoint_block:  # bound methods: equal when of this state
+            return
+        self.checkpoint_function = function
+        module._gradient_checkpointing_func = self.checkpoint_block
+
+    def unwrap_checkpointing(self, module: nn.Module) -> None:
+        """Give the transformer back the checkpointing function ``wrap_checkpointing`` wrapped (``remove``)."""
+        if getattr(module, "_gradient_checkpointing_func", None) == self.checkpoint_block:
+            module._gradient_checkpointing_func = self.checkpoint_function
+        self.checkpoint_function = None
+
+    def checkpoint_block(self, block: nn.Module, *args, **kwargs):
+        """The transformer's ``_gradient_checkpointing_func(block, *args)`` with the running forward's context bound
+        to the block call: the checkpoint runs it now and again in backward (after other forwards, maybe), and
+        both times the block sees this forward's grid, mode and permutation."""
+        call = functools.partial(self.run_block_in_context, self.current, block)
+        return self.checkpoint_function(call, *args, **kwargs)
+
+    def run_block_in_context(self, ctx: ForwardContext | None, block: nn.Module, *args, **kwargs):
+        """``block(*args, **kwargs)`` with ``ctx`` current; the previous context is current again afterwards."""
+        previous, self.current = self.current, ctx
+        try:
+            return block(*args, **kwargs)
+        finally:
+            self.current = previous
 
     def rope_forward_hook(self, module: nn.Module, args: tuple, output: Any):
         ctx = self.current
@@ -235,29 +275,8 @@ class ASAState:
         full = type(module).forward(module, *args)  # the module's own forward, without diffusers' split hook
         return tuple(shard_tokens(permute_tokens(x, ctx.perm, 1), 1, parallel) for x in full)
 
-    def _block_context(self, args: tuple, kwargs: dict) -> ForwardContext | None:
-        """The context of the forward this block call belongs to, made current for the processors.
-
-        With autograd on, a gradient-checkpointed block may be recomputed during backward, after other forwards:
-        the context rides on the block's ``temb`` (one tensor per forward, passed to every block).
-        """
-        if not torch.is_grad_enabled():  # no recomputation can follow: the transformer pre-hook's context holds
-            return self.current
-        temb = self.temb_slot.get(args, kwargs)
-        ctx = getattr(temb, _CONTEXT_ATTR, None) if torch.is_tensor(temb) else None
-        if ctx is None:
-            ctx = self.current
-            if torch.is_tensor(temb):
-                setattr(temb, _CONTEXT_ATTR, ctx)
-        self.current = ctx
-        return ctx
-
-    def block_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        self._block_context(args, kwargs)
-        return None
-
     def first_block_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        ctx = self._block_context(args, kwargs)
+        ctx = self.current
         if ctx is None or not ctx.sparse:
             return None
         hidden_states = self.hidden_slot.get(args, kwargs)  # [B, L_video, C] raster order
@@ -265,7 +284,7 @@ class ASAState:
         return self.hidden_slot.replace(args, kwargs, permute_tokens(hidden_states, ctx.perm, 1))
 
     def last_block_forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
-        ctx = self._block_context(args, kwargs)
+        ctx = self.current
         if ctx is None or not ctx.sparse:
             return None
         if isinstance(output, tuple):  # CogVideoX: (video, text)
@@ -391,6 +410,7 @@ class ASAHandle:
             hook.remove()
         for attn, processor in self._originals:
             attn.set_processor(processor)
+        self._state.unwrap_checkpointing(self._transformer)
         if getattr(self._transformer, HANDLE_ATTR, None) is self:
             delattr(self._transformer, HANDLE_ATTR)
         self.removed = True
@@ -428,7 +448,6 @@ def install_asa(
     state.forward_signature = inspect.signature(transformer.forward)
     block_signature = inspect.signature(blocks[0].forward)
     state.hidden_slot = _ArgSlot.of(block_signature, "hidden_states")
-    state.temb_slot = _ArgSlot.of(block_signature, family.temb_arg)
 
     originals = []
     for block in blocks:
@@ -440,8 +459,6 @@ def install_asa(
     if rope is not None:
         hooks.append(rope.register_forward_hook(state.rope_forward_hook))
     hooks.append(blocks[0].register_forward_pre_hook(state.first_block_pre_hook, with_kwargs=True))
-    for block in blocks[1:]:
-        hooks.append(block.register_forward_pre_hook(state.block_pre_hook, with_kwargs=True))
     restore = family.restore_module(transformer)
     if restore is None:
         hooks.append(blocks[-1].register_forward_hook(state.last_block_forward_hook, with_kwargs=True))

@@ -114,8 +114,6 @@ class WanASAProcessor(WanAttnProcessor):
 
 
 class WanFamily(ModelFamily):
-    temb_arg = "temb"
-
     def blocks(self, transformer: nn.Module) -> nn.ModuleList:
         return transformer.blocks
 
