@@ -178,16 +178,18 @@ def test_gradient_checkpointing_same_output_and_grads():
         assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_checkpointed_block_recomputes_in_its_own_forwards_context():
+@pytest.mark.parametrize("prober_seed", [None, 0])
+def test_checkpointed_block_recomputes_in_its_own_forwards_context(prober_seed):
     """Backward after a later forward with ASA off: each checkpointed block is recomputed with the context (mode,
     permutation) of the forward it ran in, whichever forward ran last; ASA applied before checkpointing is enabled
-    (the trainer's order), and the gradients equal the plain (stored-activation) backward's."""
+    (the trainer's order), and the gradients equal the plain (stored-activation) backward's. The prober draws from
+    the global RNG (None: the checkpoint replays it) or from its own seeded generators (0: replayed by ASA)."""
     x, t, e = inputs(2, 16, 16, batch=2)  # 128 tokens: 8 key blocks, sparse_config keeps at most 4
     x_off, _, e_off = inputs(2, 16, 16, batch=2, seed=1)
 
     def losses_and_grads(checkpointing):
         model = tiny_wan_transformer().train()
-        handle = apply_asa(model, sparse_config())  # the global RNG: the checkpoint replays the prober's draws
+        handle = apply_asa(model, sparse_config(seed=prober_seed))
         if checkpointing:
             model.enable_gradient_checkpointing()
         torch.manual_seed(0)

@@ -73,13 +73,22 @@ class SeededGenerators:
     def reset(self) -> None:
         self._generators = {}
 
+    def states(self) -> dict[str, torch.Tensor]:
+        """The generators' states by device name (for a replay: ``set_states``)."""
+        return {name: g.get_state() for name, g in self._generators.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Put the generators back to ``states`` (from ``states()``); devices not in it start over."""
+        self._generators = {}
+        for name, rng_state in states.items():
+            self.generator(torch.device(name)).set_state(rng_state)
+
     def __getstate__(self) -> dict:
-        return {"seed": self.seed, "states": {name: g.get_state() for name, g in self._generators.items()}}
+        return {"seed": self.seed, "states": self.states()}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["seed"])
-        for name, rng_state in state["states"].items():
-            self.generator(torch.device(name)).set_state(rng_state)
+        self.set_states(state["states"])
 
 
 @torch.compiler.assume_constant_result

@@ -244,16 +244,31 @@ class ASAState:
         """The transformer's ``_gradient_checkpointing_func(block, *args)`` with the running forward's context bound
         to the block call: the checkpoint runs it now and again in backward (after other forwards, maybe), and
         both times the block sees this forward's grid, mode and permutation."""
-        call = functools.partial(self.run_block_in_context, self.current, block)
+        # The checkpoint replays the global RNG for the recompute, not the prober's private seeded generators
+        # (ASAConfig.seed): their states now, so the recompute draws the blocks this forward draws.
+        rng = getattr(self.asa, "_rng", None)
+        replay = {"rng": rng, "states": rng.states() if rng is not None else None, "ran": False}
+        call = functools.partial(self.run_block_in_context, self.current, replay, block)
         return self.checkpoint_function(call, *args, **kwargs)
 
-    def run_block_in_context(self, ctx: ForwardContext | None, block: nn.Module, *args, **kwargs):
-        """``block(*args, **kwargs)`` with ``ctx`` current; the previous context is current again afterwards."""
+    def run_block_in_context(self, ctx: ForwardContext | None, replay: dict, block: nn.Module, *args, **kwargs):
+        """``block(*args, **kwargs)`` with ``ctx`` current; the previous context is current again afterwards.
+
+        ``replay``: on a second call (the checkpoint's recompute) the seeded prober generators restart from the
+        states of the first one and are given back their live states afterwards (the recompute consumes nothing).
+        """
         previous, self.current = self.current, ctx
+        live = None
+        if replay["ran"] and replay["rng"] is not None:
+            live = replay["rng"].states()
+            replay["rng"].set_states(replay["states"])
+        replay["ran"] = True
         try:
             return block(*args, **kwargs)
         finally:
             self.current = previous
+            if live is not None:
+                replay["rng"].set_states(live)
 
     def rope_forward_hook(self, module: nn.Module, args: tuple, output: Any):
         ctx = self.current
