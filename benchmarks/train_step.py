@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="base weights + autocast (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the step's phases (student rollout, fake and generator forwards and backwards, "
+                   "the teacher's share of the generator forward, optimizer steps), synchronizing the device "
+                   "between them: a row's 'phases_s' (mean per steady step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
@@ -146,6 +150,44 @@ class _RecordingDraws:
         return draw
 
 
+class _PhaseClock:
+    """Device-synchronized seconds per phase of `TDMStep` calls, by wrapping the objective's and the step's methods
+    on these instances: rollout, fake / generator forward (their loss functions), the backward after each (named by
+    the forward before it), and the teacher's CFG forwards inside the generator forward (also counted there)."""
+
+    PHASES = ("rollout", "fake forward", "fake backward", "generator forward", "generator backward",
+              "teacher (in generator forward)")
+
+    def __init__(self, device: torch.device, objective: TDMObjective, tdm: TDMStep):
+        self.device, self.seconds, self.last = device, dict.fromkeys(self.PHASES, 0.0), "fake"
+        objective.rollout = self._timed("rollout", objective.rollout)
+        objective.fake_loss = self._timed("fake forward", objective.fake_loss, then="fake")
+        objective.generator_loss = self._timed("generator forward", objective.generator_loss, then="generator")
+        objective.teacher_cfg_x0 = self._timed("teacher (in generator forward)", objective.teacher_cfg_x0)
+        backward = tdm._backward
+        tdm._backward = lambda loss: self._run(f"{self.last} backward", backward, loss)
+
+    def _run(self, phase: str, fn, *args, **kwargs):
+        start = _sync(self.device)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[phase] += _sync(self.device) - start
+
+    def _timed(self, phase: str, fn, then: str | None = None):
+        def timed(*args, **kwargs):
+            if then is not None:
+                self.last = then
+            return self._run(phase, fn, *args, **kwargs)
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        """The seconds since the last call, and start over."""
+        taken, self.seconds = self.seconds, dict.fromkeys(self.PHASES, 0.0)
+        return taken
+
+
 def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, snapshot, accelerator) -> dict:
     """1 + args.steps calls of the trainer's `TDMStep` on one arm; returns its row (times, peak memory, sparsity,
     draws)."""
@@ -166,6 +208,7 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     neg = torch.randn(length, width, generator=emb_gen, device=device) * 0.1
     shape = family_obj.latent_shape(batch, ns.num_frames, ns.height, ns.width)
     tdm = TDMStep(ns, accelerator, objective, neg, shape)  # optimizers, schedulers, seeded generators: the trainer's
+    clock = _PhaseClock(device, objective, tdm) if args.phases else None
     state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "micro_step": 0}
 
     def batches():  # the trainer's prompt_batches, without the loader: the same random embeddings every micro-step
@@ -178,12 +221,14 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, sparsities, draws, losses = [], [], [], []
+    times, sparsities, draws, losses, phases = [], [], [], [], []
     for _ in range(1 + args.steps):
         drawn = len(recorder.indices)
         start = _sync(device)
         logs = tdm(stream, state)  # one optimizer step, exactly the trainer's
         times.append(_sync(device) - start)
+        if clock is not None:
+            phases.append(clock.take())
         draws.append(recorder.indices[drawn:])
         losses.append([logs["loss_fake"], logs["loss_g"]])
         if handle is not None:
@@ -195,6 +240,12 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     del tdm, objective
     gc.collect()
     steady = times[1:]
+    extra = {}
+    if phases:  # mean over the steady steps; "other" = optimizer steps, draws, noise (step minus the timed phases)
+        mean = {name: statistics.mean(p[name] for p in phases[1:]) for name in _PhaseClock.PHASES}
+        timed = sum(v for k, v in mean.items() if not k.startswith("teacher"))
+        extra["phases_s"] = {**{k: round(v, 3) for k, v in mean.items()},
+                             "other": round(statistics.mean(steady) - timed, 3)}
     return {
         "model": MODEL_NAMES[family] + (" (tiny)" if args.tiny else ""),
         "family": family, "attention": attention, "batch": batch,
@@ -206,6 +257,7 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
         "sparsity": round(statistics.mean(sparsities[1:] or sparsities), 4) if sparsities else 0.0,
         "draws_fake_gen": draws, "losses_fake_gen": losses,
         "losses_finite": all(map(lambda x: x == x and abs(x) != float("inf"), sum(losses, []))),
+        **extra,
     }
 
 

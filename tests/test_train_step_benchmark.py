@@ -33,3 +33,20 @@ def test_train_step_benchmark_tiny_cpu(tmp_path):
     table = proc.stdout.strip().splitlines()
     assert table[-6].startswith("| model | attention | batch | first step s | steady step s (median) | peak GiB")
     assert table[-5].startswith("|---|") and all(line.startswith("| ") for line in table[-4:])  # printed last
+
+
+def test_train_step_benchmark_phases_add_up(tmp_path):
+    """--phases: every phase ran, the teacher's share lies inside the generator forward, and the phases do not
+    overlap: their sum stays under the step time, the rest ("other": optimizer steps, draws) is >= 0."""
+    out = tmp_path / "phases.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--tiny", "--device", "cpu",
+                           "--models", "wan", "--attention", "asa", "--steps", "1", "--phases", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, = json.loads(out.read_text())["rows"]
+    phases = row["phases_s"]
+    for name in ("rollout", "fake forward", "fake backward", "generator forward", "generator backward"):
+        assert phases[name] > 0, name
+    assert 0 < phases["teacher (in generator forward)"] <= phases["generator forward"]
+    assert 0 <= phases["other"] < row["steady step s (median)"]
