@@ -13,7 +13,7 @@ from blade.distill.reflow import reflow_loss, teacher_ode_pairs
 from blade.distill.tdm import TDMConfig, TDMObjective, sample_tau, teacher_gap_weight, wan_family
 from blade.distill.trainer import StudentEMA, training_phase
 from blade.testing.tiny import build_tiny_wan_pipeline
-from tests.test_tdm import _calls, _MockObjective
+from tests.test_tdm import _calls, _MockObjective, _tiny_with_distinct_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,26 +77,8 @@ def test_fake_loss_diagnose_logs_the_teacher_error_on_the_same_batch():
 
 
 def _tiny_objective(fake_attention: str, asa: bool, checkpointing: bool = False) -> TDMObjective:
-    """Tiny Wan (seed 0) with ASA (as the trainer applies it: before the adapters) or without, student/fake adapters
-    perturbed apart, and an objective whose fake loss also calls the teacher (lambda_reg) before its backward."""
-    from blade.distill.trainer import apply_sparsity
-
-    pipe = build_tiny_wan_pipeline(seed=0)
-    tr = pipe.transformer
-    handle = apply_sparsity(tr, "wan", 0)[0] if asa else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
-        lora.add_student_and_fake(tr, rank=4, alpha=8)
-    with torch.no_grad():
-        for seed, name in ((7, lora.STUDENT), (8, lora.FAKE)):
-            g = torch.Generator().manual_seed(seed)
-            for p in lora.adapter_parameters(tr, name):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    if checkpointing:
-        tr.enable_gradient_checkpointing()
-    tr.train()
-    config = TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5, fake_attention=fake_attention)
-    return TDMObjective(tr, wan_family(pipe), config, asa_handle=handle)
+    """test_tdm's tiny Wan with distinct adapters, with or without ASA, and its objective."""
+    return _tiny_with_distinct_adapters(checkpointing, asa=asa, fake_attention=fake_attention)[1]
 
 
 def test_dense_fake_attention_runs_the_fake_dense_and_the_student_sparse():

@@ -265,10 +265,15 @@ def test_family_feeds_model_timestep():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_with_distinct_adapters(gradient_checkpointing: bool):
-    """Tiny Wan with student/fake adapters perturbed apart (as after some training) and an objective on it."""
+def _tiny_with_distinct_adapters(gradient_checkpointing: bool, asa: bool = False, fake_attention: str = "asa"):
+    """Tiny Wan with student/fake adapters perturbed apart (as after some training) and an objective on it whose
+    fake loss also calls the teacher (lambda_reg) before its backward. With `asa`, ASA is applied as the trainer
+    applies it (before the adapters) and handed to the objective."""
+    from blade.distill.trainer import apply_sparsity
+
     pipe = build_tiny_wan_pipeline(seed=0)
     tr = pipe.transformer
+    handle = apply_sparsity(tr, "wan", 0)[0] if asa else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
         lora.add_student_and_fake(tr, rank=4, alpha=8)
@@ -280,7 +285,8 @@ def _tiny_with_distinct_adapters(gradient_checkpointing: bool):
     if gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    return pipe, TDMObjective(tr, wan_family(pipe), TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5))
+    config = TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5, fake_attention=fake_attention)
+    return pipe, TDMObjective(tr, wan_family(pipe), config, asa_handle=handle)
 
 
 def _adapter_grads(obj, loss_fn, name):
