@@ -70,8 +70,7 @@ def main() -> None:
         for tau in args.taus:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + tau))
             t = torch.tensor([float(tau)])
-            sigma = family.schedule.sigma(t).view(-1, 1, 1, 1, 1)
-            x_tau = (1 - sigma) * x0 + sigma * noise
+            x_tau = family.schedule.add_noise(x0, noise, t).float()
 
             def x0_of(e: torch.Tensor, x_tau: torch.Tensor = x_tau, t: torch.Tensor = t) -> torch.Tensor:
                 with torch.no_grad():
