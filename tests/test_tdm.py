@@ -265,15 +265,16 @@ def test_family_feeds_model_timestep():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_with_distinct_adapters(gradient_checkpointing: bool, asa: bool = False, fake_attention: str = "asa"):
+def _tiny_with_distinct_adapters(gradient_checkpointing: bool, asa: bool = False, fake_attention: str = "asa",
+                                 asa_block_size: int | None = None, dense_steps: int = 0):
     """Tiny Wan with student/fake adapters perturbed apart (as after some training) and an objective on it whose
     fake loss also calls the teacher (lambda_reg) before its backward. With `asa`, ASA is applied as the trainer
-    applies it (before the adapters) and handed to the objective."""
+    applies it (before the adapters, the handle's own dense_steps 0) and handed to the objective."""
     from blade.distill.trainer import apply_sparsity
 
     pipe = build_tiny_wan_pipeline(seed=0)
     tr = pipe.transformer
-    handle = apply_sparsity(tr, "wan", 0)[0] if asa else None
+    handle = apply_sparsity(tr, "wan", 0, block_size=asa_block_size)[0] if asa else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
         lora.add_student_and_fake(tr, rank=4, alpha=8)
@@ -285,7 +286,7 @@ def _tiny_with_distinct_adapters(gradient_checkpointing: bool, asa: bool = False
     if gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    config = TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5, fake_attention=fake_attention)
+    config = TDMConfig(k_step=2, cfg=3.0, lambda_reg=0.5, fake_attention=fake_attention, dense_steps=dense_steps)
     return pipe, TDMObjective(tr, wan_family(pipe), config, asa_handle=handle)
 
 
@@ -352,3 +353,47 @@ def test_student_sampler_equals_training_rule():
                    num_frames=9, height=16, width=16, output_type="latent", return_dict=False)[0]
     want = obj.sample(noise, emb, torch.Generator().manual_seed(11))
     assert torch.allclose(got.float(), want, atol=1e-5)
+
+
+def test_dense_steps_in_training_follow_the_student_step():
+    """TDMConfig.dense_steps = 1 (K = 2): the objective's sample runs its first step dense and the second sparse,
+    exactly as inference does (WanPipeline + BladeStudentScheduler + the ASA handle's dense_steps = 1); the fake
+    matching step 0 runs dense and the fake matching step 1 sparse, whatever tau (the handle's tracker, which infers
+    the step from timestep order, would have followed the order of training's forwards instead)."""
+    from blade.distill.sampler import BladeStudentScheduler
+
+    pipe, obj = _tiny_with_distinct_adapters(False, asa=True, asa_block_size=16, dense_steps=1)
+    handle = obj.asa
+    g = torch.Generator().manual_seed(0)
+    noise, emb = torch.randn(1, 16, 3, 8, 8, generator=g), torch.randn(1, 8, 32, generator=g)
+
+    def sample_training(dense_steps: int) -> torch.Tensor:
+        obj.config = dataclasses.replace(obj.config, dense_steps=dense_steps)
+        torch.manual_seed(3)  # the prober's draws
+        with torch.no_grad():
+            return obj.sample(noise, emb, torch.Generator().manual_seed(11))
+
+    want, all_sparse, all_dense = sample_training(1), sample_training(0), sample_training(2)
+    assert not torch.allclose(want, all_sparse, atol=1e-4) and not torch.allclose(want, all_dense, atol=1e-4)
+
+    lora.activate(obj.transformer, lora.STUDENT)
+    handle.enabled, handle.dense_steps = True, 1
+    handle.reset()
+    pipe.scheduler = BladeStudentScheduler(num_anchors=2, eta=0.9)
+    pipe.scheduler.set_generator(torch.Generator().manual_seed(11))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = pipe(prompt_embeds=emb, guidance_scale=1.0, num_inference_steps=2, latents=noise.clone(),
+                   num_frames=9, height=64, width=64, output_type="latent", return_dict=False)[0]
+    assert handle.stats()["sparsity"] > 0
+    assert torch.allclose(got.float(), want, atol=1e-5)
+
+    handle.dense_steps = 0
+    obj.config = dataclasses.replace(obj.config, dense_steps=1)
+    neg = torch.zeros_like(emb)
+    for i, sparse_calls in ((0, False), (1, True)):
+        draw = StepDraw(i=i, t_i=obj.anchors[i], t_mid=segment_end(obj.anchors, i))
+        x_ti = torch.randn(noise.shape, generator=g)
+        handle.reset()
+        obj.fake_loss(x_ti, draw, emb, neg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
+        assert (handle.stats()["calls"] > 0) == sparse_calls, i

@@ -321,6 +321,10 @@ class TDMConfig:
     cfg_2: float | None = None  # two-expert models: the teacher's scale below cfg_boundary (None: cfg everywhere)
     cfg_boundary: float | None = None  # model timestep where cfg_2 takes over (the expert router's boundary)
     fake_attention: str = "asa"  # "asa": the fake runs the student's sparse attention (released); "dense": full
+    # The first student steps that run dense (ASA off), as the sampler's ``dense_steps``; the fake matching one of
+    # those steps' segments runs dense too. Set here, by step index, not by the ASA handle's step tracker, which
+    # infers the step from the order of timesteps and cannot follow training's out-of-order forwards.
+    dense_steps: int = 0
 
     def guidance(self, model_t: torch.Tensor) -> float | torch.Tensor:
         """The teacher's CFG scale at model timesteps `model_t` [B] (`guidance_scale`)."""
@@ -338,6 +342,8 @@ class TDMConfig:
             raise ValueError(f"generator_loss must be 'huber' or 'l2', got {self.generator_loss!r}")
         if self.fake_attention not in ("asa", "dense"):
             raise ValueError(f"fake_attention must be 'asa' or 'dense', got {self.fake_attention!r}")
+        if not 0 <= self.dense_steps <= self.k_step:
+            raise ValueError(f"dense_steps must be in [0, k_step={self.k_step}], got {self.dense_steps}")
 
 
 @dataclass
@@ -354,8 +360,8 @@ class TDMObjective:
     an `ExpertRouter` (`blade.distill.experts`) whose experts carry them, called as one transformer.
 
     Roles on the one base model:
-      student = adapter "student", ASA on (when an ASA handle is given);
-      fake    = adapter "fake",    ASA on (off with ``config.fake_attention == "dense"``);
+      student = adapter "student", ASA on (when an ASA handle is given) except at its first ``config.dense_steps``;
+      fake    = adapter "fake",    ASA as the student's at the step it matches (off with ``fake_attention == "dense"``);
       teacher = adapters disabled, ASA off (dense), CFG with the negative embedding.
     """
 
@@ -379,8 +385,9 @@ class TDMObjective:
     # ---- roles ---------------------------------------------------------------------------------------------
 
     @contextmanager
-    def role(self, name: str) -> Iterator[None]:
-        """Switch the shared transformer to "student", "fake" or "teacher" for the block."""
+    def role(self, name: str, step: int | None = None) -> Iterator[None]:
+        """Switch the shared transformer to "student", "fake" or "teacher" for the block; `step`: the student step
+        the forward serves (its index in the anchors), which decides the attention under ``config.dense_steps``."""
         if name == "teacher":
             # Restore the attention the active role had (not simply ASA on): a dense fake's loss may call the
             # teacher before its backward, whose checkpointed recompute must see the fake's own attention again.
@@ -394,23 +401,29 @@ class TDMObjective:
                 if self.asa is not None:
                     self.asa.enabled = was_enabled
             return
-        self._activate(name)
+        self._activate(name, step)
         with self.autocast():
             yield
 
-    def _activate(self, name: str) -> None:
-        """Leave the transformer in the "student" or "fake" configuration (its adapter active, ASA on unless the
-        fake is configured dense).
+    def sparse(self, name: str, step: int | None = None) -> bool:
+        """Whether role "student" or "fake" runs ASA for student step `step` (None: a forward tied to no step)."""
+        if self.asa is None or (name == "fake" and self.config.fake_attention == "dense"):
+            return False
+        return step is None or step >= self.config.dense_steps
+
+    def _activate(self, name: str, step: int | None = None) -> None:
+        """Leave the transformer in the "student" or "fake" configuration (its adapter active, ASA per `sparse`).
 
         A loss must leave its own role active: gradient checkpointing recomputes the blocks during `backward` with
         whatever adapter is active then, and a wrong one silently corrupts the gradient (same shapes, no error).
         """
         lora.activate(self.transformer, lora.STUDENT if name == "student" else lora.FAKE)
         if self.asa is not None:
-            self.asa.enabled = name == "student" or self.config.fake_attention == "asa"
+            self.asa.enabled = self.sparse(name, step)
 
-    def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        with self.role(role):
+    def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+                step: int | None = None) -> torch.Tensor:
+        with self.role(role, step):
             return self.family.predict(self.transformer, x, t, emb, self.model_dtype)
 
     def teacher_cfg_x0(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, neg: torch.Tensor):
@@ -444,7 +457,7 @@ class TDMObjective:
         states = [noise]
         for k in range(upto):
             t = self._times(self.anchors[k], noise.shape[0], noise.device)
-            out = self.predict("student", states[-1], t, emb)
+            out = self.predict("student", states[-1], t, emb, step=k)
             t_next = self._times(self.anchors[k + 1], noise.shape[0], noise.device)
             x_next, _ = student_step(self.family.schedule, out, states[-1], t, t_next, self.config.eta, generator)
             states.append(x_next.float())
@@ -455,7 +468,7 @@ class TDMObjective:
         """The student's full K-step sample (x0 after the last anchor), as the 8-step sampler runs it."""
         states = self.rollout(noise, emb, len(self.anchors) - 1, generator)
         t = self._times(self.anchors[-1], noise.shape[0], noise.device)
-        out = self.predict("student", states[-1], t, emb)
+        out = self.predict("student", states[-1], t, emb, step=len(self.anchors) - 1)
         x0, _ = student_step(self.family.schedule, out, states[-1], t, None, self.config.eta, generator)
         return x0
 
@@ -489,9 +502,9 @@ class TDMObjective:
         """
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         with torch.no_grad():
-            out = self.predict("student", x_ti, t_i, emb)
+            out = self.predict("student", x_ti, t_i, emb, step=draw.i)
         x0, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
-        fake_out = self.predict("fake", x_tau, tau, emb)
+        fake_out = self.predict("fake", x_tau, tau, emb, step=draw.i)
         sched, space = self.family.schedule, self.family.fake_loss_space
         loss = fake_score_loss(sched, fake_out, x_tau, tau, x0, space)
         logs = {"loss_fake_dsm": loss.detach()}
@@ -502,22 +515,22 @@ class TDMObjective:
         if diagnose:
             logs["loss_teacher_dsm"] = fake_score_loss(sched, teacher_out, x_tau, tau, x0, space).detach()
             if self.asa is not None:
-                logs["fake_asa_error"] = self._fake_asa_error(fake_out, x_tau, tau, emb)
+                logs["fake_asa_error"] = self._fake_asa_error(fake_out, x_tau, tau, emb, draw.i)
         if self.config.lambda_reg > 0:
             x0_teacher = sched.to_x0(teacher_out, x_tau, tau)
             reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
             logs["loss_fake_reg"] = reg.detach()
             loss = loss + self.config.lambda_reg * reg
-        self._activate("fake")  # for a checkpointed backward (see `_activate`)
+        self._activate("fake", draw.i)  # for a checkpointed backward (see `_activate`)
         return loss, logs
 
     def _fake_asa_error(self, fake_out: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor,
-                        emb: torch.Tensor) -> torch.Tensor:
+                        emb: torch.Tensor, step: int) -> torch.Tensor:
         """mean |x0 of the fake with ASA - x0 of the fake dense| on the fake's batch (one extra forward, no grad, with
         the fake's attention switched): how much of the generator's signal (``score_gap`` = |fake - teacher|) is the
         sparse attention's own error rather than the student's mismatch, whichever attention the fake trains with."""
         sched = self.family.schedule
-        self._activate("fake")
+        self._activate("fake", step)
         trained_sparse = self.asa.enabled
         self.asa.enabled = not trained_sparse
         try:
@@ -532,12 +545,12 @@ class TDMObjective:
         it before any other forward of the transformer (the student adapter is left active, see `_activate`)."""
         sched = self.family.schedule
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
-        out = self.predict("student", x_ti, t_i, emb)
+        out = self.predict("student", x_ti, t_i, emb, step=draw.i)
         x0 = sched.to_x0(out, x_ti, t_i)
         _, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
         x0_teacher, _ = self.teacher_cfg_x0(x_tau, tau, emb, neg)
         with torch.no_grad():
-            x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb), x_tau, tau)
+            x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb, step=draw.i), x_tau, tau)
         target = generator_target(x0, x0_teacher, x0_fake)
         if self.config.generator_loss == "l2":
             # DMD2: 0.5 * ||x0 - target||^2, whose gradient is the score difference itself (not its sign).
@@ -553,6 +566,6 @@ class TDMObjective:
         if normalize:
             per_sample = per_sample * teacher_gap_weight(x0, x0_teacher, self.config.normalize_cap)
         # The fake ran last: switch back, or a checkpointed backward recomputes the student with the fake adapter.
-        self._activate("student")
+        self._activate("student", draw.i)
         score_gap = (x0_fake - x0_teacher).abs().mean()  # |fake - real| in x0 space: the size of the update signal
         return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean(), "score_gap": score_gap}

@@ -131,7 +131,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--tau_max", type=int, default=979, help="Largest diffusion time of the fake/teacher scores.")
     p.add_argument("--use_sparsity", action="store_true",
                    help="Adaptive block-sparse attention (ASA) in the student and fake score; the teacher stays dense.")
-    p.add_argument("--dense_steps", type=int, default=0, help="First student steps that run dense (ASA off).")
+    p.add_argument("--dense_steps", type=int, default=0,
+                   help="First student steps that run dense (ASA off) in training (the fake score matching them too) "
+                        "and in the saved sampler config.")
     p.add_argument("--asa_max_keep", type=float, default=None,
                    help="Largest share of key blocks ASA keeps per query block (default: the family's, 0.17 = "
                    "sparsity >= 0.83); e.g. 0.25 for sparsity >= 0.75. Saved in blade_config.json for inference.")
@@ -948,7 +950,9 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
     family = build_family(pipe, args)
     asa_handle, asa_config = None, None
     if args.use_sparsity:
-        asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, args.dense_steps, args.asa_max_keep,
+        # dense_steps 0 on the handle: in training the objective decides each forward's attention by its student
+        # step (TDMConfig.dense_steps); the handle's tracker infers steps from timestep order, which training breaks.
+        asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, 0, args.asa_max_keep,
                                                 pipe=pipe, block_size=args.asa_block_size)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
@@ -963,6 +967,7 @@ def tdm_config(args: argparse.Namespace, boundary: float | None = None) -> TDMCo
                      lambda_reg=args.lambda_reg,
                      tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
                      tau_mode=args.tau_mode, generator_loss=args.generator_loss, fake_attention=args.fake_attention,
+                     dense_steps=args.dense_steps if args.use_sparsity else 0,
                      normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
 
 

@@ -91,7 +91,7 @@ def evaluate(
     lora: str | None = None,
     model: str | None = None,
     device: str = "cpu",
-    dense_steps: int = 0,
+    dense_steps: int | None = None,
     compare_dense: bool = False,
     save_videos: str | None = None,
     dense_cache: dict | None = None,
@@ -110,6 +110,8 @@ def evaluate(
         guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
     if attention is None:  # the student as it was distilled
         attention = "asa" if lora_config and lora_config.asa else "dense"
+    if dense_steps is None:  # likewise: its dense first steps when it was distilled with them
+        dense_steps = lora_config.dense_steps if lora_config else 0
     size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
     extra = {"max_sequence_length": TINYWORLD_DEFAULTS["max_sequence_length"]}
 
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: asa when the LoRA's blade_config.json has an ASA config, else dense)")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="target self-attention sparsity for window/random (and pinned ASA), e.g. 0.75")
-    parser.add_argument("--dense_steps", type=int, default=0, help="run the first N sampling steps dense")
+    parser.add_argument("--dense_steps", type=int, default=None,
+                        help="run the first N sampling steps dense (default: the LoRA's dense_steps, else 0)")
     parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
