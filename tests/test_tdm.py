@@ -158,7 +158,7 @@ class _MockObjective(TDMObjective):
         self.delta = torch.zeros(shape, requires_grad=True)
         self.calls = []
 
-    def _activate(self, name):
+    def _activate(self, name, step=None):
         pass
 
     @staticmethod
@@ -170,7 +170,7 @@ class _MockObjective(TDMObjective):
         x0_fake = x_tau - s_tau * (-0.3 * x_tau + 0.1)
         return x0_teacher, x0_fake
 
-    def predict(self, role, x, t, emb):
+    def predict(self, role, x, t, emb, step=None):
         self.calls.append((role, x.detach().clone(), t.detach().clone(), emb))
         if role == "student":
             return 0.4 * x + self.delta
