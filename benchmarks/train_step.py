@@ -193,7 +193,7 @@ def run_arm(pipe, family: str, attention: str, batch: int, args, device, dtype, 
     draws)."""
     transformer = pipe.transformer
     ns = trainer_args(family, args, batch, dtype)
-    handle = tr.apply_sparsity(transformer, family, dense_steps=0)[0] if attention == "asa" else None
+    handle = tr.apply_sparsity(transformer, family)[0] if attention == "asa" else None
     lora.load_adapter_state_dict(transformer, lora.STUDENT, snapshot[lora.STUDENT])
     lora.load_adapter_state_dict(transformer, lora.FAKE, snapshot[lora.FAKE])
     family_obj = tr.build_family(pipe, ns)

@@ -274,7 +274,7 @@ def _tiny_with_distinct_adapters(gradient_checkpointing: bool, asa: bool = False
 
     pipe = build_tiny_wan_pipeline(seed=0)
     tr = pipe.transformer
-    handle = apply_sparsity(tr, "wan", 0, block_size=asa_block_size)[0] if asa else None
+    handle = apply_sparsity(tr, "wan", block_size=asa_block_size)[0] if asa else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # PEFT's gaussian A init draws from the global RNG
         lora.add_student_and_fake(tr, rank=4, alpha=8)

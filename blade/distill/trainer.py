@@ -505,10 +505,14 @@ def build_family(pipe, args) -> TDMFamily:
     return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
-def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float | None = None, pipe=None,
+def apply_sparsity(transformer, family: str, max_keep: float | None = None, pipe=None,
                    block_size: int | None = None):
-    """Patch the transformer's self-attention with ASA; returns (handle, config as a dict). `max_keep` and
-    `block_size` override the family's defaults.
+    """Patch the transformer's self-attention with ASA for training; returns (handle, config as a dict). `max_keep`
+    and `block_size` override the family's defaults.
+
+    The handle's own ``dense_steps`` stays 0: its tracker infers the sampling step from the order of timesteps,
+    which training's forwards (rollout, fake at a random tau, teacher, generator) do not follow; the objective
+    switches ASA per forward by the student step it serves (``TDMConfig.dense_steps``).
 
     With `pipe` of two experts, both are patched (one shared ASA module and step tracker, a `PipelineASAHandle`).
     """
@@ -521,9 +525,9 @@ def apply_sparsity(transformer, family: str, dense_steps: int, max_keep: float |
     if pipe is not None and getattr(pipe, "transformer_2", None) is not None:
         from blade.models import apply_asa_pipeline
 
-        handle = apply_asa_pipeline(pipe, config, dense_steps=dense_steps)
+        handle = apply_asa_pipeline(pipe, config, dense_steps=0)
     else:
-        handle = adapter.apply_asa(transformer, config, dense_steps=dense_steps)
+        handle = adapter.apply_asa(transformer, config, dense_steps=0)
     cfg_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
     return handle, cfg_dict
 
@@ -540,7 +544,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         prediction_type=family.schedule.prediction_type,
         shift=args.shift if get_family(family.name).flow_shift else None,
         asa=asa_config,
-        dense_steps=args.dense_steps if asa_config is not None else 0,
+        dense_steps=objective.config.dense_steps,
         lora_rank=args.rank,
         lora_alpha=args.lora_alpha,
         cfg=args.cfg,
@@ -950,9 +954,7 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
     family = build_family(pipe, args)
     asa_handle, asa_config = None, None
     if args.use_sparsity:
-        # dense_steps 0 on the handle: in training the objective decides each forward's attention by its student
-        # step (TDMConfig.dense_steps); the handle's tracker infers steps from timestep order, which training breaks.
-        asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, 0, args.asa_max_keep,
+        asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, args.asa_max_keep,
                                                 pipe=pipe, block_size=args.asa_block_size)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
