@@ -181,6 +181,19 @@ def test_one_tdm_iteration_with_asa(tier_root, family):
     assert (out / "checkpoint-1" / "COMPLETE").is_file()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tdm_iteration_with_per_sample_step_draws(tier_root, family, tmp_path):
+    """--step_draw sample with a batch of 3: the samples' states gathered from one rollout, per-sample timesteps
+    through the student, segment and tau on the device (the DDPM table lookups of CogVideoX included)."""
+    summary = train(tier_root, family, tmp_path / "per_sample", "--max_train_steps", "1", "--step_draw", "sample",
+                    "--train_batch_size", "3")
+    _record(test="per_sample_step_draws", family=family,
+            **{k: summary.get(k) for k in ("seconds", "step_time", "peak_memory_gib", "loss_fake", "loss_g")})
+    assert summary["global_step"] == 1
+    for key in ("loss_fake", "loss_g", "grad_norm_g", "grad_norm_fake"):
+        assert math.isfinite(summary[key]), (key, summary)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # b. checkpoint save + resume
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The shared TDM trainer (blade/distill/trainer.py) end to end on the tiny Wan pipeline, on CPU."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -420,3 +421,23 @@ def test_asa_block_size_and_dense_fake_train_and_are_saved(assets, tmp_path):
     assert 9 / 12 - 1e-6 <= logs["sparsity"] < 1.0
     saved = BladeConfig.load(out).asa_config()
     assert saved.block_size == 64 and saved.max_keep == 0.17
+
+
+def test_per_sample_step_draws_train_and_resume_exactly(assets, tmp_path, capsys):
+    """--step_draw sample (TDM's and BLADE's draw): 2+2 steps from checkpoint-2 give the 4-step run's weights bit for
+    bit (the draws come from the checkpointed generator); with --dense_steps it is refused before the model loads."""
+    common = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "0", "--report_to",
+              "none", "--step_draw", "sample", "--train_batch_size", "4")
+    full = tmp_path / "full"
+    logs = train(_args(assets, full, *common))
+    assert logs["global_step"] == 4 and math.isfinite(logs["loss_g"])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    train(_args(assets, resumed, *common, "--resume_from_checkpoint", "latest"))
+    a, b = _lora(full), _lora(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):
+        parse_args("wan", _argv(assets, tmp_path / "o", "--use_sparsity", "--dense_steps", "1", "--step_draw",
+                                "sample"))
+    assert "--step_draw sample cannot go with --dense_steps" in capsys.readouterr().err

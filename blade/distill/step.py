@@ -218,15 +218,15 @@ class TDMStep:
         batch = emb.shape[0]
         negb = self.neg.unsqueeze(0).expand(batch, -1, -1)
         noise = torch.randn((batch, *self.shape[1:]), generator=noise_gen, device=self.device)
-        draws_f = [objective.draw_step(draw_gen) for _ in range(args.fake_updates)]
-        draw_g = objective.draw_step(draw_gen) if phase == "tdm" else None
-        deepest = max(d.i for d in (*draws_f, draw_g) if d is not None)
+        draws_f = [objective.draw_step(draw_gen, batch) for _ in range(args.fake_updates)]
+        draw_g = objective.draw_step(draw_gen, batch) if phase == "tdm" else None
+        deepest = max(d.deepest for d in (*draws_f, draw_g) if d is not None)
         states = objective.rollout(noise, emb, deepest, noise_gen)
         diagnose = args.diag_every > 0 and (global_step + 1) % args.diag_every == 0
         logs = {}
         for r, draw_f in enumerate(draws_f):
-            loss_f, extra = objective.fake_loss(states[draw_f.i], draw_f, emb, negb, noise_gen, draw_gen,
-                                                diagnose=diagnose and r == 0)
+            loss_f, extra = objective.fake_loss(objective.state_at(states, draw_f), draw_f, emb, negb, noise_gen,
+                                                draw_gen, diagnose=diagnose and r == 0)
             threshold = objective.config.fake_skip_threshold
             skip = threshold is not None and float(loss_f.detach()) > threshold
             if not skip:
@@ -240,7 +240,8 @@ class TDMStep:
                 if norm is not None:
                     logs["grad_norm_fake"] = norm
         if draw_g is not None:
-            loss_g, extra_g = objective.generator_loss(states[draw_g.i], draw_g, emb, negb, noise_gen, draw_gen)
+            x_ti = objective.state_at(states, draw_g)
+            loss_g, extra_g = objective.generator_loss(x_ti, draw_g, emb, negb, noise_gen, draw_gen)
             self._backward(loss_g)
             logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
         return logs

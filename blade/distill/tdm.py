@@ -188,16 +188,25 @@ def segment_end(anchors: list[int], i: int) -> int:
     return anchors[i + 1] if i + 1 < len(anchors) else 0
 
 
-def sample_tau(t_mid: int, batch: int, tau_max: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_tau(t_mid: int | torch.Tensor, batch: int, tau_max: int | torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Integer tau ~ U{t_mid+1, ..., tau_max} per sample, as float [B] (tau > t_mid: strictly noisier).
 
     The TDM README's two noise modes are two values of `tau_max`: the released BLADE code's "to the top"
     (``tau_max`` = 979 for every step) and "fully separate" (``tau_max`` = the step's own anchor ``t_i``).
+    `t_mid` and `tau_max` may be [B] tensors (per-sample step draws): each sample's own range.
     """
-    low = t_mid + 1
-    if low > tau_max:
-        raise ValueError(f"no tau in [{low}, {tau_max}]: tau_max must exceed the segment end {t_mid}")
-    return torch.randint(low, tau_max + 1, (batch,), generator=generator).to(torch.float32)
+    if not (torch.is_tensor(t_mid) or torch.is_tensor(tau_max)):
+        low = t_mid + 1
+        if low > tau_max:
+            raise ValueError(f"no tau in [{low}, {tau_max}]: tau_max must exceed the segment end {t_mid}")
+        return torch.randint(low, tau_max + 1, (batch,), generator=generator).to(torch.float32)
+    low = torch.as_tensor(t_mid, dtype=torch.float64).reshape(-1).expand(batch) + 1
+    high = torch.as_tensor(tau_max, dtype=torch.float64).reshape(-1).expand(batch)
+    if bool((low > high).any()):
+        raise ValueError(f"no tau in [t_mid + 1, tau_max] for some sample: t_mid {t_mid}, tau_max {tau_max}")
+    u = torch.rand((batch,), generator=generator, dtype=torch.float64)
+    return torch.minimum(low + torch.floor(u * (high - low + 1)), high).to(torch.float32)
 
 
 def forward_diffuse(
@@ -325,6 +334,10 @@ class TDMConfig:
     # those steps' segments runs dense too. Set here, by step index, not by the ASA handle's step tracker, which
     # infers the step from the order of timesteps and cannot follow training's out-of-order forwards.
     dense_steps: int = 0
+    # "batch": one student step index per update, shared by the batch (ours until 2026-12-06); "sample": one per
+    # sample, as TDM's and BLADE's released trainers draw it, so every update carries all steps' gradients (Adam runs
+    # with beta1 = 0 here: no momentum averages the steps across updates).
+    step_draw: str = "batch"
 
     def guidance(self, model_t: torch.Tensor) -> float | torch.Tensor:
         """The teacher's CFG scale at model timesteps `model_t` [B] (`guidance_scale`)."""
@@ -344,15 +357,38 @@ class TDMConfig:
             raise ValueError(f"fake_attention must be 'asa' or 'dense', got {self.fake_attention!r}")
         if not 0 <= self.dense_steps <= self.k_step:
             raise ValueError(f"dense_steps must be in [0, k_step={self.k_step}], got {self.dense_steps}")
+        if self.step_draw not in ("batch", "sample"):
+            raise ValueError(f"step_draw must be 'batch' or 'sample', got {self.step_draw!r}")
+        if self.step_draw == "sample" and self.dense_steps > 0:
+            # One forward serves the whole batch, so its attention cannot be dense for some samples only.
+            raise ValueError("dense_steps > 0 needs step_draw 'batch': per-sample step draws would mix dense and "
+                             "sparse steps in one forward")
 
 
 @dataclass
 class StepDraw:
-    """The random choices of one update: the step index and the student's segment state."""
+    """The random choices of one update: the student step index and its segment (anchor ``t_i``, segment end
+    ``t_mid``), one int each when the batch shares one step, or [B] tensors (per-sample draws)."""
 
-    i: int
-    t_i: int
-    t_mid: int
+    i: int | torch.Tensor
+    t_i: int | torch.Tensor
+    t_mid: int | torch.Tensor
+
+    @property
+    def per_sample(self) -> bool:
+        return torch.is_tensor(self.i)
+
+    @property
+    def deepest(self) -> int:
+        """The deepest step index drawn: how far the rollout must go."""
+        return int(self.i.max()) if self.per_sample else self.i
+
+    @property
+    def step(self) -> int | None:
+        """The student step every sample shares (decides the attention under ``dense_steps``); None when mixed."""
+        if not self.per_sample:
+            return self.i
+        return int(self.i[0]) if bool((self.i == self.i[0]).all()) else None
 
 
 class TDMObjective:
@@ -438,11 +474,26 @@ class TDMObjective:
 
     # ---- random draws --------------------------------------------------------------------------------------
 
-    def draw_step(self, generator: torch.Generator | None) -> StepDraw:
+    def draw_step(self, generator: torch.Generator | None, batch: int = 1) -> StepDraw:
+        """The step index of the next update: one for the batch, or one per sample (``config.step_draw``)."""
+        if self.config.step_draw == "sample":
+            i = torch.randint(0, len(self.anchors), (batch,), generator=generator)
+            ends = [segment_end(self.anchors, k) for k in range(len(self.anchors))]
+            return StepDraw(i=i, t_i=torch.tensor(self.anchors)[i], t_mid=torch.tensor(ends)[i])
         i = int(torch.randint(0, len(self.anchors), (1,), generator=generator))
         return StepDraw(i=i, t_i=self.anchors[i], t_mid=segment_end(self.anchors, i))
 
-    def _times(self, value: float, batch: int, device) -> torch.Tensor:
+    @staticmethod
+    def state_at(states: list[torch.Tensor], draw: StepDraw) -> torch.Tensor:
+        """x_{t_i} of each sample from a rollout's states ``[x_{t_0}, ...]``: [B, ...]."""
+        if not draw.per_sample:
+            return states[draw.i]
+        return torch.stack([states[int(k)][b] for b, k in enumerate(draw.i)])
+
+    def _times(self, value: float | torch.Tensor, batch: int, device) -> torch.Tensor:
+        """Timesteps [B] (float32) on `device`: one value for all, or a [B] tensor of per-sample values."""
+        if torch.is_tensor(value):
+            return value.to(device=device, dtype=torch.float32).reshape(batch)
         return torch.full((batch,), float(value), device=device)
 
     # ---- rollout ---------------------------------------------------------------------------------------------
@@ -477,6 +528,8 @@ class TDMObjective:
         batch, device = x_ti.shape[0], x_ti.device
         sched = self.family.schedule
         t_i = self._times(draw.t_i, batch, device)
+        if draw.per_sample:
+            return self._segment_per_sample(out, x_ti, draw, t_i, generator, tau_generator)
         t_mid = None if draw.t_mid == 0 else self._times(draw.t_mid, batch, device)
         with torch.no_grad():
             x_mid, x0 = student_step(sched, out.detach(), x_ti, t_i, t_mid, self.config.eta, generator)
@@ -484,6 +537,24 @@ class TDMObjective:
             tau = sample_tau(draw.t_mid, batch, tau_max, tau_generator).to(device)
             z = torch.randn(x_ti.shape, generator=generator, device=device, dtype=torch.float32)
             x_tau = forward_diffuse(sched, x_mid.float(), float(draw.t_mid), tau, z)
+        return x0.float(), x_tau, tau
+
+    @torch.no_grad()
+    def _segment_per_sample(self, out, x_ti, draw: StepDraw, t_i, generator, tau_generator):
+        """`_segment` with each sample at its own step: the last step's samples (``t_mid`` = 0) take x_mid = x0 (a
+        DDPM table's t = 0 is not exactly clean), every sample its own tau range."""
+        batch, device = x_ti.shape[0], x_ti.device
+        sched = self.family.schedule
+        t_mid = self._times(draw.t_mid, batch, device)
+        x_mid, x0 = student_step(sched, out.detach(), x_ti, t_i, t_mid, self.config.eta, generator)
+        last = (t_mid == 0).view(-1, *([1] * (x_ti.ndim - 1)))
+        x_mid = torch.where(last, x0, x_mid)
+        tau_max = torch.full((batch,), float(self.config.tau_max))
+        if self.config.tau_mode == "segment":
+            tau_max = torch.minimum(tau_max, draw.t_i.to(torch.float32))
+        tau = sample_tau(draw.t_mid, batch, tau_max, tau_generator).to(device)
+        z = torch.randn(x_ti.shape, generator=generator, device=device, dtype=torch.float32)
+        x_tau = forward_diffuse(sched, x_mid.float(), t_mid, tau, z)
         return x0.float(), x_tau, tau
 
     # ---- losses ---------------------------------------------------------------------------------------------
@@ -502,9 +573,9 @@ class TDMObjective:
         """
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
         with torch.no_grad():
-            out = self.predict("student", x_ti, t_i, emb, step=draw.i)
+            out = self.predict("student", x_ti, t_i, emb, step=draw.step)
         x0, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
-        fake_out = self.predict("fake", x_tau, tau, emb, step=draw.i)
+        fake_out = self.predict("fake", x_tau, tau, emb, step=draw.step)
         sched, space = self.family.schedule, self.family.fake_loss_space
         loss = fake_score_loss(sched, fake_out, x_tau, tau, x0, space)
         logs = {"loss_fake_dsm": loss.detach()}
@@ -515,17 +586,17 @@ class TDMObjective:
         if diagnose:
             logs["loss_teacher_dsm"] = fake_score_loss(sched, teacher_out, x_tau, tau, x0, space).detach()
             if self.asa is not None:
-                logs["fake_asa_error"] = self._fake_asa_error(fake_out, x_tau, tau, emb, draw.i)
+                logs["fake_asa_error"] = self._fake_asa_error(fake_out, x_tau, tau, emb, draw.step)
         if self.config.lambda_reg > 0:
             x0_teacher = sched.to_x0(teacher_out, x_tau, tau)
             reg = fake_score_loss(sched, fake_out, x_tau, tau, x0_teacher, space)
             logs["loss_fake_reg"] = reg.detach()
             loss = loss + self.config.lambda_reg * reg
-        self._activate("fake", draw.i)  # for a checkpointed backward (see `_activate`)
+        self._activate("fake", draw.step)  # for a checkpointed backward (see `_activate`)
         return loss, logs
 
     def _fake_asa_error(self, fake_out: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor,
-                        emb: torch.Tensor, step: int) -> torch.Tensor:
+                        emb: torch.Tensor, step: int | None) -> torch.Tensor:
         """mean |x0 of the fake with ASA - x0 of the fake dense| on the fake's batch (one extra forward, no grad, with
         the fake's attention switched): how much of the generator's signal (``score_gap`` = |fake - teacher|) is the
         sparse attention's own error rather than the student's mismatch, whichever attention the fake trains with."""
@@ -545,12 +616,12 @@ class TDMObjective:
         it before any other forward of the transformer (the student adapter is left active, see `_activate`)."""
         sched = self.family.schedule
         t_i = self._times(draw.t_i, x_ti.shape[0], x_ti.device)
-        out = self.predict("student", x_ti, t_i, emb, step=draw.i)
+        out = self.predict("student", x_ti, t_i, emb, step=draw.step)
         x0 = sched.to_x0(out, x_ti, t_i)
         _, x_tau, tau = self._segment(out, x_ti, draw, generator, tau_generator)
         x0_teacher, _ = self.teacher_cfg_x0(x_tau, tau, emb, neg)
         with torch.no_grad():
-            x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb, step=draw.i), x_tau, tau)
+            x0_fake = sched.to_x0(self.predict("fake", x_tau, tau, emb, step=draw.step), x_tau, tau)
         target = generator_target(x0, x0_teacher, x0_fake)
         if self.config.generator_loss == "l2":
             # DMD2: 0.5 * ||x0 - target||^2, whose gradient is the score difference itself (not its sign).
@@ -566,6 +637,6 @@ class TDMObjective:
         if normalize:
             per_sample = per_sample * teacher_gap_weight(x0, x0_teacher, self.config.normalize_cap)
         # The fake ran last: switch back, or a checkpointed backward recomputes the student with the fake adapter.
-        self._activate("student", draw.i)
+        self._activate("student", draw.step)
         score_gap = (x0_fake - x0_teacher).abs().mean()  # |fake - real| in x0 space: the size of the update signal
         return per_sample.mean(), {"teacher_gap": (x0.detach() - x0_teacher).abs().mean(), "score_gap": score_gap}

@@ -186,6 +186,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--tau_mode", default="to_max", choices=["to_max", "segment"],
                    help="tau range of the fake/teacher scores: (t_mid, tau_max] (released BLADE) or the step's own "
                    "segment (t_mid, t_i] (TDM's 'fully separate' mode).")
+    p.add_argument("--step_draw", default="batch", choices=["batch", "sample"],
+                   help="Student step index of an update: one for the whole batch (ours until 2026-12-06), or one per "
+                   "sample as TDM's and BLADE's released trainers draw it (every update then trains all steps; "
+                   "not with --dense_steps).")
     # Default changed from the released code's pseudo-Huber (near L1 at these sizes, so a sign gradient) after the
     # TinyWorld study (BENCHMARKS.md, "Distillation study"): squared error with DMD2's per-sample normalisation was
     # the strongest single change of the screen. `--generator_loss huber --normalize_generator auto` is the paper's.
@@ -329,6 +333,9 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
          f"--asa_max_keep must be in (0, 1], got {args.asa_max_keep}")
     need(args.asa_block_size is None or (args.asa_block_size > 0 and args.asa_block_size % 16 == 0),
          f"--asa_block_size must be a positive multiple of 16, got {args.asa_block_size}")
+    need(args.step_draw == "batch" or not (args.use_sparsity and args.dense_steps),
+         "--step_draw sample cannot go with --dense_steps: one forward serves the whole batch, so it cannot run dense "
+         "for the samples at a dense step only; use --step_draw batch with --dense_steps")
     need(args.fake_attention == "asa" or args.use_sparsity,
          "--fake_attention dense changes nothing without --use_sparsity (the fake is dense already); drop it or add "
          "--use_sparsity")
@@ -970,6 +977,7 @@ def tdm_config(args: argparse.Namespace, boundary: float | None = None) -> TDMCo
                      tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
                      tau_mode=args.tau_mode, generator_loss=args.generator_loss, fake_attention=args.fake_attention,
                      dense_steps=args.dense_steps if args.use_sparsity else 0,
+                     step_draw=args.step_draw,
                      normalize_generator={"auto": None, "on": True, "off": False}[args.normalize_generator])
 
 
