@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", default=None, help="legend labels (default: folder names)")
     parser.add_argument("--teacher", type=float, default=None, help="the teacher's adherence on the same prompts")
     parser.add_argument("--title", default="TinyWorld distillation: adherence during training")
+    parser.add_argument("--ylabel", default="adherence (24 held-out videos)", help="y-axis label (the evaluation set)")
     parser.add_argument("--out", required=True, help="PNG path")
     args = parser.parse_args()
 
@@ -46,7 +47,7 @@ def main() -> None:
     if args.teacher is not None:
         ax.axhline(args.teacher, color="black", linestyle="--", label=f"teacher, 50 steps CFG 5 ({args.teacher:.3f})")
     ax.set_xlabel("optimizer step (batch 16)")
-    ax.set_ylabel("adherence (24 held-out videos)")
+    ax.set_ylabel(args.ylabel)
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(args.title)

@@ -6,7 +6,8 @@
 #
 # PLAN: a file of "name flags..." lines (# comments); every run gets the common flags below (the released Wan recipe
 # at TinyWorld size, pinned so that every plan keeps its meaning when the trainer's defaults move: batch 16, K 8,
-# cfg 5, LoRA 64/64 on the attention projections, pseudo-Huber generator loss, lr 1e-4, fake lr 2e-4, bf16) and its own flags after them, so
+# cfg 5, anchor shift 1 (the released uniform anchors; the trainer's default became the folder's flow shift, 3.0,
+# on 2026-12-06), LoRA 64/64 on the attention projections, pseudo-Huber generator loss, lr 1e-4, fake lr 2e-4, bf16) and its own flags after them, so
 # a run's flags override the common ones ({RUN} in them stands for the RUN folder). MINUTES boxes every run (loading
 # and evaluation included); runs resume
 # from RUN/<name> when it holds a checkpoint (a second call on a warm machine continues them).
@@ -47,7 +48,7 @@ while read -r name flags; do
   # shellcheck disable=SC2086
   python3 wanx/train/train_wanx_tdm.py --tinyworld --pretrained_model_name_or_path "$MODEL" \
     --prompt_dir "$RUN/prompts" --output_dir "$RUN/$name" --mixed_precision bf16 --train_batch_size 16 \
-    --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 --lora_targets attn \
+    --k_step 8 --eta 0.9 --cfg 5.0 --shift 1 --lambda_reg 0 --rank 64 --lora_alpha 64 --lora_targets attn \
     --generator_loss huber --normalize_generator auto --learning_rate 1e-4 \
     --learning_rate_fake 2e-4 --lr_scheduler constant --max_train_steps 100000 --checkpointing_steps 500 \
     --validation_steps 0 --report_to none --eval_every "$EVAL_EVERY" --eval_seeds ${EVAL_SEEDS:-1000 1001} --diag_every 10 \

@@ -144,9 +144,9 @@ class _RecordingDraws:
     def __init__(self, draw_step):
         self.draw_step, self.indices = draw_step, []
 
-    def __call__(self, generator):
-        draw = self.draw_step(generator)
-        self.indices.append(draw.i)
+    def __call__(self, generator, batch: int = 1):
+        draw = self.draw_step(generator, batch)
+        self.indices.append(draw.i if isinstance(draw.i, int) else draw.i.tolist())  # per-sample draws: a list
         return draw
 
 

@@ -116,10 +116,15 @@ class Family:
         return importlib.import_module(self.adapter_module)
 
     def build_tdm_family(self, pipe, shift: float | None = None):
-        """The TDM adapter of a loaded pipeline (``blade.distill.tdm.TDMFamily``); ``shift`` for flow-shift families."""
+        """The TDM adapter of a loaded pipeline (``blade.distill.tdm.TDMFamily``); ``shift`` for flow-shift families
+        (None: the pipeline scheduler's own flow shift, else 1.0)."""
         module, name = self.tdm_family.split(":")
         builder = getattr(importlib.import_module(module), name)
-        return builder(pipe, shift=shift) if self.flow_shift else builder(pipe)
+        if not self.flow_shift:
+            return builder(pipe)
+        if shift is None:
+            shift = scheduler_flow_shift(getattr(getattr(pipe, "scheduler", None), "config", None)) or 1.0
+        return builder(pipe, shift=shift)
 
     def size_rules(self, vae_config: Mapping[str, Any], transformer_config: Mapping[str, Any]) -> tuple[int, int, int]:
         """``(height_multiple, width_multiple, frame_step)`` from the VAE and transformer configs."""
@@ -342,6 +347,25 @@ def model_of_folder(model_path: str | os.PathLike, family: str | None = None) ->
     if spec is not None and family is not None and spec.family != family:
         return None
     return spec
+
+
+def scheduler_flow_shift(config: Mapping[str, Any] | None) -> float | None:
+    """The flow shift a scheduler config samples with (UniPC's ``flow_shift``, FlowMatchEuler's ``shift``), or None
+    when it has none."""
+    if config is None or not hasattr(config, "get"):
+        return None
+    for key in ("flow_shift", "shift"):
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None
+
+
+def folder_flow_shift(model_path: str | os.PathLike) -> float | None:
+    """``scheduler_flow_shift`` of a pipeline folder's ``scheduler/scheduler_config.json`` (JSON only; None when the
+    file is missing or unreadable)."""
+    config = _read_json(os.path.join(os.fspath(model_path), "scheduler", "scheduler_config.json"))
+    return scheduler_flow_shift(config) if isinstance(config, dict) else None
 
 
 def video_defaults(family: str, model_path: str | os.PathLike | None = None) -> tuple[dict[str, int], ModelSpec | None]:

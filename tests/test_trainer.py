@@ -441,3 +441,32 @@ def test_per_sample_step_draws_train_and_resume_exactly(assets, tmp_path, capsys
         parse_args("wan", _argv(assets, tmp_path / "o", "--use_sparsity", "--dense_steps", "1", "--step_draw",
                                 "sample"))
     assert "--step_draw sample cannot go with --dense_steps" in capsys.readouterr().err
+
+
+def test_shift_defaults_to_the_folders_flow_shift_and_resume_refuses_another(assets, tmp_path, capsys, monkeypatch):
+    """No --shift: the folder's scheduler flow_shift (the tiny Wan folder ships UniPC with 3.0, as Wan2.1 does), saved
+    in blade_config.json; --shift wins. A checkpoint trained with another shift is refused before the model loads."""
+    import json as json_module
+
+    import blade.distill.trainer as trainer
+    from blade.families import folder_flow_shift
+
+    scheduler_config = json_module.loads((assets / "pipe" / "scheduler" / "scheduler_config.json").read_text())
+    assert folder_flow_shift(assets / "pipe") == scheduler_config["flow_shift"] == 3.0
+    assert parse_args("wan", _argv(assets, tmp_path / "a")).shift == 3.0
+    assert parse_args("wan", _argv(assets, tmp_path / "a", "--shift", "1")).shift == 1.0
+    assert not hasattr(parse_args("cogvideox", _argv(assets, tmp_path / "a")), "shift") or \
+        parse_args("cogvideox", _argv(assets, tmp_path / "a")).shift is None
+
+    out = tmp_path / "s1"
+    train(_args(assets, out, "--shift", "1", "--max_train_steps", "1", "--checkpointing_steps", "1",
+                "--validation_steps", "0", "--report_to", "none"))
+    saved = json_module.loads((out / "checkpoint-1" / "blade_config.json").read_text())
+    assert saved["shift"] == 1.0
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the checkpoint's recipe was checked")
+
+    monkeypatch.setattr(trainer, "load_pipeline", no_load)
+    err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert "--shift 1.0 (this run: 3.0)" in err and "Pass --shift 1.0" in err

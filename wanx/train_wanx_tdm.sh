@@ -8,6 +8,10 @@
 # LoRA on every Linear of the transformer (--lora_targets all, the trainer's default), not only on the attention
 # projections as released: on TinyWorld it lifted the dense student from ~0.77 to ~0.84-0.86 adherence at equal steps
 # (BENCHMARKS.md, "Distillation study", call 4; TDM itself fine-tunes every weight); --lora_targets attn restores it.
+# Student anchors at the teacher's own noise levels: --shift defaults to the model folder's scheduler flow_shift
+# (3.0 for Wan2.1: sigma 0.9997, 0.954, 0.90, ..., 0.298, the timesteps of Wan's 8-step UniPC schedule, which the
+# released BLADE samples with after training on uniform anchors). On TinyWorld it was the study's largest gain
+# (call 6: dense +0.12, ASA +0.06 adherence at equal steps; dropped objects fixed); --shift 1 restores the paper's.
 # Plain multi-GPU data parallelism (train/config_ddp.yaml) by default. DeepSpeed ZeRO-2 (train/config.yaml +
 # ds_config.json) is opt-in with USE_DEEPSPEED=1: it is documented, not run on a GPU in this project, and the trainer
 # builds its own LoRA optimizers, which ZeRO does not shard.

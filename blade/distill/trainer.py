@@ -53,7 +53,7 @@ from blade.distill.model_extensions import ModelExtensionError, load_extension
 from blade.distill.step import StudentEMA, TDMStep, optimizer_step, sync_gradients, training_phase  # noqa: F401
 from blade.distill.step import make_schedulers as _make_schedulers  # noqa: F401
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
-from blade.families import FAMILIES, folder_experts, get_family, video_defaults
+from blade.families import FAMILIES, folder_experts, folder_flow_shift, get_family, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
@@ -219,8 +219,11 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Grammar prompts for --eval_every (default: assets/tinyworld/eval_prompts.txt).")
     p.add_argument("--eval_seeds", type=int, nargs="+", default=[1000], help="Seeds for --eval_every.")
     if get_family(family).flow_shift:
-        p.add_argument("--shift", type=float, default=1.0,
-                       help="Flow shift of the student's anchor schedule (1.0 = anchors uniform in sigma).")
+        p.add_argument("--shift", type=float, default=None,
+                       help="Flow shift of the student's anchor schedule (default: the model folder's scheduler "
+                       "flow_shift, e.g. 3.0 for Wan2.1 and TinyWorld, else 1.0; 1.0 = anchors uniform in sigma, as "
+                       "the released BLADE trains). With 3.0 the 8 anchors sit at the noise levels of the teacher's "
+                       "own 8-step UniPC schedule (BENCHMARKS.md, distillation study, call 6).")
     for flag, _, help_text in get_family(family).trainer_presets:  # e.g. --tinyworld (a Wan-architecture model)
         p.add_argument(f"--{flag}", action="store_true", help=help_text)
     return p
@@ -276,6 +279,8 @@ def parse_args(family: str, argv: list[str] | None = None) -> argparse.Namespace
     for key in ("num_frames", "height", "width", "fps"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    if get_family(family).flow_shift and args.shift is None:
+        args.shift = folder_flow_shift(args.pretrained_model_name_or_path) or 1.0
     if args.prompt_dir is None:
         raise SystemExit("error: --prompt_dir is required (run utils/process_prompts_*.py first)")
     return fill_derived_flags(args)
@@ -480,6 +485,32 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
         check_checkpoint(Path(resume), experts)
+    path = resolve_resume(resume, Path(args.output_dir))
+    if path is not None:
+        check_resume_recipe(path, args)
+
+
+def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
+    """Refuse to resume a checkpoint whose student sampler (K, eta, flow shift) differs from this run's flags: the
+    LoRA would go on training for other anchors without a word. Matters most for ``--shift``, whose default became
+    the model folder's flow shift on 2026-12-06 (runs started before trained with 1.0)."""
+    saved = _read_json_file(path / CONFIG_NAME)
+    if not isinstance(saved, dict):
+        return  # an older checkpoint without the file: nothing to compare
+    now = {"k_step": args.k_step, "eta": args.eta, "shift": getattr(args, "shift", None)}
+    differ = [f"--{key} {saved[key]} (this run: {now[key]})" for key in now
+              if saved.get(key) is not None and now[key] is not None and float(saved[key]) != float(now[key])]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was trained with {', '.join(differ)}; resuming would change the "
+                              f"student's sampler mid-run. Pass {' '.join(d.split(' (')[0] for d in differ)} to resume "
+                              f"it, or start a new --output_dir")
+
+
+def _read_json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,7 +580,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         anchors=[int(a) for a in objective.anchors],
         eta=args.eta,
         prediction_type=family.schedule.prediction_type,
-        shift=args.shift if get_family(family.name).flow_shift else None,
+        shift=family.schedule.shift if get_family(family.name).flow_shift else None,  # the shift trained with
         asa=asa_config,
         dense_steps=objective.config.dense_steps,
         lora_rank=args.rank,

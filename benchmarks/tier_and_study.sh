@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU call that runs the GPU test tier (tier, then launch) beside a distillation-study plan, and leaves at most
+# 8 files in $OUT (the device tool's limit): tier_tier.tgz, tier_launch.tgz (each written as its stage ends),
+# study_logs.tgz (logs, eval curves, the study table, the prompt log) and one lora_<run>.tgz per run (<= 5 runs).
+#
+#   PLAN=benchmarks/study_plans/call8_shift_long.txt MINUTES=8.2 OUT=out bash benchmarks/tier_and_study.sh
+#
+# TIER=0 skips the tier (the study alone); DEADLINE (s, default 570) stops whatever still runs and archives it.
+# Wheels in .whl/ (diffusers, imageio) are installed first when present (the device machine lacks diffusers).
+set -uo pipefail
+T0=$SECONDS
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+OUT=${OUT:?OUT}; PLAN=${PLAN:-}; MINUTES=${MINUTES:-8}; DEADLINE=${DEADLINE:-570}; TIER=${TIER:-1}
+mkdir -p "$OUT"; OUT=$(realpath "$OUT")
+W=$(mktemp -d /tmp/tier_and_study.XXXXXX); mkdir -p "$W/tier" "$W/study"
+log() { echo "$* (at $((SECONDS - T0)) s)" | tee -a "$W/study/tier_and_study.log"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$W/study/tier_and_study.log"
+if [ "$TIER" = 1 ]; then
+  (
+    OUT=$W/tier STAGES=tier bash benchmarks/gpu_tier.sh > "$W/tier/stdout_tier.txt" 2>&1
+    cp "$W/tier/summary.txt" "$W/tier/summary_tier.txt"
+    tar czf "$OUT/tier_tier.tgz" -C "$W" tier; log "tier archived"
+    OUT=$W/tier STAGES=launch bash benchmarks/gpu_tier.sh > "$W/tier/stdout_launch.txt" 2>&1
+    tar czf "$OUT/tier_launch.tgz" -C "$W" tier; log "launch archived"
+  ) &
+  TIER_PID=$!
+fi
+if [ -n "$PLAN" ]; then
+  OUT=$W/study timeout $((DEADLINE - (SECONDS - T0) - 15)) bash benchmarks/tinyworld_study.sh "$PLAN" "$MINUTES" \
+    > "$W/study/stdout.txt" 2>&1
+  log "study rc=$?"
+  mv "$W"/study/lora_*.tgz "$OUT"/ 2>/dev/null
+  tar czf "$OUT/study_logs.tgz" -C "$W" study
+  tail -20 "$W/study/stdout.txt"
+fi
+if [ "$TIER" = 1 ]; then
+  ( sleep $((DEADLINE - (SECONDS - T0))); log "deadline: stopping the tier"; pkill -f gpu_tier.sh; pkill -f pytest ) &
+  KILLER=$!
+  wait "$TIER_PID"; kill "$KILLER" 2>/dev/null
+  [ -f "$OUT/tier_launch.tgz" ] || tar czf "$OUT/tier_partial.tgz" -C "$W" tier
+  cat "$W/tier/summary_tier.txt" "$W/tier/summary.txt" 2>/dev/null
+fi
+log "end"
