@@ -397,3 +397,23 @@ def test_dense_steps_in_training_follow_the_student_step():
         handle.reset()
         obj.fake_loss(x_ti, draw, emb, neg, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
         assert (handle.stats()["calls"] > 0) == sparse_calls, i
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_default_anchors_sit_at_the_teachers_own_k_step_timesteps(family, tmp_path):
+    """With the trainer's default shift (the folder's flow_shift), the student's 8 anchors condition the transformer at
+    the model timesteps of the teacher scheduler's own 8-step schedule, as diffusers sets it (within rounding): UniPC
+    shift 3 for Wan (999, 954, 900, ...), DDIM trailing for CogVideoX (999, 874, ...)."""
+    from blade.families import get_family, scheduler_flow_shift
+    from blade.testing.tiny import build_tiny_cogvideox_pipeline
+
+    pipe = build_tiny_wan_pipeline(seed=0) if family == "wan" else build_tiny_cogvideox_pipeline(seed=0)
+    tdm_family = get_family(family).build_tdm_family(pipe)  # shift None: the pipeline scheduler's
+    if family == "wan":
+        assert tdm_family.schedule.shift == scheduler_flow_shift(pipe.scheduler.config) == 3.0
+    objective = TDMObjective(torch.nn.Identity(), tdm_family, TDMConfig(k_step=8))
+    anchors = torch.tensor(objective.anchors, dtype=torch.float64)
+    model_t = tdm_family.schedule.model_timestep(anchors) if family == "wan" else anchors
+    pipe.scheduler.set_timesteps(8)
+    stock = pipe.scheduler.timesteps.double()
+    assert torch.allclose(model_t.double(), stock, atol=3.0), (model_t, stock)
