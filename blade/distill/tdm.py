@@ -334,9 +334,9 @@ class TDMConfig:
     # those steps' segments runs dense too. Set here, by step index, not by the ASA handle's step tracker, which
     # infers the step from the order of timesteps and cannot follow training's out-of-order forwards.
     dense_steps: int = 0
-    # "batch": one student step index per update, shared by the batch (ours until 2026-12-06); "sample": one per
-    # sample, as TDM's and BLADE's released trainers draw it, so every update carries all steps' gradients (Adam runs
-    # with beta1 = 0 here: no momentum averages the steps across updates).
+    # "batch": one student step index per update, shared by the batch (the default); "sample": one per sample, as
+    # TDM's and BLADE's released trainers draw it, so every update carries all steps' gradients (Adam runs with
+    # beta1 = 0 here: no momentum averages the steps across updates). No gain on TinyWorld (study call 6).
     step_draw: str = "batch"
 
     def guidance(self, model_t: torch.Tensor) -> float | torch.Tensor:

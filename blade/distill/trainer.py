@@ -187,9 +187,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="tau range of the fake/teacher scores: (t_mid, tau_max] (released BLADE) or the step's own "
                    "segment (t_mid, t_i] (TDM's 'fully separate' mode).")
     p.add_argument("--step_draw", default="batch", choices=["batch", "sample"],
-                   help="Student step index of an update: one for the whole batch (ours until 2026-12-06), or one per "
-                   "sample as TDM's and BLADE's released trainers draw it (every update then trains all steps; "
-                   "not with --dense_steps).")
+                   help="Student step index of an update: one for the whole batch (default), or one per sample as "
+                   "TDM's and BLADE's released trainers draw it (every update then trains all steps; no gain on "
+                   "TinyWorld, BENCHMARKS.md call 6; not with --dense_steps).")
     # Default changed from the released code's pseudo-Huber (near L1 at these sizes, so a sign gradient) after the
     # TinyWorld study (BENCHMARKS.md, "Distillation study"): squared error with DMD2's per-sample normalisation was
     # the strongest single change of the screen. `--generator_loss huber --normalize_generator auto` is the paper's.
