@@ -24,6 +24,15 @@ Recommended run on one H100 (both families in ~4-6 minutes):
     python benchmarks/end_to_end.py --family both --baseline_steps 5 --out benchmarks/results/end_to_end.json
 
 CPU smoke test (tiny random pipelines, 2 steps): ``python benchmarks/end_to_end.py --family wan --tiny``.
+
+The newer models (issue: Wan2.2 and the 14B models) run with ``--models NAME ...`` (``wan2.1-t2v-14b``,
+``wan2.2-t2v-a14b``, ``wan2.2-ti2v-5b``, also the two above by model name): each at its registry video size and stock
+CFG (``blade.families.get_model``), every expert of a two-expert pipeline with the random LoRA, ASA
+(``apply_asa_pipeline``: the model's default config) and the speed-ups; the student's anchors take the stock
+scheduler's flow shift, so a two-expert pipeline routes them as a trained student's. Wan2.2-A14B's two 14B experts
+(~57 GB in bf16) plus the text encoder need more than an 80 GB card at 720p: run it on an H200.
+
+    python benchmarks/end_to_end.py --models wan2.1-t2v-14b --baseline_steps 2 --out e2e_14b.json
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blade.families import get_family  # noqa: E402
+from blade.families import get_family, get_model, pipeline_experts, scheduler_flow_shift  # noqa: E402
 from blade.speed import speed_up_pipeline  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
@@ -79,6 +88,22 @@ TINY_SPECS = {
 }
 
 
+def model_spec(name: str, tiny: bool) -> FamilySpec:
+    """A registry model's stock run (`--models`): its default video and CFG, 50 steps; `tiny`: 2 steps at 9x32x32."""
+    model = get_model(name)
+    prediction_type = get_family(model.family).prediction_type
+    if tiny:
+        return FamilySpec(height=32, width=32, num_frames=9, steps=2, guidance_scale=model.guidance_scale,
+                          prediction_type=prediction_type)
+    video = model.video_defaults()
+    return FamilySpec(height=video["height"], width=video["width"], num_frames=video["num_frames"], steps=50,
+                      guidance_scale=model.guidance_scale, prediction_type=prediction_type)
+
+
+TINY_MODEL_BUILDERS = {"wan2.2-t2v-a14b": tiny.build_tiny_wan22_a14b_pipeline,
+                       "wan2.2-ti2v-5b": tiny.build_tiny_wan22_ti2v_pipeline}
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _START:6.1f}s] {message}", flush=True)
 
@@ -96,6 +121,7 @@ class PipelineFactory:
     """
 
     def __init__(self, family: str, device: torch.device, dtype: torch.dtype, tiny: bool):
+        """`family`: "wan" / "cogvideox" or a registry model name (`--models`)."""
         self.family, self.device, self.dtype, self.tiny = family, device, dtype, tiny
         if tiny:
             pipe = self._tiny_pipeline()
@@ -107,7 +133,9 @@ class PipelineFactory:
             }
 
     def _tiny_pipeline(self):
-        return tiny.build_tiny_pipeline(self.family, seed=0).to(self.device, self.dtype)
+        if self.family in TINY_MODEL_BUILDERS:
+            return TINY_MODEL_BUILDERS[self.family](seed=0).to(self.device, self.dtype)
+        return tiny.build_tiny_pipeline(full_size.family_of(self.family), seed=0).to(self.device, self.dtype)
 
     def pipeline(self):
         if self.tiny:
@@ -115,11 +143,14 @@ class PipelineFactory:
             pipe.register_modules(**self.shared)
             return pipe
         vae_dtype = full_size.default_vae_dtype(self.family, self.dtype)
-        return full_size.PIPELINE_CLASSES[self.family](
+        experts = {name: full_size.build_transformer(self.family, self.device, self.dtype, component=name)
+                   for name in full_size.experts(self.family)}
+        return full_size.PIPELINE_CLASSES[full_size.family_of(self.family)](
             **self.shared,
             vae=full_size.build_vae(self.family, self.device, vae_dtype),
-            transformer=full_size.build_transformer(self.family, self.device, self.dtype),
             scheduler=full_size.build_scheduler(self.family),
+            **experts,
+            **full_size.pipeline_config(self.family),
         )
 
 
@@ -128,6 +159,8 @@ def student_scheduler(family: str, stock_scheduler, num_steps: int, prediction_t
     from blade.distill.sampler import BladeStudentScheduler
 
     kwargs: dict[str, Any] = {"num_anchors": num_steps, "eta": 0.9, "prediction_type": prediction_type}
+    if prediction_type == "flow":  # the trainer's default: the anchors at the stock scheduler's own flow shift
+        kwargs["shift"] = scheduler_flow_shift(stock_scheduler.config) or 1.0
     if prediction_type == "v_prediction":
         for key in ("beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr", "snr_shift_scale"):
             if key in stock_scheduler.config:
@@ -268,9 +301,10 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
         call.update(guidance_scale=1.0)
         warmup_steps = steps
         result.update(steps=steps, measured_steps=steps, guidance_scale=1.0)
-        result["lora_layers_fused"] = fuse_random_lora(pipe.transformer, rank=args.lora_rank)
+        result["lora_layers_fused"] = sum(fuse_random_lora(transformer, rank=args.lora_rank, seed=k)
+                                          for k, (_, transformer) in enumerate(pipeline_experts(pipe)))
         if arm == "blade":
-            handle = _apply_asa(family, pipe.transformer)
+            handle = _apply_asa(family, pipe)
             result["asa_config"] = _jsonable(vars(handle.config)) if hasattr(handle.config, "__dict__") else None
         result["speed_up"] = speed_up_pipeline(
             pipe,
@@ -315,8 +349,14 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
     return result
 
 
-def _apply_asa(family: str, transformer):
-    return get_family(family).adapter().apply_asa(transformer)
+def _apply_asa(family: str, pipe):
+    """ASA on the pipeline's denoisers: the family's default clamps for "wan" / "cogvideox" (the figures recorded
+    so far), the registry model's default config on every expert for a model name."""
+    if family in ("wan", "cogvideox"):
+        return get_family(family).adapter().apply_asa(pipe.transformer)
+    from blade.models import apply_asa_pipeline
+
+    return apply_asa_pipeline(pipe)
 
 
 def _extrapolate(stages: dict[str, float], measured_steps: int, steps: int) -> dict[str, float]:
@@ -337,7 +377,7 @@ def _free(device: torch.device) -> None:
 
 
 def run_family(family: str, args, device: torch.device) -> list[dict[str, Any]]:
-    spec = (TINY_SPECS if args.tiny else FULL_SPECS)[family]
+    spec = (TINY_SPECS if args.tiny else FULL_SPECS)[family] if family in FULL_SPECS else model_spec(family, args.tiny)
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     log(f"{family}: building the shared text encoder")
     factory = PipelineFactory(family, device, dtype, args.tiny)
@@ -402,6 +442,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=["wan", "cogvideox", "both"], default="both")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(full_size.MODEL_DIRS),
+                        help="registry models to run instead of --family (e.g. wan2.1-t2v-14b wan2.2-ti2v-5b), each "
+                        "at its default video size and stock CFG")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument(
         "--baseline_steps",
@@ -442,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     diffusers.utils.logging.set_verbosity_error()  # e.g. the "keep in float32" notice of `vae.to(bf16)`
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    families = ["wan", "cogvideox"] if args.family == "both" else [args.family]
+    families = args.models or (["wan", "cogvideox"] if args.family == "both" else [args.family])
     log(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, families {families}, arms {args.arms}"

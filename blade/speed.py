@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from blade.families import pipeline_experts
+
 logger = logging.getLogger(__name__)
 
 # Errors of torch.compile itself (a graph break under `fullgraph=True`, a backend that cannot lower an op ...), as
@@ -206,7 +208,8 @@ def speed_up_pipeline(
     fuse_qkv: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled.
+    """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled. The
+    transformer speed-ups apply to every denoiser (``transformer_2`` of a two-expert pipeline reports under its name).
 
     Args:
         compile_transformer: regional `torch.compile` of the repeated transformer blocks (fullgraph if possible;
@@ -237,11 +240,18 @@ def speed_up_pipeline(
         conv3d_channels_last_(vae)
     report["vae_channels_last"] = bool(vae is not None and channels_last)
 
+    # Every denoiser: a two-expert pipeline (Wan2.2-A14B) runs `transformer_2` for its low-noise steps. The first
+    # expert reports at the top level (as for one denoiser), each further one in its own sub-report.
+    (_, first), *others = pipeline_experts(pipe)
     if fuse_qkv:
-        report["fuse_qkv"] = fuse_qkv_projections(pipe.transformer)
+        report["fuse_qkv"] = fuse_qkv_projections(first)
+        for name, transformer in others:
+            report.setdefault(name, {})["fuse_qkv"] = fuse_qkv_projections(transformer)
 
     if compile_transformer:
-        compile_transformer_blocks(pipe.transformer, report, **compile_kwargs)
+        compile_transformer_blocks(first, report, **compile_kwargs)
+        for name, transformer in others:
+            compile_transformer_blocks(transformer, report.setdefault(name, {}), **compile_kwargs)
     else:
         report["transformer_fullgraph"] = None
     report["compile_transformer"] = bool(compile_transformer)

@@ -166,3 +166,48 @@ def test_end_to_end_compile_options_reach_torch_compile():
     assert module.compile_kwargs(module.parse_args([])) is None
     args = module.parse_args(["--compile_backend", "aot_eager", "--compile_mode", "reduce-overhead"])
     assert module.compile_kwargs(args) == {"backend": "aot_eager", "mode": "reduce-overhead"}
+
+
+def test_speed_ups_reach_both_experts_of_a_two_expert_pipeline():
+    """Wan2.2-A14B runs `transformer_2` for its low-noise steps: QKV fusion and the regional compile reach it too,
+    and each expert's output stays its eager output (aot_eager: the traced graph, no codegen)."""
+    from blade.testing.tiny import build_tiny_wan22_a14b_pipeline
+
+    pipe = build_tiny_wan22_a14b_pipeline(seed=0)
+    inputs = _transformer_inputs(3)
+    with torch.no_grad():
+        reference = {name: getattr(pipe, name)(**inputs)[0] for name in ("transformer", "transformer_2")}
+        report = speed_up_pipeline(pipe, fuse_qkv=True, compile_transformer=True,
+                                   compile_kwargs={"backend": "aot_eager"})
+        outs = {name: getattr(pipe, name)(**inputs)[0] for name in ("transformer", "transformer_2")}
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name)
+        assert model.blocks[0].attn1.fused_projections, name
+        assert all(block._compiled_call_impl is not None for block in model.blocks), name
+        torch.testing.assert_close(outs[name], reference[name], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reference["transformer"], reference["transformer_2"])  # two experts, two weights
+    assert report["transformer_compiled_blocks"] == len(pipe.transformer.blocks)
+    assert report["transformer_2"]["transformer_compiled_blocks"] == len(pipe.transformer_2.blocks)
+    assert report["transformer_2"]["transformer_fullgraph"] is True and "fused" in report["transformer_2"]["fuse_qkv"]
+    torch._dynamo.reset()
+
+
+def test_end_to_end_benchmark_runs_the_two_expert_and_ti2v_models(tmp_path):
+    """--models: every expert of Wan2.2-A14B gets the random LoRA (twice the layers of one expert) and ASA (its two
+    student steps route to the two experts, one with shift 3 anchors: every layer of both steps runs ASA)."""
+    from blade.testing.tiny import build_tiny_wan22_a14b_pipeline
+
+    module = _benchmark_module()
+    out = tmp_path / "e2e_models.json"
+    module.main(["--models", "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "--tiny", "--no_compile", "--out", str(out)])
+    results = {(r["family"], r["arm"]): r for r in json.loads(out.read_text())["results"]}
+    assert all("error" not in r for r in results.values()), results
+    pipe = build_tiny_wan22_a14b_pipeline(seed=0)
+    layers = pipe.transformer.config.num_layers
+    assert pipe.transformer_2.config.num_layers == layers
+    per_expert = 4 * 2 * layers  # q, k, v, out of attn1 and attn2 in every block
+    assert results[("wan2.2-t2v-a14b", "blade")]["lora_layers_fused"] == 2 * per_expert
+    assert results[("wan2.2-t2v-a14b", "blade")]["asa_stats"]["calls"] == 2 * layers  # 2 steps, one expert each
+    assert results[("wan2.2-ti2v-5b", "blade")]["lora_layers_fused"] == per_expert
+    for name in ("wan2.2-t2v-a14b", "wan2.2-ti2v-5b"):
+        assert results[(name, "baseline")]["guidance_scale"] > 1 and results[(name, "blade")]["guidance_scale"] == 1
