@@ -8,6 +8,9 @@
 # LoRA on every Linear of the transformer (--lora_targets all, the trainer's default), not only on the attention
 # projections as released: on TinyWorld it lifted the dense student from ~0.77 to ~0.84-0.86 adherence at equal steps
 # (BENCHMARKS.md, "Distillation study", call 4; TDM itself fine-tunes every weight); --lora_targets attn restores it.
+# Student anchors: 999, 874, ..., 124, as released; they already are CogVideoX's own 8-step DDIM timesteps (trailing
+# spacing), the rule behind Wan's --shift default (the anchors at the teacher's own noise levels: BENCHMARKS.md,
+# "Distillation study", call 6). No flag needed.
 # Plain multi-GPU data parallelism (train/config_ddp.yaml) by default. DeepSpeed ZeRO-2 (train/config.yaml +
 # ds_config.json) is opt-in with USE_DEEPSPEED=1: it is documented, not run on a GPU in this project, and the trainer
 # builds its own LoRA optimizers, which ZeRO does not shard.
