@@ -142,16 +142,10 @@ class PipelineFactory:
             pipe = self._tiny_pipeline()
             pipe.register_modules(**self.shared)
             return pipe
-        vae_dtype = full_size.default_vae_dtype(self.family, self.dtype)
-        experts = {name: full_size.build_transformer(self.family, self.device, self.dtype, component=name)
-                   for name in full_size.experts(self.family)}
-        return full_size.PIPELINE_CLASSES[full_size.family_of(self.family)](
-            **self.shared,
-            vae=full_size.build_vae(self.family, self.device, vae_dtype),
-            scheduler=full_size.build_scheduler(self.family),
-            **experts,
-            **full_size.pipeline_config(self.family),
-        )
+        # every expert, the documented VAE dtype and the pipeline's own config; the shared text encoder swapped in
+        pipe = full_size.build_full_size_pipeline(self.family, self.device, self.dtype, text_encoder=False)
+        pipe.register_modules(**self.shared)
+        return pipe
 
 
 def student_scheduler(family: str, stock_scheduler, num_steps: int, prediction_type: str):

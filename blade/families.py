@@ -309,7 +309,8 @@ def model_of_pipeline(pipe: Any) -> ModelSpec | None:
     return _match(experts, getattr(pipe, experts[0]).config)
 
 
-def _read_json(path: os.PathLike) -> Any:
+def read_json(path: os.PathLike) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (the callers' checks report those)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -322,7 +323,7 @@ def folder_experts(model_path: str | os.PathLike) -> tuple[str, ...]:
     model_index.json lists a second expert (or, without that entry, when ``transformer_2/config.json`` exists),
     else ``("transformer",)``."""
     root = os.fspath(model_path)
-    index = _read_json(os.path.join(root, "model_index.json"))
+    index = read_json(os.path.join(root, "model_index.json"))
     entry = index.get("transformer_2") if isinstance(index, dict) else None
     if isinstance(entry, list):
         second = len(entry) == 2 and entry[1] is not None
@@ -340,7 +341,7 @@ def model_of_folder(model_path: str | os.PathLike, family: str | None = None) ->
     An unreadable or missing file gives None, never an error (the folder checks report those).
     """
     root = os.fspath(model_path)
-    config = _read_json(os.path.join(root, "transformer", "config.json"))
+    config = read_json(os.path.join(root, "transformer", "config.json"))
     if not isinstance(config, dict):
         return None
     spec = _match(folder_experts(root), config)
@@ -364,7 +365,7 @@ def scheduler_flow_shift(config: Mapping[str, Any] | None) -> float | None:
 def folder_flow_shift(model_path: str | os.PathLike) -> float | None:
     """``scheduler_flow_shift`` of a pipeline folder's ``scheduler/scheduler_config.json`` (JSON only; None when the
     file is missing or unreadable)."""
-    config = _read_json(os.path.join(os.fspath(model_path), "scheduler", "scheduler_config.json"))
+    config = read_json(os.path.join(os.fspath(model_path), "scheduler", "scheduler_config.json"))
     return scheduler_flow_shift(config) if isinstance(config, dict) else None
 
 

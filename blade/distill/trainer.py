@@ -53,7 +53,7 @@ from blade.distill.model_extensions import ModelExtensionError, load_extension
 from blade.distill.step import StudentEMA, TDMStep, optimizer_step, sync_gradients, training_phase  # noqa: F401
 from blade.distill.step import make_schedulers as _make_schedulers  # noqa: F401
 from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
-from blade.families import FAMILIES, folder_experts, folder_flow_shift, get_family, video_defaults
+from blade.families import FAMILIES, folder_experts, folder_flow_shift, get_family, read_json, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
 from blade.pipelines.loading import LoraError, ModelFolderError
@@ -494,7 +494,7 @@ def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
     """Refuse to resume a checkpoint whose student sampler (K, eta, flow shift) differs from this run's flags: the
     LoRA would go on training for other anchors without a word. Matters most for ``--shift``, whose default became
     the model folder's flow shift on 2026-12-06 (runs started before trained with 1.0)."""
-    saved = _read_json_file(path / CONFIG_NAME)
+    saved = read_json(path / CONFIG_NAME)
     if not isinstance(saved, dict):
         return  # an older checkpoint without the file: nothing to compare
     now = {"k_step": args.k_step, "eta": args.eta, "shift": getattr(args, "shift", None)}
@@ -504,13 +504,6 @@ def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
         raise CheckpointError(f"checkpoint {path} was trained with {', '.join(differ)}; resuming would change the "
                               f"student's sampler mid-run. Pass {' '.join(d.split(' (')[0] for d in differ)} to resume "
                               f"it, or start a new --output_dir")
-
-
-def _read_json_file(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
