@@ -43,6 +43,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,7 +336,11 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             result["asa_stats"] = _jsonable(handle.stats())
         if "speed_up" in result:
             result["speed_up"] = _jsonable(result["speed_up"])
-        log(f"{family}/{arm}: total {result['stages']['total_s']:.2f} s" + (" (extrapolated)" * result["extrapolated"]))
+        log(
+            f"{family}/{arm}: total {stages['total_s']:.2f} s" + (" (extrapolated)" * result["extrapolated"])
+            + f" = text {stages['text_encoding_s']:.2f} + denoise {stages['denoising_s']:.2f}"
+            + f" + VAE decode {stages['vae_decode_s']:.2f} + postprocess {stages['postprocess_s']:.2f}"
+        )
     finally:
         timer.remove()
         del pipe, handle
@@ -370,7 +375,10 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_family(family: str, args, device: torch.device) -> list[dict[str, Any]]:
+def run_family(
+    family: str, args, device: torch.device, on_arm: Callable[[list[dict[str, Any]]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Every arm of one model; ``on_arm(results so far)`` after each, so a run cut off by a time limit keeps them."""
     spec = (TINY_SPECS if args.tiny else FULL_SPECS)[family] if family in FULL_SPECS else model_spec(family, args.tiny)
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     log(f"{family}: building the shared text encoder")
@@ -384,9 +392,11 @@ def run_family(family: str, args, device: torch.device) -> list[dict[str, Any]]:
             traceback.print_exc()
             results.append({"arm": arm, "family": family, "error": f"{type(err).__name__}: {err}"})
             _free(device)
+        _add_speedups(results)
+        if on_arm is not None:
+            on_arm(results)
     del factory
     _free(device)
-    _add_speedups(results)
     return results
 
 
@@ -485,27 +495,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"torch {torch.__version__}, families {families}, arms {args.arms}"
     )
     results: list[dict[str, Any]] = []
+
+    def write_report(rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        report = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "tiny": args.tiny,
+            "complete": complete,  # False: written after an arm, the run was still going (or was cut off there)
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "results": _jsonable(rows),
+            "table": markdown_table(rows),
+        }
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        return report
+
     for family in families:
         try:
-            results.extend(run_family(family, args, device))
+            results.extend(run_family(family, args, device, on_arm=lambda rows: write_report(results + rows, False)))
         except Exception as err:
             log(f"{family}: FAILED before the arms ran: {type(err).__name__}: {err}")
             traceback.print_exc()
             results.append({"arm": "all", "family": family, "error": f"{type(err).__name__}: {err}"})
             _free(device)
-    table = markdown_table(results)
-    print(table, flush=True)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "tiny": args.tiny,
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": _jsonable(results),
-        "table": table,
-    }
+    report = write_report(results, True)
+    print(report["table"], flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
         log(f"wrote {args.out}")
     return report
 

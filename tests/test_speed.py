@@ -150,6 +150,30 @@ def test_end_to_end_benchmark_tiny_smoke(tmp_path):
     assert results["blade"]["speedup_total"] == pytest.approx(
         results["baseline"]["stages"]["total_s"] / results["blade"]["stages"]["total_s"]
     )
+    assert "| wan | blade |" in report["table"] and report["complete"] is True
+
+
+def test_end_to_end_report_keeps_the_arms_that_finished_when_a_run_is_cut_off(tmp_path, monkeypatch):
+    """A device call's time limit kills the benchmark mid-run: the JSON written after each arm keeps what finished."""
+    module = _benchmark_module()
+    real_run_arm = module.run_arm
+
+    def run_arm(arm, *rest):
+        if arm == "dense":
+            raise SystemExit("killed by the call's time limit")  # not an Exception: nothing catches it
+        return real_run_arm(arm, *rest)
+
+    monkeypatch.setattr(module, "run_arm", run_arm)
+    out = tmp_path / "e2e.json"
+    with pytest.raises(SystemExit):
+        module.main(["--family", "wan", "--tiny", "--no_compile", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    results = {r["arm"]: r for r in report["results"]}
+    assert set(results) == {"baseline", "blade"}
+    assert results["blade"]["speedup_total"] == pytest.approx(
+        results["baseline"]["stages"]["total_s"] / results["blade"]["stages"]["total_s"]
+    )
     assert "| wan | blade |" in report["table"]
 
 
