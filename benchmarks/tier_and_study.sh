@@ -3,7 +3,7 @@
 # 8 files in $OUT (the device tool's limit): tier_tier.tgz, tier_launch.tgz (each written as its stage ends),
 # study_logs.tgz (logs, eval curves, the study table, the prompt log) and one lora_<run>.tgz per run (<= 5 runs).
 #
-#   PLAN=benchmarks/study_plans/call8_shift_long.txt MINUTES=8.2 OUT=out bash benchmarks/tier_and_study.sh
+#   PLAN=benchmarks/study_plans/call8_shift_long.txt MINUTES=8.0 OUT=out bash benchmarks/tier_and_study.sh
 #
 # TIER=0 skips the tier (the study alone); DEADLINE (s, default 570) stops whatever still runs and archives it.
 # Wheels in .whl/ (diffusers, imageio) are installed first when present (the device machine lacks diffusers).
@@ -15,6 +15,14 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 OUT=${OUT:?OUT}; PLAN=${PLAN:-}; MINUTES=${MINUTES:-8}; DEADLINE=${DEADLINE:-570}; TIER=${TIER:-1}
+# The trainers' time box ends at a step boundary, then each saves and runs its last evaluation (48 videos, slow when
+# several runs and the tier share the GPU: 2026-12-06's call 1 overran a 30-s margin and the timeout below killed the
+# study before it archived its LoRAs). Keep >= 90 s between the box and the deadline.
+CAP=$(( (DEADLINE - 90) / 6 ))  # tenths of a minute
+if [ "$(awk -v m="$MINUTES" 'BEGIN { print int(m * 10 + 0.5) }')" -gt "$CAP" ]; then
+  echo "MINUTES=$MINUTES leaves < 90 s before DEADLINE=$DEADLINE s: using $((CAP / 10)).$((CAP % 10))"
+  MINUTES=$((CAP / 10)).$((CAP % 10))
+fi
 mkdir -p "$OUT"; OUT=$(realpath "$OUT")
 W=$(mktemp -d /tmp/tier_and_study.XXXXXX); mkdir -p "$W/tier" "$W/study"
 log() { echo "$* (at $((SECONDS - T0)) s)" | tee -a "$W/study/tier_and_study.log"; }
