@@ -38,7 +38,8 @@ if [ "$TIER" = 1 ]; then
   TIER_PID=$!
 fi
 if [ -n "$PLAN" ]; then
-  OUT=$W/study timeout $((DEADLINE - (SECONDS - T0) - 15)) bash benchmarks/tinyworld_study.sh "$PLAN" "$MINUTES" \
+  # TERM at the deadline: the study forwards it to its trainers (each saves at its next step), then archives
+  OUT=$W/study timeout -k 40 $((DEADLINE - (SECONDS - T0) - 55)) bash benchmarks/tinyworld_study.sh "$PLAN" "$MINUTES" \
     > "$W/study/stdout.txt" 2>&1
   log "study rc=$?"
   mv "$W"/study/lora_*.tgz "$OUT"/ 2>/dev/null

@@ -56,8 +56,13 @@ while read -r name flags; do
     > "$RUN/$name.log" 2>&1 &
   pids+=($!)
 done < "$PLAN"
+# A TERM (the wrapper's timeout, a cluster's preemption) reaches every trainer: each stops at its next step with a
+# checkpoint and its LoRA, and the archive below still runs.
+trap 'echo "TERM: stopping the runs at their next step" >&2; kill -TERM "${pids[@]}" 2> /dev/null' TERM
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { [ $? -gt 128 ] && wait "$pid"; } || status=1  # a trap interrupts wait (> 128): wait again
+done
 
 (cd "$RUN" && tar czf - --exclude='checkpoint-*' --exclude='prompts*' --exclude='*.safetensors' \
   --exclude='reflow_pairs_*' .) > "$OUT/study.tgz"

@@ -199,6 +199,40 @@ def test_asa_resume_equals_uninterrupted(assets, tmp_path):
     assert '"asa": {' in cfg
 
 
+def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint_and_resumes_exactly(assets, tmp_path, monkeypatch):
+    """A preemption notice (SIGTERM) in the middle of step 2 of 4, checkpoints every 100 steps: the run finishes
+    step 2, writes checkpoint-2 and the LoRA, returns normally; resuming it ends equal to an uninterrupted run."""
+    import signal
+
+    from blade.distill.step import TDMStep
+
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "100", "--validation_steps", "0",
+              "--report_to", "none"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert train(_args(assets, full, *common))["global_step"] == 4
+
+    real_step, calls = TDMStep.__call__, []
+
+    def step_then_preempt(self, batches, state):
+        calls.append(state["global_step"])
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # arrives while step 2 runs: default action would kill pytest
+        return real_step(self, batches, state)
+
+    monkeypatch.setattr(TDMStep, "__call__", step_then_preempt)
+    before = signal.getsignal(signal.SIGTERM)
+    first = train(_args(assets, stopped, *common))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert first["global_step"] == 2 and first["stopped_by"] == "SIGTERM"
+    assert (stopped / "checkpoint-2" / "COMPLETE").is_file()
+    assert (stopped / "pytorch_lora_weights.safetensors").is_file()
+    monkeypatch.setattr(TDMStep, "__call__", real_step)
+    resumed = train(_args(assets, stopped, *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["global_step"] == 4 and "stopped_by" not in resumed
+    a, b = _lora(full), _lora(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ------------------------------------------------------------------------------------------- fault injection (issue 21)
 
 

@@ -78,3 +78,20 @@ def test_time_box():
     now[0] = 160.5
     assert box.expired() and box.remaining_s() == 0.0
     assert not runtime.TimeBox.of_minutes(None).expired()
+
+
+def test_time_box_stop_on_signals_expires_once_then_restores_the_handler():
+    """The first SIGINT expires the box (no KeyboardInterrupt); a second acts as before (Ctrl-C twice aborts);
+    leaving the block puts the previous handlers back."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    box = runtime.TimeBox.of_minutes(60.0)
+    with box.stop_on_signals():
+        assert not box.expired() and box.stopped_by is None
+        signal.raise_signal(signal.SIGINT)
+        assert box.expired() and box.remaining_s() == 0.0 and box.stopped_by == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # still caught: it has not fired
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -157,7 +157,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Validation videos every N steps (default: at each checkpoint; 0 disables).")
     p.add_argument("--num_validation_videos", type=int, default=2, help="Validation prompts rendered each time.")
     p.add_argument("--max_train_minutes", type=float, default=None,
-                   help="Time box: stop cleanly with a checkpoint after this many minutes.")
+                   help="Time box: stop cleanly with a checkpoint after this many minutes (SIGTERM or Ctrl-C "
+                        "stop the same way at any time; a second one stops at once).")
     p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward.")
     p.add_argument("--enable_slicing", action="store_true", help="VAE slicing for validation decoding.")
     p.add_argument("--enable_tiling", action="store_true", help="VAE tiling for validation decoding.")
@@ -1041,8 +1042,15 @@ def step_telemetry(step_time: float, device: torch.device, asa_handle) -> dict:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run TDM distillation; returns a summary (final step, losses, output paths)."""
+    """Run TDM distillation; returns a summary (final step, losses, output paths; ``stopped_by`` the signal's name
+    when SIGTERM or Ctrl-C ended it early: it then stopped at a step boundary with a checkpoint)."""
     timebox = TimeBox.of_minutes(args.max_train_minutes)  # counts everything: loading, reflow pairs, evaluation
+    with timebox.stop_on_signals():  # a preemption notice or Ctrl-C ends the run like the time box: nothing is lost
+        summary = _train(args, timebox)
+    return {**summary, "stopped_by": timebox.stopped_by} if timebox.stopped_by else summary
+
+
+def _train(args: argparse.Namespace, timebox: TimeBox) -> dict:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
     device, rank = accelerator.device, accelerator.process_index

@@ -11,12 +11,16 @@ last, then renamed to ``checkpoint-N``; only sealed folders are resumed from (`f
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +213,7 @@ class TimeBox:
 
     def __init__(self, deadline: float = math.inf, clock: Callable[[], float] = time.monotonic):
         self.deadline, self.clock = deadline, clock
+        self.stopped_by: str | None = None  # the signal's name once `stop_on_signals` caught one
 
     @classmethod
     def of_minutes(cls, minutes: float | None, clock: Callable[[], float] = time.monotonic) -> TimeBox:
@@ -221,3 +226,34 @@ class TimeBox:
 
     def expired(self, now: float | None = None) -> bool:
         return (self.clock() if now is None else now) > self.deadline
+
+    @contextmanager
+    def stop_on_signals(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+        """While inside: the first of `signals` expires the box instead of killing the process.
+
+        A cluster's preemption notice (SLURM, Kubernetes and ``timeout`` send SIGTERM, then SIGKILL after a grace
+        period) or a Ctrl-C then ends the run at its next optimizer step with a checkpoint and the LoRA written,
+        instead of losing the steps since the last periodic checkpoint. The handler is one-shot: it puts the previous
+        handler back, so a second signal acts as it would have (Ctrl-C twice aborts at once). Outside the main
+        thread (where Python cannot install handlers) this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+
+        def expire(signum: int, frame) -> None:
+            self.deadline = -math.inf
+            self.stopped_by = signal.Signals(signum).name
+            signal.signal(signum, previous[signum])
+            logging.getLogger(__name__).warning(
+                "%s received: stopping at the end of this step with a checkpoint (send it again to stop at once)",
+                self.stopped_by)
+
+        for sig in signals:
+            signal.signal(sig, expire)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
