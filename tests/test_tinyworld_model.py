@@ -177,6 +177,30 @@ def test_toy_training_resume_and_export(tmp_path):
     assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
 
 
+def test_sigterm_ends_the_stage_with_a_checkpoint_and_skips_the_next(tmp_path, monkeypatch, capsys):
+    """A preemption notice during the VAE stage's first step of 3 ("all"): the stage stops after that step with its
+    checkpoint, the teacher stage does not start, the handler is put back, and --resume continues the VAE."""
+    import signal
+
+    out, real_record, calls = tmp_path / "run", train.Clock.record, []
+
+    def record_then_preempt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real_record(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.Clock, "record", record_then_preempt)
+    before = signal.getsignal(signal.SIGTERM)
+    _run("all", "--out", str(out), "--max-steps", "3")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert _ckpt(out / "ckpt_vae.pt")["step"] == 1 and not (out / "ckpt_teacher.pt").exists()
+    assert "stopped by SIGTERM" in capsys.readouterr().out
+    monkeypatch.setattr(train.Clock, "record", real_record)
+    _run("vae", "--out", str(out), "--max-steps", "3", "--resume")
+    assert _ckpt(out / "ckpt_vae.pt")["step"] == 3
+
+
 def test_vae_warm_start_from_export_without_checkpoint(tmp_path):
     """Checkpoints stay on the GPU machine; the exported bf16 VAE is what travels and what training resumes from."""
     out = tmp_path / "run"

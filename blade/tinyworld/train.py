@@ -785,11 +785,21 @@ def main(argv: list[str] | None = None) -> None:
         check = roundtrip_adherence(vae, setup.video, args.check_videos, args.seed + 3, device)
         print(json.dumps({"vae": str(Path(args.out) / "pipeline" / "vae"), "videos": args.check_videos, **check}))
         return
+    # SIGTERM / Ctrl-C end a stage like its time box (checkpoint, export) and skip the stages after it
+    stopped_by = None
     if args.stage in ("vae", "all"):
         vae_end = start + (end - start) * args.vae_share if args.stage == "all" else end
-        train_vae(args, setup, TimeBox(vae_end, clock=time.time), device, procs)
-    if args.stage in ("teacher", "all"):
-        train_teacher(args, setup, TimeBox(end, clock=time.time), device, procs)
+        box = TimeBox(vae_end, clock=time.time)
+        with box.stop_on_signals():
+            train_vae(args, setup, box, device, procs)
+        stopped_by = box.stopped_by
+    if args.stage in ("teacher", "all") and stopped_by is None:
+        box = TimeBox(end, clock=time.time)
+        with box.stop_on_signals():
+            train_teacher(args, setup, box, device, procs)
+        stopped_by = box.stopped_by
+    if stopped_by is not None:
+        log(procs, f"stopped by {stopped_by}: the stage saved its checkpoint; rerun with --resume to continue")
     log(procs, f"done in {time.time() - start:.0f}s")
     if procs.world > 1:
         dist.destroy_process_group()
