@@ -87,3 +87,24 @@ def test_table3_script_shares_dense_references_without_changing_the_scores(tmp_p
         code, alone = _run(tmp_path, tiny_tinyworld, "--attention", mode, "--sparsity", "0.75", "--compare_dense")
         assert code == 0
         assert shared["psnr"] == pytest.approx(alone["psnr"]) and shared["ssim"] == pytest.approx(alone["ssim"])
+
+
+def test_report_keeps_what_each_check_measured(tmp_path, tiny_tinyworld):
+    """Every video's entry carries its objects' measurements (one per prompt object), as JSON."""
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "dense")
+    assert code == 0
+    [obj] = report["videos"][0]["objects"]  # PROMPT has one object
+    assert 0.0 <= obj["found_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("shape, fill", [("circle", 3.14159 / 4), ("square", 1.0), ("triangle", 0.5)])
+def test_object_measurements_of_a_rendered_shape_give_its_fill_ratio(shape, fill):
+    """On the world's own rendering the recorded fill ratio is the shape's area over its box's (pi/4, 1, 1/2)."""
+    from blade.tinyworld.evaluate import _jsonable_objects
+    from blade.tinyworld.metrics import score_video
+    from blade.tinyworld.world import parse_prompt, render_prompt
+
+    prompt = f"a large red {shape} stays still on a black background"
+    score = score_video(render_prompt(prompt, 0), parse_prompt(prompt))
+    [obj] = json.loads(json.dumps(_jsonable_objects(score["objects"])))
+    assert obj["shape"] == shape and obj["fill_ratio"] == pytest.approx(fill, abs=0.08)

@@ -80,6 +80,16 @@ def configure_attention(
     return handle
 
 
+def _jsonable_objects(objects: list[dict]) -> list[dict]:
+    """`metrics.score_video`'s per-object measurements as JSON values (floats rounded to 4 digits, tuples as lists)."""
+    def value(v):
+        if isinstance(v, (tuple, list)):
+            return [value(x) for x in v]
+        return round(float(v), 4) if isinstance(v, (float, np.floating)) else v
+
+    return [{k: value(v) for k, v in obj.items()} for obj in objects]
+
+
 def evaluate(
     prompts: list[tuple[str, Scene]],
     seeds: list[int],
@@ -149,6 +159,8 @@ def evaluate(
             "sparsity": info["sparsity"] if info["sparsity"] is not None else 0.0,
             "seconds": info["timings"]["total_s"],
             "checks": score.get("checks", {}),
+            # what the checks measured, per object (fill ratio: the shape cue; area; velocity; colour): why one failed
+            "objects": _jsonable_objects(score.get("objects", [])),
         }
         if compare_dense:
             reference = dense_frames[dense_key(prompt, seed)]
