@@ -162,8 +162,10 @@ def conv3d_channels_last_(module: torch.nn.Module) -> int:
 
 def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
     """`torch.compile` the VAE decoder module. Experimental, not offered by the inference scripts: the causal VAEs
-    decode frame by frame with a Python-list feature cache whose index changes every call, so dynamo keeps
-    recompiling; on an H200 (torch 2.11) it made the Wan BLADE run 100 s instead of 4.3 s (BENCHMARKS.md)."""
+    decode frame by frame with a Python-list feature cache, and dynamo specialises on the cache's state: three graphs
+    for Wan (empty cache, one cached frame, two), reused afterwards (`tests/test_speed.py`). A run on an H200 (torch
+    2.11, 2026-11-28, before the benchmark reset dynamo between its arms) took 100 s instead of 4.3 s for Wan's
+    BLADE arm; not re-measured since (BENCHMARKS.md)."""
     vae.decoder.compile(**kwargs)
 
 
