@@ -238,7 +238,11 @@ def emulate_block_sparse_attn_func(inputs, scale=None):
         q = inputs.q[q0:q1].transpose(0, 1)[None]  # [1, H, Lq, D]
         k = inputs.k[k0:k1].transpose(0, 1)[None]
         v = inputs.v[k0:k1].transpose(0, 1)[None]
-        masks = inputs.base_blockmask[b, inputs.head_mask_type.long() - 1]  # head h uses mask number type[h]
+        # the library's reading (block_sparse_attn_interface.replace_ones_with_count): the heads of type 1 are
+        # numbered 1..n in order, and the i-th of them uses base_blockmask[:, i-1]; the mask count must be n
+        sparse = inputs.head_mask_type == 1
+        assert bool(sparse.all()) and inputs.base_blockmask.shape[1] == int(sparse.sum())
+        masks = inputs.base_blockmask[b, torch.cumsum(sparse.long(), 0) - 1]
         tm = token_mask_from_blocks(masks[None], BSA_BLOCK_SIZE, q.shape[-2], k.shape[-2])
         outs.append(dense_masked_attention(q, k, v, tm, scale=scale)[0].transpose(0, 1))
     return torch.cat(outs)
@@ -250,7 +254,7 @@ def test_bsa_conversion_round_trip():
     inputs = to_bsa_inputs(q, k, v, mask)
     assert inputs.q.shape == (2 * 333, 3, 64) and inputs.k.shape == (2 * 300, 3, 64)
     assert inputs.cu_seqlens_q.tolist() == [0, 333, 666] and inputs.cu_seqlens_k.tolist() == [0, 300, 600]
-    assert inputs.cu_seqlens_q.dtype == torch.int32 and inputs.head_mask_type.tolist() == [1, 2, 3]
+    assert inputs.cu_seqlens_q.dtype == torch.int32 and inputs.head_mask_type.tolist() == [1, 1, 1]
     assert inputs.base_blockmask.shape == (2, 3, 3, 3) and inputs.max_seqlen_q == 333 and inputs.max_seqlen_k == 300
     out = from_bsa_output(emulate_block_sparse_attn_func(inputs), batch=2)
     expected = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, 128, 333, 300))

@@ -1,10 +1,11 @@
 """Adapter for mit-han-lab's Block-Sparse-Attention (``block_sparse_attn_func``), used only when the user built it.
 
 The library is not on PyPI. Its kernel takes FlashAttention-style varlen ("unpadded") inputs ``[total_tokens, H, D]``
-with cumulative sequence offsets, a per-head ``head_mask_type`` (k > 0: block-sparse with mask number k, 1-based)
-and a ``base_blockmask`` bool ``[B, n_sparse_heads, ceil(Lq/128), ceil(Lk/128)]`` (our ``BlockMask``'s dense form,
-one mask per head); blocks are fixed at 128x128, dtypes fp16/bf16, head dims 32/64/128. The conversion into that
-format is plain torch and tested on CPU.
+with cumulative sequence offsets, a per-head ``head_mask_type`` (1 block-sparse, 0 dense, -1 streaming; the library
+numbers the block-sparse heads 1..n in order, and the i-th reads mask i-1) and a ``base_blockmask`` bool
+``[B, n_sparse_heads, ceil(Lq/128), ceil(Lk/128)]`` (our ``BlockMask``'s dense form, one mask per head); blocks are
+fixed at 128x128, dtypes fp16/bf16, head dims 32/64/128. The conversion into that format is plain torch and tested on
+CPU against the library's own reading of these arguments; the kernel itself needs a build (see ``_BUILD_HINT``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _BUILD_HINT = (
     "backend='bsa' needs mit-han-lab's Block-Sparse-Attention, which is not on PyPI. Build it with a CUDA toolkit:\n"
     "  git clone https://github.com/mit-han-lab/Block-Sparse-Attention\n"
     "  cd Block-Sparse-Attention && pip install --no-build-isolation .\n"
+    "or, for Hopper (sm_90, bf16, head dims 64/128) in a few minutes, from this repository: "
+    "benchmarks/prepare_bsa_src.sh (needs their source and CUTLASS's headers) then benchmarks/build_bsa.sh.\n"
     "It supports fp16/bf16, head dim 32/64/128 and 128-token blocks only. Otherwise use backend='flex' or 'triton'."
 )
 
@@ -37,7 +40,7 @@ class BSAInputs:
     v: torch.Tensor  # [B*Lk, H, D]
     cu_seqlens_q: torch.Tensor  # int32 [B+1]
     cu_seqlens_k: torch.Tensor  # int32 [B+1]
-    head_mask_type: torch.Tensor  # int32 [H], head h uses mask h+1
+    head_mask_type: torch.Tensor  # int32 [H], all 1 (block-sparse): head h reads base_blockmask[:, h]
     base_blockmask: torch.Tensor  # bool [B, H, Nq, Nk]
     max_seqlen_q: int
     max_seqlen_k: int
@@ -77,7 +80,9 @@ def to_bsa_inputs(
         v=_unpad(v),
         cu_seqlens_q=torch.arange(batch + 1, device=device, dtype=torch.int32) * q_len,
         cu_seqlens_k=torch.arange(batch + 1, device=device, dtype=torch.int32) * k_len,
-        head_mask_type=torch.arange(1, heads + 1, device=device, dtype=torch.int32),
+        # 1 = a block-sparse head (0 dense, -1 streaming); the library numbers the 1s 1..H in order and head h reads
+        # base_blockmask[:, h] (its `replace_ones_with_count`): distinct numbers here fail its head-count assert
+        head_mask_type=torch.ones(heads, device=device, dtype=torch.int32),
         base_blockmask=dense.expand(batch, heads, *expected).contiguous().to(device),
         max_seqlen_q=q_len,
         max_seqlen_k=k_len,
