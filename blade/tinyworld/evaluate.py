@@ -156,6 +156,7 @@ def evaluate(
             "adherence": score["adherence"],
             "stability": score["stability"],
             "fidelity": metrics.fidelity_distance(frames, truth, scene),
+            "duplicated": score["duplicated"],  # fraction of the prompt's objects drawn more than once (not a check)
             "sparsity": info["sparsity"] if info["sparsity"] is not None else 0.0,
             "seconds": info["timings"]["total_s"],
             "checks": score.get("checks", {}),
@@ -178,6 +179,7 @@ def evaluate(
         "stability": summary.get("stability"),
         "fidelity": summary.get("fidelity"),
         "sparsity": summary.get("sparsity"),
+        "duplicated": summary.get("duplicated"),
     }
     if compare_dense:
         report["psnr"] = summary.get("psnr")

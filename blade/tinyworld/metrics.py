@@ -23,6 +23,12 @@ pixel of another found object), so that a wrongly colored object fails only its 
 - background: the detected background is the expected one.
 An absent object fails all its checks. `adherence` = fraction of checks that pass.
 
+Not a check (adherence is unchanged by it): per object, `blobs` = the median over the frames that find it of the
+number of connected pieces of its mask of at least the finding area (4-connected); an object drawn more times than
+the prompt names its color (blobs > that count) is *duplicated*. `score_video` returns `duplicated` = the fraction of
+the scene's objects that are; a few-step student that hedges between layouts draws two copies where the prompt asks
+for one, which the checks above see only through a broken fill ratio.
+
 `stability` (lower is better) = mean over the found objects of (coefficient of variation of the object's area over
 the frames + Euclidean std over the frames of the object's mean RGB); the two parts are reported as
 `stability_area` and `stability_color`. None when no object is found.
@@ -182,6 +188,37 @@ def _segment_objects(frames: torch.Tensor, scene_colors: Sequence[str]) -> tuple
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _count_blobs(mask: torch.Tensor, min_area: float) -> torch.Tensor:
+    """Connected pieces (4-connectivity) of at least `min_area` pixels in each frame of bool mask [F, H, W] -> [F].
+
+    Label propagation with pointer jumping: every mask pixel starts with its own flat index, takes the largest label
+    among itself and its masked 4-neighbours, then the label of the pixel its label names (a jump keeps it inside its
+    piece); when nothing changes every piece carries one label, its largest index.
+    """
+    if not mask.any():
+        return torch.zeros(mask.shape[0], dtype=torch.long)
+    rows, cols = torch.nonzero(mask.any(dim=(0, 2)))[:, 0], torch.nonzero(mask.any(dim=(0, 1)))[:, 0]
+    mask = mask[:, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]  # the pieces' box: fewer pixels to propagate over
+    num_frames, h, w = mask.shape
+    n = h * w
+    index = torch.arange(n, dtype=torch.long).expand(num_frames, n)
+    flat_mask = mask.reshape(num_frames, n)
+    labels = torch.where(flat_mask, index, -1)
+    while True:
+        grid = F.pad(labels.reshape(num_frames, h, w), (1, 1, 1, 1), value=-1)
+        neighbours = torch.stack([grid[:, 1:-1, :-2], grid[:, 1:-1, 2:], grid[:, :-2, 1:-1], grid[:, 2:, 1:-1]])
+        grown = torch.maximum(labels, neighbours.amax(dim=0).reshape(num_frames, n))
+        grown = torch.where(flat_mask, grown, -1)
+        for _ in range(2):  # pointer jumps
+            grown = torch.where(flat_mask, torch.gather(grown, 1, grown.clamp_min(0)), -1)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    keys = (labels + torch.arange(num_frames)[:, None] * n)[flat_mask]
+    sizes = torch.bincount(keys, minlength=num_frames * n).reshape(num_frames, n)
+    return (sizes >= max(min_area, 1)).sum(dim=1)
+
+
 def _measure(frames: torch.Tensor, mask: torch.Tensor) -> dict:
     """Per-object features over the frames that find it.
 
@@ -273,7 +310,7 @@ def score_video(frames, scene: Scene) -> dict:
     scale = _scale(frames)
     masks, background = _segment_objects(frames, [o.color for o in scene.objects])
     checks: dict[str, bool] = {}
-    objects, area_cv, color_std = [], [], []
+    objects, area_cv, color_std, duplicated = [], [], [], []
     for i, (obj, mask) in enumerate(zip(scene.objects, masks)):
         m = _measure(frames, mask)
         present = m["found_fraction"] >= PRESENT_FRACTION and m["velocity"] is not None
@@ -282,7 +319,10 @@ def score_video(frames, scene: Scene) -> dict:
         if found.any():
             area, fill = m["area"][found].median().item(), m["fill"][found].median().item()
             info.update(area=area, fill_ratio=fill, shape=_classify_shape(fill), size=_classify_size(area, scale),
-                        color=m["dominant_color"], velocity=m["velocity"])
+                        color=m["dominant_color"], velocity=m["velocity"],
+                        blobs=int(_count_blobs(mask[found], _min_area(frames)).median().item()))
+            same_color = sum(o.color == obj.color for o in scene.objects)
+            duplicated.append(info["blobs"] > same_color)
             areas, rgb = m["area"][found], m["mean_rgb"][found]
             area_cv.append((areas.std(unbiased=False) / areas.mean()).item())
             color_std.append(rgb.var(dim=0, unbiased=False).sum().sqrt().item())
@@ -304,6 +344,7 @@ def score_video(frames, scene: Scene) -> dict:
         "stability_area": stability_area,
         "stability_color": stability_color,
         "detected_background": background,
+        "duplicated": sum(duplicated) / len(scene.objects),
         "objects": objects,
     }
 

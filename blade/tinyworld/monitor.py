@@ -71,8 +71,8 @@ class TinyWorldMonitor:
                     score = metrics.score_video(video, scene)
                     scores.append({"adherence": score["adherence"], "stability": score["stability"],
                                    "fidelity": metrics.fidelity_distance(video, self.truth[start + j], scene),
-                                   "checks": score.get("checks", {})})
+                                   "duplicated": score["duplicated"], "checks": score.get("checks", {})})
         summary = metrics.summarize(scores)
-        out = {key: summary.get(key) for key in ("adherence", "stability", "fidelity", "num_videos")}
+        out = {key: summary.get(key) for key in ("adherence", "stability", "fidelity", "duplicated", "num_videos")}
         out.update({f"acc_{k}": v for k, v in summary.get("attribute_accuracy", {}).items()})
         return out
