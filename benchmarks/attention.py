@@ -152,6 +152,18 @@ def flex_fn():
         return run
 
 
+def bsa_fn():
+    """Block-sparse attention through the project's `bsa` adapter, or None when the library is not importable."""
+    try:
+        import block_sparse_attn  # noqa: F401
+    except ImportError:
+        print("  [skip] bsa: mit-han-lab Block-Sparse-Attention is not built (benchmarks/build_bsa.sh)", flush=True)
+        return None
+    from blade.attention import block_sparse_attention
+
+    return lambda q, k, v, mask, **kw: block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="bsa", **kw)
+
+
 def ours_fn(config_set: str | None = None):
     """Our kernel; with `config_set` ("v1", ...) the whole call (forward, and backward inside `fwd_bwd`) uses it."""
     from blade.attention.kernels import triton_bsa
@@ -228,7 +240,21 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
             ref = flex(q, k, v, mask20, global_k=gk, global_v=gv, global_bias=bias)
         return dict(rel_out=rel_err(out, ref))
 
+    bsa = bsa_fn()  # mit-han-lab's Block-Sparse-Attention (the paper's kernel), when built (benchmarks/build_bsa.sh)
+
+    def check_bsa20():
+        out = bsa(qg, kg, vg, mask20)
+        ref = flex(qg, kg, vg, mask20)
+        grads = torch.autograd.grad(out, (qg, kg, vg), do) if with_bwd else ()
+        ref_grads = torch.autograd.grad(ref, (qg, kg, vg), do) if with_bwd else ()
+        res = dict(rel_out=rel_err(out, ref))
+        for gname, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+            res[f"rel_{gname}"] = rel_err(a, b)
+        return res
+
     bench.check(f"{name}: ours vs SDPA at 100%", check_dense)
+    if bsa is not None:
+        bench.check(f"{name}: bsa (Block-Sparse-Attention) vs flex at 20% (fwd+bwd)", check_bsa20)
     bench.check(f"{name}: ours vs flex at 20% (fwd+bwd)", check_flex20)
     bench.check(f"{name}: ours vs flex at 20% with {seq // BLOCK} global tokens", check_flex20_global)
 
@@ -262,8 +288,19 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
             bench.record(name, "fwd", density, "ours_kernel_only",
                          lambda lists=lists: _forward(q, k, v, *lists, None, None, None, BLOCK, head_dim**-0.5),
                          kept * dense_flops, ref_fwd)
+            if bsa is not None:  # through our adapter (layout conversion included), then the kernel alone
+                from blade.attention.kernels.bsa import call_bsa, to_bsa_inputs
+
+                bench.record(name, "fwd", density, "bsa", lambda mask=mask: bsa(q, k, v, mask), kept * dense_flops,
+                             ref_fwd)
+                inputs = to_bsa_inputs(q, k, v, mask)
+                bench.record(name, "fwd", density, "bsa_kernel_only", lambda inputs=inputs: call_bsa(inputs),
+                             kept * dense_flops, ref_fwd)
         if with_bwd:
-            for label, fn, cfg in (("flex", flex, None), ("ours", ours, None), ("ours_v1", ours, "v1")):
+            for label, fn, cfg in (("flex", flex, None), ("ours", ours, None), ("ours_v1", ours, "v1"),
+                                   ("bsa", bsa, None)):
+                if fn is None:
+                    continue
                 bench.record(name, "fwd+bwd", density, label, fwd_bwd(fn, qg, kg, vg, do, mask, config_set=cfg),
                              3.5 * kept * dense_flops, ref_bwd)
     # Ours with ASA's pooled global tokens (G = L / 128, bias ln 128) at 20%.

@@ -264,6 +264,34 @@ def test_bsa_conversion_round_trip():
     assert inputs.base_blockmask.shape == (2, 3, 3, 3) and torch.equal(inputs.base_blockmask[1, 2], mask[0, 0])
 
 
+def test_call_bsa_passes_the_librarys_argument_order(monkeypatch):
+    """`call_bsa` against a stand-in module with the library's signature (block_sparse_attn_interface.py at 49d6c39:
+    q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, base_blockmask, max_seqlen_q, max_seqlen_k,
+    p_dropout, then deterministic, softmax_scale, is_causal) that computes with the library's reading of them: the
+    output must equal the float64 dense masked reference."""
+    import sys
+    import types
+
+    from blade.attention.kernels.bsa import call_bsa
+
+    def block_sparse_attn_func(q, k, v, cu_seqlens_q, cu_seqlens_k, head_mask_type, streaming_info, base_blockmask,
+                               max_seqlen_q, max_seqlen_k, p_dropout, deterministic=False, softmax_scale=None,
+                               is_causal=False, exact_streaming=False, return_attn_probs=False):
+        assert streaming_info is None and p_dropout == 0.0 and not is_causal and not return_attn_probs
+        fields = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      head_mask_type=head_mask_type, base_blockmask=base_blockmask, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k)
+        return emulate_block_sparse_attn_func(types.SimpleNamespace(**fields), scale=softmax_scale)
+
+    library = types.SimpleNamespace(block_sparse_attn_func=block_sparse_attn_func)
+    monkeypatch.setitem(sys.modules, "block_sparse_attn", library)
+    q, k, v = random_inputs(2, 3, 260, 300, 64, torch.float64)
+    mask = random_block_mask(2, 3, 3, 3, p=0.5)
+    out = from_bsa_output(call_bsa(to_bsa_inputs(q, k, v, mask), scale=0.1), batch=2)
+    expected = dense_masked_attention(q, k, v, token_mask_from_blocks(mask, 128, 260, 300), scale=0.1)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
 def test_bsa_checks():
     q, k, v = random_inputs(1, 1, 200, 200, 64)
     with pytest.raises(ValueError, match="block_size=128"):

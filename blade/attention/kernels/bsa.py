@@ -109,7 +109,7 @@ def bsa_block_sparse_attention(
 ) -> torch.Tensor:
     """Block-sparse attention through ``block_sparse_attn_func``; same contract as ``block_sparse_attention``."""
     try:
-        from block_sparse_attn import block_sparse_attn_func
+        import block_sparse_attn  # noqa: F401
     except ImportError as err:
         raise RuntimeError(_BUILD_HINT) from err
     if global_k is not None:
@@ -122,7 +122,15 @@ def bsa_block_sparse_attention(
             f"got {q.dtype}, head dim {q.shape[-1]}, device {q.device}"
         )
     inputs = to_bsa_inputs(q, k, v, block_mask, block_size)
-    out = block_sparse_attn_func(
+    return from_bsa_output(call_bsa(inputs, scale), q.shape[0])
+
+
+def call_bsa(inputs: BSAInputs, scale: float | None = None) -> torch.Tensor:
+    """``block_sparse_attn_func`` on converted inputs -> varlen output ``[B*Lq, H, D]`` (the kernel alone: what
+    `benchmarks/attention.py` times as ``bsa_kernel_only``, the conversion done beforehand)."""
+    from block_sparse_attn import block_sparse_attn_func
+
+    return block_sparse_attn_func(
         inputs.q,
         inputs.k,
         inputs.v,
@@ -138,4 +146,3 @@ def bsa_block_sparse_attention(
         softmax_scale=scale,
         is_causal=False,
     )
-    return from_bsa_output(out, q.shape[0])
