@@ -68,7 +68,10 @@ done
   --exclude='reflow_pairs_*' .) > "$OUT/study.tgz"
 for lora in "$RUN"/*/pytorch_lora_weights.safetensors; do  # each run's final student LoRA folder, one archive a run
   name=$(basename "$(dirname "$lora")")                        # (fp32: ~4 MB with --lora_targets attn, ~8 MB all)
-  (cd "$RUN" && tar czf - "$name/pytorch_lora_weights.safetensors" "$name/blade_config.json") > "$OUT/lora_$name.tgz"
+  raw=(); [ -f "$RUN/$name/raw_student/pytorch_lora_weights.safetensors" ] && \
+    raw=("$name/raw_student/pytorch_lora_weights.safetensors" "$name/raw_student/blade_config.json")  # --ema_decay
+  (cd "$RUN" && tar czf - "$name/pytorch_lora_weights.safetensors" "$name/blade_config.json" "${raw[@]}") \
+    > "$OUT/lora_$name.tgz"
 done
 python3 benchmarks/study_table.py "$RUN" --every "$EVAL_EVERY" | tee "$OUT/study_table.md"
 exit $status

@@ -236,3 +236,11 @@ def test_trainer_runs_the_phases_and_evaluates_on_tinyworld(tmp_path):
     assert [e["step"] for e in evals] == [0, 2, 4]
     assert all(0.0 <= e["eval_adherence"] <= 1.0 and "eval_raw_adherence" in e for e in evals)
     assert (out / "checkpoint-4" / StudentEMA.FILE).is_file() and (out / "reflow_pairs_0.pt").is_file()
+    # the LoRA in the run folder is the average, raw_student/ the raw weights: different tensors, same keys
+    from safetensors.torch import load_file
+
+    from blade.distill.trainer import RAW_STUDENT_FOLDER
+    averaged = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    raw = load_file(str(out / RAW_STUDENT_FOLDER / "pytorch_lora_weights.safetensors"))
+    assert averaged.keys() == raw.keys() and (out / RAW_STUDENT_FOLDER / "blade_config.json").is_file()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)

@@ -201,7 +201,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Divide the generator loss per sample by mean|x0 - teacher_cfg| (DMD2); auto = the released "
                    "code's per-family choice (on for CogVideoX, off for Wan).")
     p.add_argument("--ema_decay", type=float, default=0.0,
-                   help="EMA of the student LoRA (0 = off); the saved LoRA and the in-training evaluation use it.")
+                   help="EMA of the student LoRA (0 = off); the saved LoRA and the in-training evaluation use it "
+                   "(the raw student is evaluated too, and saved in OUTPUT_DIR/raw_student/).")
     p.add_argument("--reflow_steps", type=int, default=0,
                    help="First N optimizer steps regress the student onto the teacher's ODE solution from the same "
                    "noise (data-free pairs from the prompt cache, sample with --eta 0); a number >= "
@@ -658,6 +659,10 @@ def _write_lora_folder(folder: Path, family: TDMFamily, transformer, config: Bla
             str(folder), transformer_lora_layers=state, weight_name=name, safe_serialization=True
         )
     make_readable(*(folder / name for name in states), config.save(folder))  # safetensors writes 0600
+
+
+# With --ema_decay the LoRA in output_dir is the average; the raw student's LoRA goes in this subfolder.
+RAW_STUDENT_FOLDER = "raw_student"
 
 
 def save_lora_folder(folder: Path, family: TDMFamily, transformer, config: BladeConfig) -> None:
@@ -1141,6 +1146,8 @@ def _train(args: argparse.Namespace, timebox: TimeBox) -> dict:
     if accelerator.is_main_process:
         with tdm.averaged_student():
             save_lora_folder(output_dir, family, transformer, config_json)
+        if tdm.ema is not None:  # the raw weights beside the average, so the two can be compared on the same eval
+            save_lora_folder(output_dir / RAW_STUDENT_FOLDER, family, transformer, config_json)
     accelerator.wait_for_everyone()
     progress.close()
     if args.report_to != "none":
