@@ -4,8 +4,9 @@
         --attention benchmarks/results/attention_v3_h200_2026-11-28.json --out_dir benchmarks/results
 
 Writes ``end_to_end_stages.png`` (seconds per stage, stock 50-step CFG / dense 8-step / BLADE, both models; one run,
-so the ratios are comparable) and ``kernel_tflops.png`` (effective TFLOP/s of our block-sparse kernel against the kept
-fraction of key blocks, forward and forward+backward, with cuDNN's dense attention as the line to reach).
+so the ratios are comparable) and ``kernel_tflops.png`` (effective TFLOP/s of our block-sparse kernel, and of the
+paper's kernel when the JSON has its rows, against the kept fraction of key blocks, forward and forward+backward,
+with cuDNN's dense attention as the line to reach). Either chart alone: pass only its JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 STAGES = (("text_encoding_s", "text"), ("denoising_s", "denoise"), ("vae_decode_s", "VAE decode"),
           ("postprocess_s", "postprocess"))
 ARMS = (("baseline", "stock, 50 steps CFG"), ("dense", "dense 8-step student"), ("blade", "BLADE 8-step ASA"))
+# Sparse kernels drawn when the JSON has their rows: ours, and the paper's (when benchmarks/build_bsa.sh built it)
+KERNELS = (("ours", "ours", "C0"), ("bsa", "mit-han-lab BSA (paper's kernel)", "C3"))
 SHAPES = {"wan": "Wan2.1-1.3B [1,12,32760,128]", "cog": "CogVideoX-5B [1,48,17776,64]"}
 
 
@@ -52,10 +55,12 @@ def plot_kernel(report: dict, out: Path, plt) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for ax, shape in zip(axes, SHAPES):
         for mode, style in (("fwd", "-o"), ("fwd+bwd", "--s")):
-            ours = sorted((r["density"], r["tflops"]) for r in rows
-                          if r["shape"] == shape and r["mode"] == mode and r["backend"] == "ours")
-            if ours:
-                ax.plot([d for d, _ in ours], [t for _, t in ours], style, label=f"ours, {mode}")
+            for backend, label, color in KERNELS:
+                points = sorted((r["density"], r["tflops"]) for r in rows
+                                if r["shape"] == shape and r["mode"] == mode and r["backend"] == backend)
+                if points:
+                    ax.plot([d for d, _ in points], [t for _, t in points], style, color=color,
+                            label=f"{label}, {mode}")
             dense = [r["tflops"] for r in rows
                      if r["shape"] == shape and r["mode"] == mode and r["backend"] == "cudnn_sdpa"]
             if dense:
@@ -74,8 +79,8 @@ def plot_kernel(report: dict, out: Path, plt) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--end_to_end", required=True, help="benchmarks/end_to_end.py --out JSON")
-    parser.add_argument("--attention", required=True, help="benchmarks/attention.py JSON")
+    parser.add_argument("--end_to_end", help="benchmarks/end_to_end.py --out JSON (end_to_end_stages.png)")
+    parser.add_argument("--attention", help="benchmarks/attention.py JSON (kernel_tflops.png)")
     parser.add_argument("--out_dir", required=True)
     args = parser.parse_args()
     import matplotlib
@@ -83,10 +88,15 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not (args.end_to_end or args.attention):
+        parser.error("nothing to draw: pass --end_to_end JSON and/or --attention JSON")
     out_dir = Path(args.out_dir)
-    plot_end_to_end(json.loads(Path(args.end_to_end).read_text()), out_dir / "end_to_end_stages.png", plt)
-    plot_kernel(json.loads(Path(args.attention).read_text()), out_dir / "kernel_tflops.png", plt)
-    print(f"wrote {out_dir / 'end_to_end_stages.png'} and {out_dir / 'kernel_tflops.png'}")
+    if args.end_to_end:
+        plot_end_to_end(json.loads(Path(args.end_to_end).read_text()), out_dir / "end_to_end_stages.png", plt)
+        print(f"wrote {out_dir / 'end_to_end_stages.png'}")
+    if args.attention:
+        plot_kernel(json.loads(Path(args.attention).read_text()), out_dir / "kernel_tflops.png", plt)
+        print(f"wrote {out_dir / 'kernel_tflops.png'}")
 
 
 if __name__ == "__main__":

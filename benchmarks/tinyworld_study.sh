@@ -60,9 +60,8 @@ done < "$PLAN"
 # checkpoint and its LoRA, and the archive below still runs.
 trap 'echo "TERM: stopping the runs at their next step" >&2; kill -TERM "${pids[@]}" 2> /dev/null' TERM
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || { [ $? -gt 128 ] && wait "$pid"; } || status=1  # a trap interrupts wait (> 128): wait again
-done
+source "$(dirname "$0")/wait_all.sh"
+wait_all "${pids[@]}" || status=1
 
 (cd "$RUN" && tar czf - --exclude='checkpoint-*' --exclude='prompts*' --exclude='*.safetensors' \
   --exclude='reflow_pairs_*' .) > "$OUT/study.tgz"

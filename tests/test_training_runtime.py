@@ -1,6 +1,7 @@
 """The shared training runtime (blade/training/runtime.py): RNG round trips, sealed folders, resume, the time box."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,56 @@ def test_time_box_stop_on_signals_expires_once_then_restores_the_handler():
             signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # still caught: it has not fired
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_time_box_stop_on_signals_survives_repeated_sigterm():
+    """GNU timeout signals its child and then the child's process group, and a wrapper may forward the signal
+    again: the second and third SIGTERM must not kill the run while it writes its checkpoint (the box stays
+    expired, the handler stays installed); the previous handler is back after the block."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    box = runtime.TimeBox.of_minutes(60.0)
+    with box.stop_on_signals():
+        for _ in range(3):
+            signal.raise_signal(signal.SIGTERM)  # with the default handler this would end the test process
+            assert box.expired() and box.stopped_by == "SIGTERM"
+        signal.raise_signal(signal.SIGINT)  # a Ctrl-C after a SIGTERM: the run is already stopping, Ctrl-C aborts
+        assert box.stopped_by == "SIGTERM"  # the first cause is the one reported
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_study_wait_all_outlasts_repeated_stop_notices(tmp_path):
+    """benchmarks/wait_all.sh, as tinyworld_study.sh uses it with its forwarding trap: two stop notices 0.4 s apart
+    (a preemption notice repeated, a timeout's TERM after a manual one) each interrupt bash's `wait`; the script
+    must still wait until both fake trainers have finished writing (trainer a 2 s after its notice, b 1 s) before
+    it archives. A single retry of `wait` gave up on a at the second notice and archived without it."""
+    import signal
+    import subprocess
+    import time
+
+    wait_all = Path(__file__).resolve().parents[1] / "benchmarks" / "wait_all.sh"
+    script = tmp_path / "study.sh"
+    script.write_text(f"""
+cd {tmp_path}
+pids=()
+for n in a:2 b:1; do
+  bash -c 'stop=; trap "stop=1" TERM; touch ready_'${{n%:*}}'; while [ -z "$stop" ]; do sleep 0.05; done
+           sleep '${{n#*:}}'; touch done_'${{n%:*}} &
+  pids+=($!)
+done
+trap 'kill -TERM "${{pids[@]}}" 2> /dev/null' TERM
+source {wait_all}
+wait_all "${{pids[@]}}"; echo "status=$? archived: $(ls done_* 2> /dev/null | tr '\\n' ' ')"
+""")
+    study = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready_{n}").exists() for n in "ab") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(2):
+        time.sleep(0.4)
+        study.send_signal(signal.SIGTERM)
+    out, _ = study.communicate(timeout=60)
+    assert "status=0 archived: done_a done_b" in out

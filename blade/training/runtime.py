@@ -228,14 +228,18 @@ class TimeBox:
         return (self.clock() if now is None else now) > self.deadline
 
     @contextmanager
-    def stop_on_signals(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-        """While inside: the first of `signals` expires the box instead of killing the process.
+    def stop_on_signals(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                        repeat_aborts: tuple[int, ...] = (signal.SIGINT,)) -> Iterator[None]:
+        """While inside: `signals` expire the box instead of killing the process.
 
         A cluster's preemption notice (SLURM, Kubernetes and ``timeout`` send SIGTERM, then SIGKILL after a grace
         period) or a Ctrl-C then ends the run at its next optimizer step with a checkpoint and the LoRA written,
-        instead of losing the steps since the last periodic checkpoint. The handler is one-shot: it puts the previous
-        handler back, so a second signal acts as it would have (Ctrl-C twice aborts at once). Outside the main
-        thread (where Python cannot install handlers) this does nothing.
+        instead of losing the steps since the last periodic checkpoint. A signal in `repeat_aborts` is one-shot:
+        its handler puts the previous one back, so a second Ctrl-C aborts at once. Any other (SIGTERM) stays caught:
+        a stop notice often arrives more than once (GNU ``timeout`` signals its child and then the child's whole
+        process group, and a wrapper script may forward it again), and a repeat must not kill the run while it
+        writes its checkpoint; the grace period's SIGKILL is the hard stop. Outside the main thread (where Python
+        cannot install handlers) this does nothing.
         """
         if threading.current_thread() is not threading.main_thread():
             yield
@@ -243,12 +247,18 @@ class TimeBox:
         previous = {sig: signal.getsignal(sig) for sig in signals}
 
         def expire(signum: int, frame) -> None:
+            name = signal.Signals(signum).name
+            if self.stopped_by is not None and signum not in repeat_aborts:
+                logging.getLogger(__name__).warning("%s received again: already stopping at the end of this step",
+                                                    name)
+                return
             self.deadline = -math.inf
-            self.stopped_by = signal.Signals(signum).name
-            signal.signal(signum, previous[signum])
+            self.stopped_by = self.stopped_by or name  # the first cause is the one reported
+            if signum in repeat_aborts:
+                signal.signal(signum, previous[signum])
             logging.getLogger(__name__).warning(
-                "%s received: stopping at the end of this step with a checkpoint (send it again to stop at once)",
-                self.stopped_by)
+                "%s received: stopping at the end of this step with a checkpoint%s", name,
+                " (send it again to stop at once)" if signum in repeat_aborts else "")
 
         for sig in signals:
             signal.signal(sig, expire)
