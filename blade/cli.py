@@ -168,6 +168,13 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         help="with ASA, run the first N steps dense (default: the LoRA's dense_steps, else 0)",
     )
     p.add_argument(
+        "--mask_reuse_steps",
+        type=int,
+        default=1,
+        help="with ASA, each prober mask serves N sampling steps, layer by layer (1: a fresh mask every step; "
+        "BENCHMARKS.md, 'Mask reuse', measures what 2 costs on TinyWorld) (default: 1)",
+    )
+    p.add_argument(
         "--gpu", type=int, default=0, help="CUDA device index; -1 (or no CUDA available) runs on the CPU (default: 0)"
     )
     p.add_argument(
@@ -268,6 +275,7 @@ class Job:
     steps: int
     attention: str  # "asa" | "dense"
     dense_steps: int
+    mask_reuse_steps: int  # sampling steps one ASA prober mask serves (1: fresh every step)
     lora_file: Path | None
     blade_config: BladeConfig | None
     pipeline_kwargs: dict[str, Any]
@@ -468,6 +476,11 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     dense_steps = args.dense_steps if args.dense_steps is not None else cfg.dense_steps
     if dense_steps < 0:
         raise CLIError(f"--dense_steps must be >= 0, got {dense_steps}")
+    if args.mask_reuse_steps < 1:
+        raise CLIError(f"--mask_reuse_steps must be >= 1, got {args.mask_reuse_steps}")
+    if args.mask_reuse_steps > 1 and attention != "asa":
+        raise CLIError("--mask_reuse_steps reuses the ASA prober's masks; this run's attention is dense "
+                       "(pass --attention asa, or drop --mask_reuse_steps)")
     _check_speed_flags(args)
 
     world, rank = 1, 0
@@ -501,6 +514,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         steps=steps,
         attention=attention,
         dense_steps=dense_steps,
+        mask_reuse_steps=args.mask_reuse_steps,
         lora_file=lora_file,
         blade_config=blade_config,
         pipeline_kwargs=pipeline_kwargs,
@@ -556,7 +570,9 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
             _warn(f"no blade_config.json beside {job.lora_file} (--lora_without_config): sampling with "
                   f"{type(pipe.scheduler).__name__}, {job.steps} steps, {job.attention} attention")
     if job.attention == "asa":
-        enable_asa(pipe, job.blade_config.asa_config() if job.blade_config else None, dense_steps=job.dense_steps)
+        handle = enable_asa(pipe, job.blade_config.asa_config() if job.blade_config else None,
+                            dense_steps=job.dense_steps)
+        handle.mask_reuse_steps = job.mask_reuse_steps
     if job.world > 1:
         from blade.families import pipeline_experts
         from blade.parallel import enable_context_parallel
@@ -697,6 +713,7 @@ def _run(job: Job, args: argparse.Namespace) -> None:
             "fps": job.fps,
             "attention": job.attention,
             "dense_steps": job.dense_steps if job.attention == "asa" else None,
+            "mask_reuse_steps": job.mask_reuse_steps if job.attention == "asa" else None,
             "sparsity": info["sparsity"],
             "asa_stats": info["asa_stats"],
             "timings": info["timings"],

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from blade.api import enable_asa, generate, load_blade_lora
+from blade.api import asa_handle, enable_asa, generate, load_blade_lora
 from blade.distill.sampler import BladeStudentScheduler
 from blade.pipelines.loading import LoraMismatchError, load_pipeline
 from blade.testing.tiny import (
@@ -151,7 +151,8 @@ def test_wan_script_with_asa_lora_end_to_end(assets, tmp_path):
         "--prompt_file",
         str(prompt_file),
     ]
-    result = _run_script(WAN_SCRIPT, [*args, *WAN_SIZE, "--seed", "7", "--output_dir", str(out_dir)], tmp_path)
+    result = _run_script(WAN_SCRIPT, [*args, *WAN_SIZE, "--seed", "7", "--output_dir", str(out_dir),
+                                      "--mask_reuse_steps", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     sidecars = _check_outputs(out_dir, prompts, (9, 64, 64, 3))
@@ -159,6 +160,7 @@ def test_wan_script_with_asa_lora_end_to_end(assets, tmp_path):
         assert sidecar["seed"] == 7 + i
         assert sidecar["steps"] == 2  # the LoRA's k_step
         assert sidecar["attention"] == "asa"  # auto: the LoRA's blade_config has an ASA config
+        assert sidecar["mask_reuse_steps"] == 2
         assert 0.0 <= sidecar["sparsity"] <= 1.0
         assert sidecar["asa_stats"]["total_blocks"] > 0
         assert sidecar["scheduler"] == "BladeStudentScheduler"
@@ -168,6 +170,7 @@ def test_wan_script_with_asa_lora_end_to_end(assets, tmp_path):
     # The video holds what the API generates for the same settings (up to the codec).
     pipe = load_pipeline("wan", assets["wan"])
     load_blade_lora(pipe, assets["wan_lora"])
+    asa_handle(pipe).mask_reuse_steps = 2
     frames, info = generate(pipe, prompts[1], seed=8, steps=2, guidance_scale=1.0, num_frames=9, height=64, width=64)
     assert info["sparsity"] == pytest.approx(sidecars[1]["sparsity"])
     expected = np.round(frames * 255).astype(np.uint8)
@@ -298,6 +301,9 @@ def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "lora for another family": ([*wan, "--lora_path", str(assets["cog_lora"])], "trained for 'cogvideox'"),
         "steps off the LoRA's K": ([*wan, "--lora_path", str(assets["wan_lora"]), "--steps", "8"], "distilled for 2"),
         "existing output": (wan, "output exists"),
+        "mask reuse below 1": ([*wan, "--mask_reuse_steps", "0"], "--mask_reuse_steps must be >= 1"),
+        "mask reuse with dense attention": ([*wan, "--attention", "dense", "--mask_reuse_steps", "2"],
+                                            "reuses the ASA prober's masks"),
     }
 
 

@@ -154,6 +154,61 @@ def test_dense_steps_enabled_and_reset():
         assert handle.stats()["calls"] == len(model.blocks)  # the dense step 0 above only
 
 
+def test_mask_reuse_steps_probes_every_nth_step_and_replays_each_layers_mask():
+    """mask_reuse_steps = 2 over 4 sampling steps, CFG as two forwards a step (distinct text: distinct masks): the
+    prober runs at steps 0 and 2 only; at steps 1 and 3 every call (layer x branch) attends with the mask its own
+    call probed a step earlier. Reference: a copy of the model whose mask provider hands over those recorded masks
+    in order gives the same output at step 1. With autograd on, every call probes."""
+    model = tiny_wan_transformer()
+    reference_model = copy.deepcopy(model)
+    x, _, cond = inputs(2, 8, 12)
+    uncond = inputs(2, 8, 12, seed=1)[2]
+    layers = len(model.blocks)
+    handle = apply_asa(model, sparse_config(seed=0))
+    with pytest.raises(ValueError, match="mask_reuse_steps"):
+        handle.mask_reuse_steps = 0
+    handle.mask_reuse_steps = 2
+    probes, used = [0], []
+    estimate, attend = handle.asa.estimate_mask, handle.asa.attend
+
+    def counting_estimate(*args, **kwargs):
+        probes[0] += 1
+        return estimate(*args, **kwargs)
+
+    def recording_attend(q, k, v, block_mask):
+        used.append(block_mask)
+        return attend(q, k, v, block_mask)
+
+    handle.asa.estimate_mask, handle.asa.attend = counting_estimate, recording_attend
+    outputs = {}
+    with torch.no_grad():
+        for step, t in enumerate((999.0, 874.0, 749.0, 624.0)):
+            for branch, e in (("cond", cond), ("uncond", uncond)):
+                outputs[step, branch] = run(model, x, torch.tensor([t]), e)
+    assert probes[0] == 2 * 2 * layers  # steps 0 and 2, two forwards each
+    per_step = [used[i * 2 * layers:(i + 1) * 2 * layers] for i in range(4)]
+    dense = [[m.dense() for m in masks] for masks in per_step]
+    for fresh, reused in ((0, 1), (2, 3)):
+        assert all(per_step[reused][j] is per_step[fresh][j] for j in range(2 * layers))
+    assert any(not torch.equal(a, b) for a, b in zip(dense[0], dense[2]))  # refreshed: new masks
+    assert any(not torch.equal(a, b) for a, b in zip(dense[0][:layers], dense[0][layers:]))  # branches differ
+
+    replay = iter(per_step[0] * 2)  # step 0's masks, for step 0 and again for step 1
+    reference = apply_asa(reference_model, sparse_config(seed=0))
+    reference.mask_provider = lambda q, k, grid, tail: next(replay)
+    with torch.no_grad():
+        for step, t in enumerate((999.0, 874.0)):
+            for branch, e in (("cond", cond), ("uncond", uncond)):
+                assert torch.equal(run(reference_model, x, torch.tensor([t]), e), outputs[step, branch])
+
+    handle.reset()
+    probes[0] = 0
+    with torch.enable_grad():
+        run(model, x, torch.tensor([999.0]), cond)
+        run(model, x, torch.tensor([874.0]), cond)
+    assert probes[0] == 2 * layers  # training forwards never reuse
+
+
 def test_gradient_checkpointing_same_output_and_grads():
     x, t, e = inputs(2, 6, 8, batch=2)
     x_other, t_other, e_other = inputs(1, 4, 4, batch=2, seed=1)

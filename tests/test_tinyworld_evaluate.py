@@ -69,6 +69,14 @@ def test_window_and_random_need_a_sparsity(tmp_path, tiny_tinyworld):
     assert code == 2
 
 
+def test_mask_reuse_steps_is_recorded_and_refused_where_it_cannot_apply(tmp_path, tiny_tinyworld):
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--mask_reuse_steps", "2")
+    assert code == 0 and report["settings"]["mask_reuse_steps"] == 2 and 0.0 < report["sparsity"] < 1.0
+    assert _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--mask_reuse_steps", "0")[0] == 2
+    assert _run(tmp_path, tiny_tinyworld, "--attention", "window", "--sparsity", "0.75",
+                "--mask_reuse_steps", "2")[0] == 2  # a static window has no prober masks to reuse
+
+
 def test_table3_script_shares_dense_references_without_changing_the_scores(tmp_path, tiny_tinyworld):
     """benchmarks/tinyworld_table3.py renders each dense reference once; its scores equal the evaluation command's."""
     import importlib.util

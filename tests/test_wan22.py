@@ -105,6 +105,11 @@ def test_two_expert_sparse_runs_and_dense_steps_count_over_the_pipeline(a14b):
         _latents(a14b, 64)
         stats = handle.stats()
         assert stats["calls"] == 8 and stats["total_blocks"] > 0 and 0.0 < stats["sparsity"] < 1.0
+        handle.mask_reuse_steps = 2  # each expert keeps its own layers' masks
+        assert all(h.mask_reuse_steps == 2 for h in handle.handles.values())
+        handle.reset()
+        _latents(a14b, 64)
+        assert handle.stats()["calls"] == 8
         handle.enabled = False
         assert all(not h.enabled for h in handle.handles.values())
         assert torch.equal(_latents(a14b, 64), reference)

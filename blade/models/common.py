@@ -164,6 +164,41 @@ class _StepTracker:
 
 
 @dataclass
+class _MaskReuse:
+    """The prober's masks of one sampling step, kept for the next ``every - 1`` steps (``ASAHandle.mask_reuse_steps``).
+
+    Slots are the ASA calls of a step in call order (layer by layer; with CFG run as two forwards, the conditional
+    forward's layers and then the unconditional one's), so each call of a reusing step attends with the mask its
+    own layer and branch probed at the step that refreshed them.
+    """
+
+    every: int = 1
+    step: int | None = None
+    fresh: bool = True
+    index: int = 0
+    masks: dict = field(default_factory=dict)
+
+    def begin(self, step: int, first_sparse_step: int) -> None:
+        """A forward of sampling ``step`` opens (CFG's second forward of a step continues the slot count)."""
+        if step != self.step:
+            self.step, self.index = step, 0
+            self.fresh = (step - first_sparse_step) % self.every == 0
+
+    def mask(self, expected_shape: tuple[int, ...], probe: Callable[[], Any]) -> Any:
+        """This call's mask: probed on a refreshing step (or when its slot is empty or shaped for other inputs),
+        else the one its slot holds."""
+        slot, self.index = self.index, self.index + 1
+        cached = self.masks.get(slot)
+        if self.fresh or cached is None or tuple(cached.shape) != expected_shape:
+            cached = self.masks[slot] = probe()
+        return cached
+
+    def clear(self) -> None:
+        self.step, self.fresh, self.index = None, True, 0
+        self.masks.clear()
+
+
+@dataclass
 class ASAState:
     """Shared state of one patched transformer: the ASA module, the switches, the step tracker, the hooks."""
 
@@ -182,6 +217,8 @@ class ASAState:
     mask_provider: Callable | None = None
     # The running forward's transformer ``_parallel_config`` (diffusers' context parallelism), or None.
     parallel_config: Any = None
+    # Prober masks kept across sampling steps (``ASAHandle.mask_reuse_steps``; 1 = a fresh mask every call).
+    reuse: _MaskReuse = field(default_factory=_MaskReuse)
     _contexts: dict = field(default_factory=dict)
 
     # --------------------------------------------------------------------------------------------- contexts
@@ -203,6 +240,7 @@ class ASAState:
             mode = MODE_DENSE
         else:
             mode = MODE_SPARSE
+            self.reuse.begin(step, self.dense_steps)
         self.current = self._context(grid, mode, device)
         return self.current
 
@@ -331,6 +369,12 @@ class ASAState:
         mask = None
         if self.mask_provider is not None and ctx is not None and ctx.sparse:
             mask = self.mask_provider(q, k, ctx.grid, dense_tail_tokens)
+        elif self.reuse.every > 1 and ctx is not None and ctx.sparse and not torch.is_grad_enabled():
+            # Sampling only: a training forward (autograd on) probes every call, so gradient checkpointing's
+            # recompute and the TDM rollouts see what they always did.
+            block = self.asa.config.block_size
+            shape = (q.shape[0], q.shape[1], -(-q.shape[-2] // block), -(-k.shape[-2] // block))
+            mask = self.reuse.mask(shape, lambda: self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads))
         # The module's one entry point; the tokens were put in curve order by the hooks, once per forward.
         return self.asa(
             q,
@@ -385,6 +429,21 @@ class ASAHandle:
         self._state.dense_steps = int(value)
 
     @property
+    def mask_reuse_steps(self) -> int:
+        """Sampling steps one prober mask serves: 1 (default) probes at every call; N > 1 probes every layer at the
+        first sparse step and every N-th after it and reuses those masks, layer by layer, for the steps between
+        (inference only: with autograd on, every call probes). Saves the prober and the mask conversion on the
+        reusing steps; whether it costs quality is measured in BENCHMARKS.md ("Mask reuse")."""
+        return self._state.reuse.every
+
+    @mask_reuse_steps.setter
+    def mask_reuse_steps(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"mask_reuse_steps must be an int >= 1, got {value!r}")
+        self._state.reuse.clear()
+        self._state.reuse.every = value
+
+    @property
     def enabled(self) -> bool:
         """False: the patched processors run stock dense attention (no reordering) until switched back on."""
         return self._state.enabled
@@ -415,6 +474,7 @@ class ASAHandle:
         """Start a new sampling run: the step counter restarts (dense steps apply again) and the stats are cleared."""
         self._state.tracker.reset()
         self._state.asa.reset_stats()
+        self._state.reuse.clear()
         self._state.current = None
 
     def remove(self) -> None:
@@ -525,6 +585,15 @@ class PipelineASAHandle:
     def dense_steps(self, value: int) -> None:
         for h in self.handles.values():
             h.dense_steps = value
+
+    @property
+    def mask_reuse_steps(self) -> int:
+        return self._first.mask_reuse_steps
+
+    @mask_reuse_steps.setter
+    def mask_reuse_steps(self, value: int) -> None:
+        for h in self.handles.values():  # each expert keeps its own layers' masks
+            h.mask_reuse_steps = value
 
     @property
     def enabled(self) -> bool:

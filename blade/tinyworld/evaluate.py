@@ -49,9 +49,12 @@ PSNR_CAP_DB = 100.0  # identical videos have infinite PSNR; capped so that means
 
 
 def configure_attention(
-    pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None
+    pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None,
+    mask_reuse_steps: int = 1,
 ) -> Any:
-    """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense)."""
+    """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense).
+
+    ``mask_reuse_steps`` (ASA only): the prober's masks serve that many sampling steps (``ASAHandle``)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
     if mode in ("window", "random") and sparsity is None:
@@ -66,6 +69,10 @@ def configure_attention(
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
     api.disable_asa(pipe)
     handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
+    if mask_reuse_steps != 1:
+        if mode != "asa":
+            raise ValueError(f"--mask_reuse_steps applies to the prober's masks (--attention asa), not {mode}")
+        handle.mask_reuse_steps = mask_reuse_steps
     block = config.block_size
     if mode == "window":
         handle.mask_provider = lambda q, k, grid, tail: window_block_mask(
@@ -102,6 +109,7 @@ def evaluate(
     model: str | None = None,
     device: str = "cpu",
     dense_steps: int | None = None,
+    mask_reuse_steps: int = 1,
     compare_dense: bool = False,
     save_videos: str | None = None,
     dense_cache: dict | None = None,
@@ -111,6 +119,8 @@ def evaluate(
     ``dense_cache``: with ``compare_dense``, a dict that keeps the dense reference videos between calls (keyed by
     model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
     """
+    if isinstance(mask_reuse_steps, bool) or not isinstance(mask_reuse_steps, int) or mask_reuse_steps < 1:
+        raise ValueError(f"--mask_reuse_steps must be an int >= 1, got {mask_reuse_steps!r}")  # before any loading
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = (api.load_blade_lora(pipe, lora, asa=False) or None) if lora else None
@@ -143,7 +153,8 @@ def evaluate(
         for prompt, _, seed in tqdm(jobs, desc="dense reference"):
             if dense_key(prompt, seed) not in dense_frames:
                 dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
-    configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config)
+    configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config,
+                        mask_reuse_steps=mask_reuse_steps)
 
     videos = []
     for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
@@ -195,6 +206,7 @@ def evaluate(
                 "attention": attention,
                 "requested_sparsity": sparsity,
                 "dense_steps": dense_steps,
+                "mask_reuse_steps": mask_reuse_steps,
                 "lora": str(lora) if lora else None,
                 "model": str(model) if model else "bundled",
                 "device": device,
@@ -226,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target self-attention sparsity for window/random (and pinned ASA), e.g. 0.75")
     parser.add_argument("--dense_steps", type=int, default=None,
                         help="run the first N sampling steps dense (default: the LoRA's dense_steps, else 0)")
+    parser.add_argument("--mask_reuse_steps", type=int, default=1,
+                        help="with ASA, each prober mask serves N sampling steps (1: a fresh mask every step)")
     parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -245,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(
             prompts, args.seeds, steps=args.steps, guidance=args.guidance, attention=args.attention,
             sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
-            dense_steps=args.dense_steps, compare_dense=args.compare_dense, save_videos=args.save_videos,
+            dense_steps=args.dense_steps, mask_reuse_steps=args.mask_reuse_steps, compare_dense=args.compare_dense,
+            save_videos=args.save_videos,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

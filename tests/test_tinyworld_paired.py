@@ -1,0 +1,44 @@
+"""benchmarks/tinyworld_paired.py: the paired comparison and issue 16's target line, on hand-made reports."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tinyworld_paired.py"
+spec = importlib.util.spec_from_file_location("tinyworld_paired", SCRIPT)
+paired = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paired)
+
+
+def _report(path: Path, rows) -> str:
+    videos = [{"prompt": p, "seed": s, "adherence": a, "fidelity": f, "duplicated": d} for p, s, a, f, d in rows]
+    path.write_text(json.dumps({"videos": videos}))
+    return str(path)
+
+
+def test_pairs_by_prompt_and_seed_and_checks_the_target(tmp_path, capsys):
+    teacher = [_report(tmp_path / "t1.json", [("a", 1, 1.0, 0.10, 0.0), ("b", 1, 0.8, 0.20, 0.0)]),
+               _report(tmp_path / "t2.json", [("a", 2, 0.6, 0.30, 0.5)])]
+    # the student's videos in another order: pairing is by (prompt, seed), not by position
+    student = _report(tmp_path / "s.json", [("b", 1, 0.8, 0.25, 0.5), ("a", 2, 0.5, 0.30, 0.0),
+                                            ("a", 1, 0.9, 0.10, 0.0)])
+    out = tmp_path / "r.json"
+    assert paired.main(["--teacher", *teacher, "--student", f"s={student}", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["s"]
+    # by hand: differences 0.0, -0.1, -0.1 -> mean -1/15, sample sd 0.057735, se 0.033333
+    assert r["videos"] == 3 and r["paired_difference"] == pytest.approx(-0.2 / 3)
+    assert r["paired_standard_error"] == pytest.approx(0.0577350 / 3 ** 0.5, rel=1e-5)
+    assert r["adherence"] == pytest.approx(2.2 / 3) and r["teacher_adherence"] == pytest.approx(0.8)
+    assert r["fidelity_ratio"] == pytest.approx((0.65 / 3) / 0.2) and r["duplicated"] == pytest.approx(0.5 / 3)
+    # adherence 0.7333 < 0.78 (missed by 0.0467); fidelity 0.2167 <= 0.24 (met)
+    assert not r["adherence_met"] and r["fidelity_met"]
+    assert "missed: adherence by 0.0467" in capsys.readouterr().out
+
+
+def test_a_student_video_without_its_teacher_video_is_an_error(tmp_path):
+    teacher = _report(tmp_path / "t.json", [("a", 1, 1.0, 0.1, 0.0)])
+    student = _report(tmp_path / "s.json", [("a", 2, 1.0, 0.1, 0.0)])
+    with pytest.raises(ValueError, match="no teacher video"):
+        paired.main(["--teacher", teacher, "--student", f"s={student}"])
