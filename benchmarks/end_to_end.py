@@ -10,6 +10,9 @@ Arms, per family (Wan2.1-T2V-1.3B at 480x832x81, CogVideoX-5B at 480x720x49), al
   default clamps (``apply_asa``), a random rank-64 LoRA fused into the weights, and ``speed_up_pipeline``
   (regionally compiled transformer blocks, bf16 VAE, cuDNN autotuning).
 - ``dense``: the same student without ASA.
+- ``blade_reuse`` (not run unless named in ``--arms``): ``blade`` with each prober mask serving
+  ``--mask_reuse_steps`` sampling steps (``ASAHandle.mask_reuse_steps``; its quality cost is measured on TinyWorld
+  in BENCHMARKS.md, "Mask reuse").
 
 Fusing a LoRA is weight arithmetic only (``W <- W + (alpha / r) B A`` once, then the adapter layers are removed), so
 the fused student runs exactly the base architecture: the random LoRA here only shows that nothing is left behind.
@@ -57,7 +60,8 @@ from blade.families import get_family, get_model, pipeline_experts, scheduler_fl
 from blade.speed import speed_up_pipeline  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
-ARMS = ("baseline", "blade", "dense")
+ARMS = ("baseline", "blade", "dense", "blade_reuse")
+DEFAULT_ARMS = ARMS[:3]
 PROMPT = "A red fox runs through fresh snow in a pine forest at sunrise, cinematic lighting, slow motion"
 NEGATIVE_PROMPT = "blurry, low quality, distorted"
 _START = time.perf_counter()
@@ -298,9 +302,11 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
         result.update(steps=steps, measured_steps=steps, guidance_scale=1.0)
         result["lora_layers_fused"] = sum(fuse_random_lora(transformer, rank=args.lora_rank, seed=k)
                                           for k, (_, transformer) in enumerate(pipeline_experts(pipe)))
-        if arm == "blade":
+        if arm in ("blade", "blade_reuse"):
             handle = _apply_asa(family, pipe)
             result["asa_config"] = _jsonable(vars(handle.config)) if hasattr(handle.config, "__dict__") else None
+            if arm == "blade_reuse":
+                handle.mask_reuse_steps = result["mask_reuse_steps"] = args.mask_reuse_steps
         result["speed_up"] = speed_up_pipeline(
             pipe,
             compile_transformer=not args.no_compile,
@@ -449,7 +455,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(full_size.MODEL_DIRS),
                         help="registry models to run instead of --family (e.g. wan2.1-t2v-14b wan2.2-ti2v-5b), each "
                         "at its default video size and stock CFG")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help="comma-separated subset of " + ",".join(ARMS))
+    parser.add_argument("--mask_reuse_steps", type=int, default=2,
+                        help="the blade_reuse arm: sampling steps each ASA prober mask serves")
     parser.add_argument(
         "--baseline_steps",
         type=int,
@@ -478,6 +487,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.arms) - set(ARMS)
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+    if args.mask_reuse_steps < 1:
+        parser.error(f"--mask_reuse_steps must be >= 1, got {args.mask_reuse_steps}")
     if args.student_steps is None:
         args.student_steps = 2 if args.tiny else 8
     if args.tiny and args.baseline_steps is None:

@@ -179,6 +179,39 @@ def test_end_to_end_benchmark_tiny_smoke(tmp_path):
     assert "| wan | blade |" in report["table"] and report["complete"] is True
 
 
+def test_end_to_end_blade_reuse_arm_probes_every_other_step(tmp_path, monkeypatch):
+    """--arms blade,blade_reuse on the tiny Wan pipeline (4 student steps): the reuse arm's handle serves each
+    prober mask 2 steps, so over its measured run the prober runs for half the calls the blade arm probes."""
+    module = _benchmark_module()
+    from blade.attention import AdaptiveBlockSparseAttention
+
+    probes = []
+    original = AdaptiveBlockSparseAttention.estimate_mask
+
+    def counting(self, *args, **kwargs):
+        probes.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveBlockSparseAttention, "estimate_mask", counting)
+    counts = {}
+
+    def run_arm(arm, *args, **kwargs):
+        probes.clear()
+        result = real_run_arm(arm, *args, **kwargs)
+        counts[arm] = len(probes)  # warm-up + measured run, 4 steps each
+        return result
+
+    real_run_arm = module.run_arm
+    monkeypatch.setattr(module, "run_arm", run_arm)
+    out = tmp_path / "e2e.json"
+    module.main(["--family", "wan", "--tiny", "--no_compile", "--arms", "blade,blade_reuse", "--student_steps", "4",
+                 "--out", str(out)])
+    results = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
+    assert "error" not in results["blade_reuse"] and results["blade_reuse"]["mask_reuse_steps"] == 2
+    assert counts["blade"] > 0 and counts["blade_reuse"] * 2 == counts["blade"]
+    assert results["blade_reuse"]["asa_stats"]["calls"] == results["blade"]["asa_stats"]["calls"]
+
+
 def test_end_to_end_report_keeps_the_arms_that_finished_when_a_run_is_cut_off(tmp_path, monkeypatch):
     """A device call's time limit kills the benchmark mid-run: the JSON written after each arm keeps what finished."""
     module = _benchmark_module()
