@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {np.mean([r['duplicated'] for r in rows]):.3f} | {early} of {len(dup_final)} |")
     table.append(f"| final video | | {np.mean([v['final']['adherence'] for v in videos]):.3f} | "
                  f"{np.mean([v['final']['duplicated'] for v in videos]):.3f} | |")
-    report = {"lora": args.lora, "model": args.model or "bundled", "attention": attention, "steps": steps, "guidance": guidance, "every": every,
+    report = {"lora": args.lora, "model": args.model or "bundled", "attention": attention, "steps": steps,
+              "guidance": guidance, "every": every,
               "device": args.device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "seconds": time.perf_counter() - start, "table": "\n".join(table), "videos": videos}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_student_trajectory_scores_every_step_and_its_last_x0_is_the_video(tmp_path):
     """The student's last step returns its x0 as the sample, so the last recorded x0, decoded, is the video the
     pipeline returned: its scores must equal the final video's (the recorder reads the sampler's own x0)."""
-    spec = importlib.util.spec_from_file_location("tinyworld_trajectory", ROOT / "benchmarks" / "tinyworld_trajectory.py")
+    script = ROOT / "benchmarks" / "tinyworld_trajectory.py"
+    spec = importlib.util.spec_from_file_location("tinyworld_trajectory", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     prompts = tmp_path / "p.txt"
