@@ -204,6 +204,37 @@ def test_fused_prober_matches_torch_importance_and_mask(triton_prober, name):
     assert 0 < fused.sum() < fused.numel()
 
 
+@pytest.mark.parametrize("max_keep", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("tail", [(None, None), (5, 37)])
+def test_fused_selection_writes_the_torch_selections_lists(triton_prober, max_keep, tail):
+    """select_lists (one Triton program per row) against the torch selection's lists, exactly: ties (lowest column
+    first), an all-zero row, a non-power-of-two Nk, the dense tail; and its mask against the test's own full-sort
+    reference (sorted_selection) where there is no tail."""
+    from blade.attention.block_mask import BlockMask
+    from blade.attention.prober import _clamped_counts, _torch_select
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    imp = torch.softmax(torch.randn(2, 3, 6, 40, generator=g) * 2, dim=-1)
+    imp[0, 0, 0] = 1.0 / 40  # all ties
+    imp[0, 0, 1, ::2] = imp[0, 0, 1, 1]  # many ties
+    imp[1, 2, 3] = 0.0  # all zero
+    imp = imp.to(device)
+    low, high = _clamped_counts(40, 0.05, max_keep)
+    # Thresholds off the all-tie row's partial sums (k / 40): a sum landing exactly on the threshold is decided by
+    # the float order of the cumulative sum, which a parallel scan need not share with torch's.
+    for threshold in (0.33, 0.91, 1.0):
+        counts, index = triton_prober.select_lists(imp, threshold, low, high, *tail)
+        ref_counts, ref_index = _torch_select(imp, threshold, low, high, *tail)
+        assert counts.dtype == torch.int32 and index.shape == (2, 3, 6, 40)
+        assert torch.equal(counts, ref_counts)
+        valid = torch.arange(40, device=device) < counts[..., None]  # entries past the count mean nothing
+        assert torch.equal(torch.where(valid, index, 0), torch.where(valid, ref_index, 0))
+        if tail == (None, None):
+            got = BlockMask.from_lists(counts, index).dense().cpu()
+            assert torch.equal(got, sorted_selection(imp.cpu(), threshold, 0.05, max_keep))
+
+
 def test_fused_prober_refuses_unsupported_samples(triton_prober):
     q = torch.randn(1, 1, 64, 16)
     with pytest.raises(ValueError, match="does not support"):

@@ -206,6 +206,29 @@ def _register_ops() -> None:
         shape = (*q.shape[:2], q_pos.shape[-1] // samples, k_pos.shape[-1] // samples)
         return q.new_empty(shape, dtype=torch.float32)
 
+    @torch.library.custom_op("blade::prober_select", mutates_args=())
+    def fused_select(
+        importance: torch.Tensor, threshold: float, low: int, high: int, rows_from: int, cols_from: int, strict: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selection and the kernels' lists in one Triton launch (``rows_from``/``cols_from`` -1: no dense
+        tail); unless ``strict``, the torch selection (with a warning, once) if Triton fails."""
+        from .kernels import triton_prober
+
+        tail = (None if rows_from < 0 else rows_from, None if cols_from < 0 else cols_from)
+        try:
+            return triton_prober.select_lists(importance, threshold, low, high, *tail)
+        except Exception as err:
+            if strict:
+                raise
+            _FUSED_PROBER_FAILED.append(repr(err))
+            warnings.warn(f"fused Triton mask selection failed ({err!r}); using the torch one", stacklevel=2)
+            return _torch_select(importance, threshold, low, high, *tail)
+
+    @fused_select.register_fake
+    def _(importance, threshold, low, high, rows_from, cols_from, strict):
+        return (importance.new_empty(importance.shape[:-1], dtype=torch.int32),
+                importance.new_empty(importance.shape, dtype=torch.int32))
+
 
 def _gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``x [B, H, L, D]`` at ``positions [B, H, S]`` -> ``[B, H, S, D]``."""
@@ -272,12 +295,26 @@ def rank_blocks(
         ``ranked`` int64 ``[..., Nq, K]`` (the top ``K = ceil(max_keep*Nk)`` blocks, most important first) and
         ``counts`` int64 ``[..., Nq]`` (how many of them are kept): the input of ``BlockMask.from_ranked``.
     """
-    low, high = _clamped_counts(importance.shape[-1], min_keep, max_keep)
+    return _rank_clamped(importance, threshold, *_clamped_counts(importance.shape[-1], min_keep, max_keep))
+
+
+def _rank_clamped(importance: torch.Tensor, threshold: float, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_blocks`` with the count range ``[low, high]`` already resolved."""
     # Only the top `high` blocks can be kept: rank just those (the cumulative mass of the rest is irrelevant).
     order = _ranked_blocks(importance, high)
     cumulative = importance.gather(-1, order).cumsum(dim=-1)
     count = (cumulative < threshold).sum(dim=-1) + 1  # blocks before the crossing one, plus it
     return order, count.clamp(low, high)
+
+
+def _torch_select(
+    importance: torch.Tensor, threshold: float, low: int, high: int, rows_from: int | None, cols_from: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection's lists in torch (the reference of ``triton_prober.select_lists``): int32 counts
+    ``[B, H, Nq]`` and indices ``[B, H, Nq, Nk]`` for clamped counts ``[low, high]``."""
+    order, count = _rank_clamped(importance, threshold, low, high)
+    return BlockMask.from_ranked(order, count, importance.shape[-1], dense_rows_from=rows_from,
+                                 dense_cols_from=cols_from).lists()
 
 
 def select_blocks(importance: torch.Tensor, threshold: float, min_keep: float, max_keep: float) -> torch.Tensor:
@@ -389,12 +426,19 @@ def _estimate_block_mask(
     )
     if total != n_heads:
         q_pos, k_pos = (x[:, first : first + n_heads].contiguous() for x in (q_pos, k_pos))
-    if _use_fused_prober(q, samples_per_block, backend):
-        importance = torch.ops.blade.prober_importance(q, k, q_pos, k_pos, samples_per_block, backend == "triton")
-    else:
-        importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
-    ranked, counts = rank_blocks(importance, threshold, min_keep, max_keep)
     rows_from, cols_from = _dense_tail_blocks(q_len, k_len, block_size, dense_tail_tokens)
+    if _use_fused_prober(q, samples_per_block, backend):
+        strict = backend == "triton"
+        importance = torch.ops.blade.prober_importance(q, k, q_pos, k_pos, samples_per_block, strict)
+        # Selection + the kernels' lists in one launch instead of ~20 small torch ops (issue: prober launches).
+        low, high = _clamped_counts(importance.shape[-1], min_keep, max_keep)
+        counts, index = torch.ops.blade.prober_select(
+            importance, float(threshold), low, high, -1 if rows_from is None else rows_from,
+            -1 if cols_from is None else cols_from, strict,
+        )
+        return BlockMask.from_lists(counts, index)
+    importance = block_importance(_gather_tokens(q, q_pos), _gather_tokens(k, k_pos), samples_per_block)
+    ranked, counts = rank_blocks(importance, threshold, min_keep, max_keep)
     return BlockMask.from_ranked(
         ranked, counts, importance.shape[-1], dense_rows_from=rows_from, dense_cols_from=cols_from
     )

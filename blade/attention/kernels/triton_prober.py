@@ -13,7 +13,11 @@ over the sampled keys suffices:
    max ``m`` and row sum ``l`` of the online softmax (base 2) and the per-key-block max logit ``g [Nq*s, Nk]``.
 2. ``_pool_kernel`` -- ``importance[qb, kb] = max_{i in qb} exp2(g[i, kb] - m_i) / l_i``.
 
-The row normalisation is one torch op on the small ``[B, H, Nq, Nk]`` result.
+The row normalisation is one torch op on the small ``[B, H, Nq, Nk]`` result. Then
+
+3. ``_select_kernel`` -- one program per query-block row: the threshold + clamp selection of ``rank_blocks`` and
+   the kernels' index lists of ``BlockMask.from_ranked`` (dense tail included), in one launch where the torch path
+   takes ~20 small ops (``select_lists``; the prober's ``blade::prober_select``).
 
 The prober calls the launches through its opaque custom op ``blade::prober_importance`` (``attention/prober.py``),
 so ``torch.compile`` keeps a model that calls the prober in one graph.
@@ -35,7 +39,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _TRITON_IMPORT_ERROR = exc
 
-__all__ = ["is_available", "supports", "sampled_block_importance"]
+__all__ = ["is_available", "supports", "sampled_block_importance", "select_lists"]
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -166,6 +170,57 @@ if triton is not None:
             tl.store(out, pooled, mask=(q_blocks[:, None] < n_q_blocks) & k_ok[None, :])
 
 
+    @triton.jit
+    def _select_kernel(
+        IMP,
+        COUNTS,
+        INDEX,
+        n_q_blocks,
+        n_k_blocks,
+        threshold,
+        low,
+        high,
+        rows_from,
+        cols_from,
+        NK: tl.constexpr,
+    ):
+        """One program per query-block row: ``prober.rank_blocks`` + ``block_mask._ranked_to_lists`` in one pass.
+
+        Ranks the row's (normalised) importance by a stable descending sort (int64 keys: the float's bits, then the
+        reversed column, so ties go to the lower column), keeps the top blocks until their cumulative mass reaches
+        ``threshold`` (the crossing block included; count clamped to ``[low, high]``), and writes the kernels'
+        lists: ``COUNTS[r]`` and ``INDEX[r, :]`` (kept blocks in increasing order, then the dense tail columns
+        ``cols_from ...``, then zeros); rows ``qb >= rows_from`` keep every block. No tail: ``rows_from =
+        n_q_blocks``, ``cols_from = n_k_blocks``.
+        """
+        r = tl.program_id(0).to(tl.int64)
+        q_block = r % n_q_blocks
+        cols = tl.arange(0, NK)
+        ok = cols < n_k_blocks
+        imp = tl.load(IMP + r * n_k_blocks + cols, mask=ok, other=0.0)
+        bits = imp.to(tl.int32, bitcast=True)  # importance >= 0: the bits order as the floats
+        key = bits.to(tl.int64) * 4294967296 + (n_k_blocks - 1 - cols).to(tl.int64)
+        key = tl.where(ok, key, -9223372036854775807)  # padding sorts last
+        ranked_key = tl.sort(key, descending=True)
+        ranked = (n_k_blocks - 1 - (ranked_key & 0xFFFFFFFF)).to(tl.int32)
+        value = (ranked_key >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        cumulative = tl.cumsum(tl.where(ok, value, 0.0), 0)
+        count = tl.sum(((cumulative < threshold) & (cols < high)).to(tl.int32), 0) + 1
+        count = tl.minimum(tl.maximum(count, low), high)
+        keep = (cols < count) & (ranked < cols_from)  # tail columns are appended below, once
+        n_kept = tl.sum(keep.to(tl.int32), 0)
+        kept = tl.sort(tl.where(keep, ranked, n_k_blocks))  # increasing, dropped entries (n_k_blocks) last
+        n_tail = n_k_blocks - cols_from
+        index = tl.where(cols < n_kept, kept, 0)
+        index = tl.where((cols >= n_kept) & (cols < n_kept + n_tail), cols_from + cols - n_kept, index)
+        total = n_kept + n_tail
+        dense_row = q_block >= rows_from
+        index = tl.where(dense_row, cols, index)
+        total = tl.where(dense_row, n_k_blocks, total)
+        tl.store(INDEX + r * n_k_blocks + cols, index.to(tl.int32), mask=ok)
+        tl.store(COUNTS + r, total.to(tl.int32))
+
+
 # Whether the kernels were built by the Triton CPU interpreter (TRITON_INTERPRET=1 at import): a constant for
 # torch.compile (which cannot trace `type()` of a Triton kernel).
 _INTERPRETING = triton is not None and type(_scores_kernel).__name__ == "InterpretedFunction"
@@ -247,3 +302,34 @@ def _block_importance(
         g, m, l_sum, importance, n_q_blocks, n_k_blocks, SAMPLES=samples, QB=qb, BLOCK_K=block_k
     )
     return importance / importance.sum(dim=-1, keepdim=True)
+
+
+def select_lists(
+    importance: torch.Tensor,
+    threshold: float,
+    low: int,
+    high: int,
+    dense_rows_from: Optional[int] = None,
+    dense_cols_from: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prober's selection and the kernels' lists in one launch (``_select_kernel``).
+
+    Args:
+        importance: float32 ``[B, H, Nq, Nk]``, rows summing to 1 (``sampled_block_importance``).
+        threshold, low, high: as ``prober.rank_blocks`` (``low``/``high`` the clamped counts).
+        dense_rows_from, dense_cols_from: the dense tail, as ``BlockMask.from_ranked``.
+    Returns:
+        ``kv_num_blocks`` int32 ``[B, H, Nq]`` and ``kv_indices`` int32 ``[B, H, Nq, Nk]``: what
+        ``BlockMask.from_ranked(*prober.rank_blocks(...))`` holds (up to the float order of the cumulative sum).
+    """
+    batch, heads, n_q_blocks, n_k_blocks = importance.shape
+    importance = importance.float().contiguous()
+    counts = torch.empty((batch, heads, n_q_blocks), dtype=torch.int32, device=importance.device)
+    index = torch.empty((batch, heads, n_q_blocks, n_k_blocks), dtype=torch.int32, device=importance.device)
+    rows_from = n_q_blocks if dense_rows_from is None else int(dense_rows_from)
+    cols_from = n_k_blocks if dense_cols_from is None else int(dense_cols_from)
+    _select_kernel[(batch * heads * n_q_blocks,)](
+        importance, counts, index, n_q_blocks, n_k_blocks, float(threshold), int(low), int(high), rows_from,
+        cols_from, NK=triton.next_power_of_2(n_k_blocks),
+    )
+    return counts, index
