@@ -86,6 +86,9 @@ def test_custom_ops_pass_opcheck():
     q_pos, k_pos = torch.ops.blade.prober_positions(q.device, 40, 36, 16, 4, 1, 2, -1)
     assert q_pos.shape == (1, 2, 3 * 4) and k_pos.shape == (1, 2, 3 * 4) and q_pos.dtype == torch.int64
     torch.library.opcheck(torch.ops.blade.prober_importance.default, (q.detach(), k.detach(), q_pos, k_pos, 4, True))
+    importance = torch.ops.blade.prober_importance(q.detach(), k.detach(), q_pos, k_pos, 4, True)
+    torch.library.opcheck(torch.ops.blade.prober_select.default, (importance, 0.9, 1, 2, -1, -1, True))
+    torch.library.opcheck(torch.ops.blade.prober_select.default, (importance, 0.9, 1, 3, 2, 2, True))  # dense tail
 
 
 def test_mask_lists_compile_fullgraph():
