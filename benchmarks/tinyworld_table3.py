@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mask_reuse_steps", type=int, nargs="*", default=[],
+                        help="extra ASA rows whose prober masks serve N sampling steps each (e.g. 2 5)")
     parser.add_argument("--out_dir", required=True)
     args = parser.parse_args(argv)
 
@@ -40,12 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     cache: dict = {}
     rows = []
     for sparsity in args.sparsity:
-        for mode in MODES:
+        runs = [(mode, mode, 1) for mode in MODES] + [(f"asa+reuse{n}", "asa", n) for n in args.mask_reuse_steps]
+        for name, mode, reuse in runs:
             report = evaluate(prompts, args.seeds, steps=args.steps, guidance=args.guidance, attention=mode,
                               sparsity=sparsity, model=args.model, device=args.device, compare_dense=True,
-                              dense_cache=cache)
-            (out_dir / f"table3_{mode}_{sparsity}.json").write_text(json.dumps(report, indent=1))
-            rows.append((sparsity, mode, report))
+                              dense_cache=cache, mask_reuse_steps=reuse)
+            (out_dir / f"table3_{name}_{sparsity}.json").write_text(json.dumps(report, indent=1))
+            rows.append((sparsity, name, report))
     print("| sparsity | mode | PSNR (dB) | SSIM | adherence | realized sparsity |")
     print("|---|---|---|---|---|---|")
     for sparsity, mode, r in rows:

@@ -89,11 +89,13 @@ def test_table3_script_shares_dense_references_without_changing_the_scores(tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\n")
     table3.main(["--prompts", str(prompts), "--seeds", "0", "--sparsity", "0.75", "--steps", "2", "--guidance", "1.0",
-                 "--model", str(tiny_tinyworld), "--out_dir", str(tmp_path / "t3")])
-    for mode in ("window", "random"):
+                 "--model", str(tiny_tinyworld), "--out_dir", str(tmp_path / "t3"), "--mask_reuse_steps", "2"])
+    for mode, extra in (("window", ()), ("random", ()), ("asa+reuse2", ("--mask_reuse_steps", "2"))):
         shared = json.loads((tmp_path / "t3" / f"table3_{mode}_0.75.json").read_text())
-        code, alone = _run(tmp_path, tiny_tinyworld, "--attention", mode, "--sparsity", "0.75", "--compare_dense")
-        assert code == 0
+        attention = mode.split("+")[0]
+        code, alone = _run(tmp_path, tiny_tinyworld, "--attention", attention, "--sparsity", "0.75", "--compare_dense",
+                           *extra)
+        assert code == 0 and shared["settings"]["mask_reuse_steps"] == alone["settings"]["mask_reuse_steps"]
         assert shared["psnr"] == pytest.approx(alone["psnr"]) and shared["ssim"] == pytest.approx(alone["ssim"])
 
 
