@@ -189,7 +189,7 @@ def test_mask_reuse_steps_probes_every_nth_step_and_replays_each_layers_mask():
     per_step = [used[i * 2 * layers:(i + 1) * 2 * layers] for i in range(4)]
     dense = [[m.dense() for m in masks] for masks in per_step]
     for fresh, reused in ((0, 1), (2, 3)):
-        assert all(per_step[reused][j] is per_step[fresh][j] for j in range(2 * layers))
+        assert all(torch.equal(dense[reused][j], dense[fresh][j]) for j in range(2 * layers))
     assert any(not torch.equal(a, b) for a, b in zip(dense[0], dense[2]))  # refreshed: new masks
     assert any(not torch.equal(a, b) for a, b in zip(dense[0][:layers], dense[0][layers:]))  # branches differ
 
@@ -201,12 +201,44 @@ def test_mask_reuse_steps_probes_every_nth_step_and_replays_each_layers_mask():
             for branch, e in (("cond", cond), ("uncond", uncond)):
                 assert torch.equal(run(reference_model, x, torch.tensor([t]), e), outputs[step, branch])
 
+    # a deep copy (the TDM fake score is one) gets its own slots, bound to its own ASA module
+    clone_state = getattr(copy.deepcopy(model), "_blade_asa_handle")._state
+    assert clone_state.reuse.key != handle._state.reuse.key and clone_state.reuse.asa is clone_state.asa
+    assert clone_state.reuse.every == 2 and not clone_state.reuse.masks
+
     handle.reset()
     probes[0] = 0
     with torch.enable_grad():
         run(model, x, torch.tensor([999.0]), cond)
         run(model, x, torch.tensor([874.0]), cond)
     assert probes[0] == 2 * layers  # training forwards never reuse
+
+
+def test_mask_reuse_under_compiled_fullgraph_blocks_equals_eager():
+    """The slot counter and the refresh decision live in the opaque op `blade::asa_reused_mask`: blocks compiled with
+    fullgraph=True (one graph for all layers, as `speed_up_pipeline` compiles them) run reuse without recompiling per
+    layer (traced Python counters hit the recompile limit here) and give the eager reuse run's outputs."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    compiled_model = tiny_wan_transformer()
+    eager_model = copy.deepcopy(compiled_model)
+    x, _, cond = inputs(2, 8, 12)
+    uncond = inputs(2, 8, 12, seed=1)[2]
+    handles = [apply_asa(m, sparse_config(seed=0)) for m in (compiled_model, eager_model)]
+    for handle in handles:
+        handle.mask_reuse_steps = 2
+    counter = CompileCounter()
+    for block in compiled_model.blocks:
+        block.compile(fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for t in (999.0, 874.0, 749.0, 624.0):
+            for e in (cond, uncond):
+                step = torch.tensor([t])
+                torch.testing.assert_close(run(compiled_model, x, step, e), run(eager_model, x, step, e),
+                                           atol=1e-5, rtol=1e-5)
+    assert 0 < counter.frame_count <= 3
+    torch._dynamo.reset()
 
 
 def test_gradient_checkpointing_same_output_and_grads():

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_permutation, inverse_permutation
+from blade.models.mask_reuse import MaskReuse
 
 Grid = tuple[int, int, int]
 
@@ -164,41 +165,6 @@ class _StepTracker:
 
 
 @dataclass
-class _MaskReuse:
-    """The prober's masks of one sampling step, kept for the next ``every - 1`` steps (``ASAHandle.mask_reuse_steps``).
-
-    Slots are the ASA calls of a step in call order (layer by layer; with CFG run as two forwards, the conditional
-    forward's layers and then the unconditional one's), so each call of a reusing step attends with the mask its
-    own layer and branch probed at the step that refreshed them.
-    """
-
-    every: int = 1
-    step: int | None = None
-    fresh: bool = True
-    index: int = 0
-    masks: dict = field(default_factory=dict)
-
-    def begin(self, step: int, first_sparse_step: int) -> None:
-        """A forward of sampling ``step`` opens (CFG's second forward of a step continues the slot count)."""
-        if step != self.step:
-            self.step, self.index = step, 0
-            self.fresh = (step - first_sparse_step) % self.every == 0
-
-    def mask(self, expected_shape: tuple[int, ...], probe: Callable[[], Any]) -> Any:
-        """This call's mask: probed on a refreshing step (or when its slot is empty or shaped for other inputs),
-        else the one its slot holds."""
-        slot, self.index = self.index, self.index + 1
-        cached = self.masks.get(slot)
-        if self.fresh or cached is None or tuple(cached.shape) != expected_shape:
-            cached = self.masks[slot] = probe()
-        return cached
-
-    def clear(self) -> None:
-        self.step, self.fresh, self.index = None, True, 0
-        self.masks.clear()
-
-
-@dataclass
 class ASAState:
     """Shared state of one patched transformer: the ASA module, the switches, the step tracker, the hooks."""
 
@@ -218,8 +184,12 @@ class ASAState:
     # The running forward's transformer ``_parallel_config`` (diffusers' context parallelism), or None.
     parallel_config: Any = None
     # Prober masks kept across sampling steps (``ASAHandle.mask_reuse_steps``; 1 = a fresh mask every call).
-    reuse: _MaskReuse = field(default_factory=_MaskReuse)
+    reuse: MaskReuse | None = None
     _contexts: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.reuse is None:
+            self.reuse = MaskReuse(self.asa)
 
     # --------------------------------------------------------------------------------------------- contexts
     def _context(self, grid: Grid, mode: str, device: torch.device) -> ForwardContext:
@@ -372,9 +342,7 @@ class ASAState:
         elif self.reuse.every > 1 and ctx is not None and ctx.sparse and not torch.is_grad_enabled():
             # Sampling only: a training forward (autograd on) probes every call, so gradient checkpointing's
             # recompute and the TDM rollouts see what they always did.
-            block = self.asa.config.block_size
-            shape = (q.shape[0], q.shape[1], -(-q.shape[-2] // block), -(-k.shape[-2] // block))
-            mask = self.reuse.mask(shape, lambda: self.asa.estimate_mask(q, k, dense_tail_tokens, heads=heads))
+            mask = self.reuse.mask(q, k, dense_tail_tokens, heads)
         # The module's one entry point; the tokens were put in curve order by the hooks, once per forward.
         return self.asa(
             q,
