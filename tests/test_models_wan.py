@@ -202,7 +202,7 @@ def test_mask_reuse_steps_probes_every_nth_step_and_replays_each_layers_mask():
                 assert torch.equal(run(reference_model, x, torch.tensor([t]), e), outputs[step, branch])
 
     # a deep copy (the TDM fake score is one) gets its own slots, bound to its own ASA module
-    clone_state = getattr(copy.deepcopy(model), "_blade_asa_handle")._state
+    clone_state = copy.deepcopy(model)._blade_asa_handle._state
     assert clone_state.reuse.key != handle._state.reuse.key and clone_state.reuse.asa is clone_state.asa
     assert clone_state.reuse.every == 2 and not clone_state.reuse.masks
 
