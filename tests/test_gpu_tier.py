@@ -349,3 +349,47 @@ def test_asa_module_matches_reference_backend_fwd_bwd(name):
             seconds_fast_fwd_bwd=round(fast_s, 3), **errors)
     assert errors["out"] < 1e-2, errors
     assert max(errors["dq"], errors["dk"], errors["dv"]) < 2e-2, errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# e. Mask reuse through compiled blocks (the speed path: regional inductor compile, fullgraph), realistic tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_mask_reuse_through_compiled_blocks_matches_eager():
+    """Wan's heads and head dim (12 x 128) over 14,040 video tokens (CPU dry run: 2 x 128 over 768), 2 layers,
+    4 sampling steps with mask_reuse_steps = 2: blocks compiled by inductor with fullgraph=True (as
+    speed_up_pipeline compiles them) give the eager reuse run's outputs, and the prober runs for steps 0 and 2 only."""
+    import copy
+
+    from blade.attention import ASAConfig
+    from blade.models.wan import apply_asa
+    from blade.testing.tiny import tiny_wan_transformer
+
+    heads, frames, height, width = (12, 9, 60, 104) if ON_GPU else (2, 3, 32, 32)  # latent size; tokens F*H*W/4
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    model = tiny_wan_transformer(num_attention_heads=heads, attention_head_dim=128, ffn_dim=256,
+                                 rope_max_seq_len=1024).to(DEVICE, dtype)
+    eager = copy.deepcopy(model)
+    handles = [apply_asa(m, ASAConfig(seed=0)) for m in (model, eager)]
+    probes = []
+    for handle in handles:
+        handle.mask_reuse_steps = 2
+        estimate = handle.asa.estimate_mask
+        handle.asa.estimate_mask = lambda *a, _e=estimate, **kw: (probes.append(1), _e(*a, **kw))[1]
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(1, 16, frames, height, width, generator=g, device=DEVICE).to(dtype)
+    text = torch.randn(1, 6, 32, generator=g, device=DEVICE).to(dtype)
+    start = _sync()
+    with torch.no_grad():
+        for t in (999.0, 874.0, 749.0, 624.0):
+            step = torch.tensor([t], device=DEVICE)
+            got = model(x, step, text, return_dict=False)[0]
+            want = eager(x, step, text, return_dict=False)[0]
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    seconds = _sync() - start
+    layers = len(model.blocks)
+    assert len(probes) == 2 * 2 * layers, len(probes)  # steps 0 and 2, both models
+    _record(test="mask_reuse_compiled", tokens=frames * height * width // 4, seconds=round(seconds, 2),
+            sparsity=handles[0].stats()["sparsity"])
