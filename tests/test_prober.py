@@ -204,8 +204,7 @@ def test_fused_prober_matches_torch_importance_and_mask(triton_prober, name):
     assert 0 < fused.sum() < fused.numel()
 
 
-@pytest.mark.parametrize("max_keep", [0.1, 0.5, 1.0])
-@pytest.mark.parametrize("tail", [(None, None), (5, 37)])
+@pytest.mark.parametrize("max_keep,tail", [(0.1, (None, None)), (1.0, (None, None)), (0.5, (5, 37))])
 def test_fused_selection_writes_the_torch_selections_lists(triton_prober, max_keep, tail):
     """select_lists (one Triton program per row) against the torch selection's lists, exactly: ties (lowest column
     first), an all-zero row, a non-power-of-two Nk, the dense tail; and its mask against the test's own full-sort
@@ -215,10 +214,10 @@ def test_fused_selection_writes_the_torch_selections_lists(triton_prober, max_ke
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(3)
-    imp = torch.softmax(torch.randn(2, 3, 6, 40, generator=g) * 2, dim=-1)
+    imp = torch.softmax(torch.randn(1, 2, 6, 40, generator=g) * 2, dim=-1)  # the interpreter: ~0.4 s a row
     imp[0, 0, 0] = 1.0 / 40  # all ties
     imp[0, 0, 1, ::2] = imp[0, 0, 1, 1]  # many ties
-    imp[1, 2, 3] = 0.0  # all zero
+    imp[0, 1, 3] = 0.0  # all zero
     imp = imp.to(device)
     low, high = _clamped_counts(40, 0.05, max_keep)
     # Thresholds off the all-tie row's partial sums (k / 40): a sum landing exactly on the threshold is decided by
@@ -226,7 +225,7 @@ def test_fused_selection_writes_the_torch_selections_lists(triton_prober, max_ke
     for threshold in (0.33, 0.91, 1.0):
         counts, index = triton_prober.select_lists(imp, threshold, low, high, *tail)
         ref_counts, ref_index = _torch_select(imp, threshold, low, high, *tail)
-        assert counts.dtype == torch.int32 and index.shape == (2, 3, 6, 40)
+        assert counts.dtype == torch.int32 and index.shape == (1, 2, 6, 40)
         assert torch.equal(counts, ref_counts)
         valid = torch.arange(40, device=device) < counts[..., None]  # entries past the count mean nothing
         assert torch.equal(torch.where(valid, index, 0), torch.where(valid, ref_index, 0))
