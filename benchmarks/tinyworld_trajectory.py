@@ -35,7 +35,7 @@ from blade import api  # noqa: E402
 from blade.distill.trainer import decode_latents  # noqa: E402
 from blade.families import get_family  # noqa: E402
 from blade.tinyworld import metrics  # noqa: E402
-from blade.tinyworld.evaluate import configure_attention  # noqa: E402
+from blade.tinyworld.evaluate import configure_attention, sampling_settings  # noqa: E402
 from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline  # noqa: E402
 from blade.tinyworld.world import read_prompts  # noqa: E402
 
@@ -97,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = (api.load_blade_lora(pipe, args.lora, asa=False) or None) if args.lora else None
-    steps = int(lora_config.k_step or 8) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
-    guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
-    attention = "asa" if lora_config and lora_config.asa else "dense"
-    configure_attention(pipe, attention, sparsity=None, dense_steps=lora_config.dense_steps if lora_config else 0,
-                        lora_config=lora_config)
+    steps, guidance, attention, dense_steps = sampling_settings(lora_config)  # as the evaluation samples it
+    configure_attention(pipe, attention, sparsity=None, dense_steps=dense_steps, lora_config=lora_config)
     every = args.every or (1 if lora_config else 5)
     recorder = X0Recorder(pipe.scheduler, every)
     size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}

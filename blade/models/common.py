@@ -406,10 +406,7 @@ class ASAHandle:
 
     @mask_reuse_steps.setter
     def mask_reuse_steps(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"mask_reuse_steps must be an int >= 1, got {value!r}")
-        self._state.reuse.clear()
-        self._state.reuse.every = value
+        self._state.reuse.set_every(value)
 
     @property
     def enabled(self) -> bool:

@@ -29,6 +29,13 @@ _KEYS = itertools.count()
 _REGISTRY: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> MaskReuse
 
 
+def check_mask_reuse_steps(value: Any) -> int:
+    """``value`` if it is a valid ``mask_reuse_steps`` (an int >= 1), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"mask_reuse_steps must be an int >= 1, got {value!r}")
+    return value
+
+
 class MaskReuse:
     """The slots of one transformer's masks and when to refresh them (``every`` steps; 1 = reuse off)."""
 
@@ -49,6 +56,11 @@ class MaskReuse:
         if step != self.step:
             self.step, self.index = step, 0
             self.fresh = (step - first_sparse_step) % self.every == 0
+
+    def set_every(self, every: int) -> None:
+        """Serve each mask ``every`` steps from now on (the stored masks are dropped)."""
+        self.clear()
+        self.every = check_mask_reuse_steps(every)
 
     def clear(self) -> None:
         self.step, self.fresh, self.index = None, True, 0

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from blade import api
 from blade.attention.static_masks import random_block_mask, window_block_mask
 from blade.config import BladeConfig
+from blade.models.mask_reuse import check_mask_reuse_steps
 from blade.models.wan import default_asa_config
 from blade.tinyworld import metrics
 from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline
@@ -46,6 +47,27 @@ from blade.tinyworld.world import PromptError, Scene, read_prompts, render_promp
 
 ATTENTION_MODES = ("dense", "asa", "window", "random")
 PSNR_CAP_DB = 100.0  # identical videos have infinite PSNR; capped so that means and JSON stay finite
+
+
+def sampling_settings(
+    lora_config: BladeConfig | None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    attention: str | None = None,
+    dense_steps: int | None = None,
+) -> tuple[int, float, str, int]:
+    """``(steps, guidance, attention, dense_steps)``: each given value, else how the model samples by default: a
+    student LoRA as it was distilled (its K, no CFG, ASA when its config has one, its dense first steps), the teacher
+    with TinyWorld's 50 steps and CFG, dense."""
+    if steps is None:
+        steps = int(lora_config.k_step or 8) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
+    if guidance is None:
+        guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
+    if attention is None:
+        attention = "asa" if lora_config and lora_config.asa else "dense"
+    if dense_steps is None:
+        dense_steps = lora_config.dense_steps if lora_config else 0
+    return steps, guidance, attention, dense_steps
 
 
 def configure_attention(
@@ -119,19 +141,11 @@ def evaluate(
     ``dense_cache``: with ``compare_dense``, a dict that keeps the dense reference videos between calls (keyed by
     model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
     """
-    if isinstance(mask_reuse_steps, bool) or not isinstance(mask_reuse_steps, int) or mask_reuse_steps < 1:
-        raise ValueError(f"--mask_reuse_steps must be an int >= 1, got {mask_reuse_steps!r}")  # before any loading
+    check_mask_reuse_steps(mask_reuse_steps)  # before any loading
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = (api.load_blade_lora(pipe, lora, asa=False) or None) if lora else None
-    if steps is None:
-        steps = int(lora_config.k_step or 8) if lora_config else TINYWORLD_DEFAULTS["num_inference_steps"]
-    if guidance is None:
-        guidance = 1.0 if lora_config else TINYWORLD_DEFAULTS["guidance_scale"]
-    if attention is None:  # the student as it was distilled
-        attention = "asa" if lora_config and lora_config.asa else "dense"
-    if dense_steps is None:  # likewise: its dense first steps when it was distilled with them
-        dense_steps = lora_config.dense_steps if lora_config else 0
+    steps, guidance, attention, dense_steps = sampling_settings(lora_config, steps, guidance, attention, dense_steps)
     size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
     extra = {"max_sequence_length": TINYWORLD_DEFAULTS["max_sequence_length"]}
 
