@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 16: how often does the TinyWorld teacher itself draw an object twice, and does weaker guidance change it?
+# Runs on one GPU (beside a study, if one is running) and writes one archive, $OUT/teacher_duplicates.tgz, with:
+#   teacher_cfg5.0.json / teacher_cfg3.5.json   Table 1's 48 videos (prompts x seeds 1000 1001) at each CFG scale
+#   traj_teacher.json                            the teacher's decoded x0 every 5th of its 50 steps (seed 1000)
+#   traj_student.json                            the bundled student's x0 at each of its 8 steps (seed 1000)
+#
+#   OUT=out bash benchmarks/teacher_duplicates.sh          (BUDGET=s stops what still runs, default 500)
+#
+# Each process is held to OMP_THREADS CPU threads (default 3): the scoring runs on the CPU, and on 2026-12-06 four of
+# these processes at torch's default (16 threads each on a 16-core machine) beside a study's trainers took 13-33 s a
+# teacher video and 100-170 s a trajectory, against 1.8 s a teacher video for one process at 6 threads alone.
+set -uo pipefail
+OUT=${OUT:?OUT}; BUDGET=${BUDGET:-500}
+export OMP_NUM_THREADS=${OMP_THREADS:-3}
+if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+W=$(mktemp -d /tmp/teacher_duplicates.XXXXXX)
+P=assets/tinyworld/eval_prompts.txt
+run() {  # name, command...: each piece is logged, and timed out at the budget so the archive is always written
+  local name=$1; shift
+  timeout -k 10 "$BUDGET" "$@" > "$W/$name.log" 2>&1; echo "$name rc=$? at ${SECONDS} s" | tee -a "$W/summary.txt"
+}
+run teacher_cfg5.0 python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance 5.0 \
+  --out "$W/teacher_cfg5.0.json" &
+run teacher_cfg3.5 python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance 3.5 \
+  --out "$W/teacher_cfg3.5.json" &
+run traj_teacher python3 benchmarks/tinyworld_trajectory.py --prompts $P --seeds 1000 --device cuda --every 5 \
+  --out "$W/traj_teacher.json" &
+run traj_student python3 benchmarks/tinyworld_trajectory.py --prompts $P --seeds 1000 --device cuda \
+  --lora assets/tinyworld/blade_lora --out "$W/traj_student.json" &
+wait
+tail -n 25 "$W"/*.log
+mkdir -p "$OUT"; tar czf "$OUT/teacher_duplicates.tgz" -C "$W" .
