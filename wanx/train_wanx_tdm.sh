@@ -12,6 +12,9 @@
 # (3.0 for Wan2.1: sigma 0.9997, 0.954, 0.90, ..., 0.298, the timesteps of Wan's 8-step UniPC schedule, which the
 # released BLADE samples with after training on uniform anchors). On TinyWorld it was the study's largest gain
 # (call 6: dense +0.12, ASA +0.06 adherence at equal steps; dropped objects fixed); --shift 1 restores the paper's.
+# Guidance in the generator's target: --cfg 5.0 as the paper (Wan's own sampling scale). On TinyWorld a weaker target,
+# CFG 3.5, gave fewer duplicated objects and the best student so far at one training seed (BENCHMARKS.md, call 10;
+# its replicates are call 11): not the default until they confirm it, and not measured at full size.
 # Plain multi-GPU data parallelism (train/config_ddp.yaml) by default. DeepSpeed ZeRO-2 (train/config.yaml +
 # ds_config.json) is opt-in with USE_DEEPSPEED=1: it is documented, not run on a GPU in this project, and the trainer
 # builds its own LoRA optimizers, which ZeRO does not shard.
