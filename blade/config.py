@@ -41,7 +41,8 @@ def _is_number(value: Any) -> bool:
 
 
 LORA_TARGET_PRESETS = ("attn", "attn_ffn", "all")  # blade.distill.lora's presets (no import: config stays light)
-_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2", "boundary_ratio")  # fields newer than the files already in use
+# fields newer than the files already in use: written only when set
+_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2", "cfg_boundary", "boundary_ratio")
 
 
 @dataclass(eq=True)
@@ -59,10 +60,11 @@ class BladeConfig(Mapping):
         dense_steps: leading student steps run with dense attention.
         lora_rank, lora_alpha, cfg, num_frames, height, width, fps: what the student was trained at.
         lora_targets: the trainer's ``--lora_targets`` preset (``"attn"``, ``"attn_ffn"``, ``"all"``); the LoRA file's
-            keys say the same, this names the choice. cfg_2: the teacher's low-noise-expert guidance (two experts).
+            keys say the same, this names the choice. cfg_2: the teacher's low-noise-expert guidance (two experts),
+            or with ``cfg_boundary`` (one transformer) its guidance below that model timestep (a guidance interval).
             boundary_ratio: a two-expert student's routing (WanPipeline's ``boundary_ratio``: anchors at
             ``t >= boundary_ratio * 1000`` go to ``transformer``), which the pipeline it is loaded into must share.
-            These three are written only when set, so files from before them round-trip unchanged.
+            These four are written only when set, so files from before them round-trip unchanged.
         extra: keys this type does not know (kept, and written back by ``save``), e.g. the DDPM ``beta_*`` keys.
     """
 
@@ -83,6 +85,7 @@ class BladeConfig(Mapping):
     fps: float | None = None
     lora_targets: str | None = None
     cfg_2: float | None = None
+    cfg_boundary: float | None = None
     boundary_ratio: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +128,7 @@ class BladeConfig(Mapping):
                 yield f"{name} must be an int >= 1 or null, got {value!r}"
         if self.lora_targets is not None and self.lora_targets not in LORA_TARGET_PRESETS:
             yield f"lora_targets must be one of {list(LORA_TARGET_PRESETS)} or null, got {self.lora_targets!r}"
-        for name in ("fps", "lora_alpha", "cfg", "cfg_2"):
+        for name in ("fps", "lora_alpha", "cfg", "cfg_2", "cfg_boundary"):
             value = getattr(self, name)
             if value is not None and not _is_number(value):
                 yield f"{name} must be a number or null, got {value!r}"

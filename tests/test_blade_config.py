@@ -70,16 +70,18 @@ def test_load_names_the_file(tmp_path):
 
 
 def test_training_choices_are_written_only_when_set(tmp_path):
-    """lora_targets, cfg_2 and boundary_ratio (newer than the bundled file) round-trip when set and stay absent when
-    not, and the preset names are the trainer's."""
+    """lora_targets, cfg_2, cfg_boundary and boundary_ratio (newer than the bundled file) round-trip when set and
+    stay absent when not, and the preset names are the trainer's."""
     from blade.config import LORA_TARGET_PRESETS
     from blade.distill import lora
 
     assert set(LORA_TARGET_PRESETS) == {*lora.TARGET_PRESETS, lora.ALL_LINEAR}
-    config = BladeConfig(family="wan", lora_targets="all", cfg_2=3.0, boundary_ratio=0.875)
+    config = BladeConfig(family="wan", lora_targets="all", cfg_2=3.0, cfg_boundary=900.0, boundary_ratio=0.875)
     config.save(tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert saved["lora_targets"] == "all" and saved["cfg_2"] == 3.0 and saved["boundary_ratio"] == 0.875
+    assert saved["cfg_boundary"] == 900.0
     assert BladeConfig.load(tmp_path) == config
     BladeConfig(family="wan").save(tmp_path)
-    assert not {"lora_targets", "cfg_2", "boundary_ratio"} & set(json.loads((tmp_path / CONFIG_NAME).read_text()))
+    written = set(json.loads((tmp_path / CONFIG_NAME).read_text()))
+    assert not {"lora_targets", "cfg_2", "cfg_boundary", "boundary_ratio"} & written

@@ -262,10 +262,61 @@ def test_cfg_2_guides_the_low_noise_teacher_and_is_refused_for_one_expert(a14b_a
     args = trainer.parse_args("wan", ["--pretrained_model_name_or_path", str(one), "--prompt_dir",
                                       str(a14b_assets / "prompts"), "--output_dir", str(tmp_path / "o"), *SMALL,
                                       "--cfg_2", "3.0"])
-    with pytest.raises(SystemExit, match="--cfg_2 is the low-noise expert's guidance"):
+    with pytest.raises(SystemExit, match="--cfg_2 needs --cfg_boundary"):
         trainer.train(args)
+    with pytest.raises(SystemExit, match="drop --cfg_boundary"):  # two experts switch at their own boundary
+        trainer.train(_args(a14b_assets, tmp_path / "b", "--cfg_2", "2.0", "--cfg_boundary", "500"))
     out = tmp_path / "two"
     assert trainer.train(_args(a14b_assets, out, "--max_train_steps", "2", "--cfg_2", "2.0"))["global_step"] == 2
+
+
+def test_guidance_interval_on_one_transformer(tmp_path):
+    """--cfg 1 --cfg_2 3.5 --cfg_boundary B on a one-transformer model: the generator's target is the unguided
+    teacher at model timesteps >= B and the 3.5-guided one below (each sample of a mixed batch as the one-scale
+    teacher at its scale); the trainer takes it, passes B to the objective and records it beside the LoRA; the flags'
+    misuses are refused before the model loads."""
+    from blade.distill.tdm import TDMConfig, TDMObjective
+
+    pipe = build_tiny_wan_pipeline(seed=0)
+    model, family = pipe.transformer, wan_family(pipe, shift=1.0)
+    trainer.init_adapters(SimpleNamespace(num_processes=1), model,  # the teacher role switches the adapters off
+                          SimpleNamespace(seed=0, rank=4, lora_alpha=4, lora_targets="attn"))
+    x = torch.randn(2, 16, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([950, 300])
+    emb, neg = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+
+    def teacher_x0(cfg, cfg_2=None, boundary=None):
+        config = TDMConfig(k_step=2, cfg=cfg, cfg_2=cfg_2, cfg_boundary=boundary)
+        return TDMObjective(model, family, config).teacher_cfg_x0(x, t, emb, neg)[0]
+
+    interval = teacher_x0(1.0, 3.5, 900.0)
+    assert torch.allclose(interval[0], teacher_x0(1.0)[0], atol=1e-6)  # t 950 >= 900: unguided
+    assert torch.allclose(interval[1], teacher_x0(3.5)[1], atol=1e-6)  # t 300: guided at 3.5
+    assert not torch.allclose(interval[0], teacher_x0(3.5)[0], atol=1e-4)
+
+    assets = save_with_prompt_cache(build_tiny_wan_pipeline(seed=0), tmp_path / "one",
+                                    ["a red ball moves left", "a dog runs"])
+    seen = {}
+    real = trainer.TDMObjective
+
+    def spy(transformer, family, config, *a, **k):
+        seen["config"] = config
+        return real(transformer, family, config, *a, **k)
+
+    def args(out, *extra):
+        return _args(assets, tmp_path / out, "--max_train_steps", "1", *extra)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "TDMObjective", spy)
+        assert trainer.train(args("run", "--cfg", "1", "--cfg_2", "3.5", "--cfg_boundary", "900"))["global_step"] == 1
+    assert (seen["config"].cfg, seen["config"].cfg_2, seen["config"].cfg_boundary) == (1.0, 3.5, 900.0)
+    saved = BladeConfig.load(tmp_path / "run")
+    assert (saved.cfg, saved.cfg_2, saved.cfg_boundary) == (1.0, 3.5, 900.0)
+    for extra, message in ((["--cfg_boundary", "900"], "--cfg_boundary needs --cfg_2"),
+                           (["--cfg_2", "3.5", "--cfg_boundary", "1000"], r"in \(0, 1000\)")):
+        with pytest.raises(SystemExit, match=message):
+            trainer.train(args("refused", *extra))
+        assert not (tmp_path / "refused").exists()  # refused before anything is written
 
 
 def test_a_checkpoint_missing_an_experts_file_is_named(a14b_assets, tmp_path, monkeypatch):

@@ -126,7 +126,13 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    "every model of the family).")
     p.add_argument("--cfg_2", type=float, default=None,
                    help="Two-expert models (Wan2.2-T2V-A14B): the teacher's guidance scale for the low-noise expert "
-                   "(transformer_2), as WanPipeline's guidance_scale_2 (default: --cfg for both experts).")
+                   "(transformer_2), as WanPipeline's guidance_scale_2 (default: --cfg for both experts). One "
+                   "transformer: the scale below --cfg_boundary (a guidance interval).")
+    p.add_argument("--cfg_boundary", type=float, default=None,
+                   help="One-transformer models, with --cfg_2: a guidance interval in the generator's target, --cfg at "
+                   "model timesteps >= this (high noise, where the layout is decided) and --cfg_2 below, e.g. --cfg 1 "
+                   "--cfg_2 3.5 --cfg_boundary 900 (no guidance above t 900). Two-expert models switch at their "
+                   "experts' boundary instead.")
     p.add_argument("--eta", type=float, default=0.9, help="Student re-noising: eta*eps + sqrt(1-eta^2)*z.")
     p.add_argument("--tau_max", type=int, default=979, help="Largest diffusion time of the fake/teacher scores.")
     p.add_argument("--use_sparsity", action="store_true",
@@ -332,7 +338,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                  "lr_warmup_steps", "reflow_steps", "fake_warmup_steps", "diag_every", "eval_every"):
         value = getattr(args, name)
         need(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
-    for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg", "cfg_2"):
+    for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg", "cfg_2",
+                 "cfg_boundary"):
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0), f"--{name} must be a finite number >= 0, "
              f"got {value}")
@@ -480,9 +487,7 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
     output folder (creatable, writable, room for one checkpoint), and an explicit checkpoint to resume from."""
     check_prompt_cache(cache, args)
     experts = folder_experts(args.pretrained_model_name_or_path)
-    if args.cfg_2 is not None and len(experts) == 1:
-        raise SystemExit(f"error: --cfg_2 is the low-noise expert's guidance of a two-expert model (Wan2.2-T2V-A14B); "
-                         f"{args.pretrained_model_name_or_path} has one transformer: use --cfg alone")
+    check_guidance_interval(args, len(experts))
     check_output_dir(args.output_dir, estimate_checkpoint_bytes(args))
     resume = args.resume_from_checkpoint
     if resume and resume != "latest":
@@ -490,6 +495,24 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
     path = resolve_resume(resume, Path(args.output_dir))
     if path is not None:
         check_resume_recipe(path, args)
+
+
+def check_guidance_interval(args: argparse.Namespace, num_experts: int) -> None:
+    """--cfg_2 / --cfg_boundary against the model: a two-expert model switches guidance at its experts' boundary
+    (--cfg_2 alone); one transformer needs both flags (a guidance interval) or neither."""
+    boundary = getattr(args, "cfg_boundary", None)
+    if num_experts > 1:
+        if boundary is not None:
+            raise SystemExit(f"error: {args.pretrained_model_name_or_path} has two experts; its guidance switches to "
+                             f"--cfg_2 at their boundary (boundary_ratio): drop --cfg_boundary")
+        return
+    if args.cfg_2 is not None and boundary is None:
+        raise SystemExit(f"error: {args.pretrained_model_name_or_path} has one transformer: --cfg_2 needs "
+                         f"--cfg_boundary T (--cfg at model timesteps >= T, --cfg_2 below), or use --cfg alone")
+    if boundary is not None and args.cfg_2 is None:
+        raise SystemExit("error: --cfg_boundary needs --cfg_2, the guidance scale below the boundary")
+    if boundary is not None and not 0 < boundary < 1000:
+        raise SystemExit(f"error: --cfg_boundary is a model timestep in (0, 1000), got {boundary}")
 
 
 def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
@@ -582,6 +605,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         lora_alpha=args.lora_alpha,
         cfg=args.cfg,
         cfg_2=args.cfg_2,
+        cfg_boundary=getattr(args, "cfg_boundary", None),
         boundary_ratio=boundary_ratio,
         lora_targets=args.lora_targets,
         num_frames=args.num_frames,
@@ -904,6 +928,8 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
     key = {"n": args.reflow_pairs, "steps": args.reflow_teacher_steps, "cfg": args.cfg, "seed": args.seed}
     if args.cfg_2 is not None:  # (only then: pairs cached before --cfg_2 existed keep their key)
         key["cfg_2"] = args.cfg_2
+    if getattr(args, "cfg_boundary", None) is not None:
+        key["cfg_boundary"] = args.cfg_boundary
     if path.is_file():
         stored = torch.load(path, map_location=device, weights_only=True)
         if stored.get("key") == key:
@@ -1001,7 +1027,8 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
 
 
 def tdm_config(args: argparse.Namespace, boundary: float | None = None) -> TDMConfig:
-    """The objective's hyperparameters from the flags (`boundary`: a two-expert model's, where --cfg_2 starts)."""
+    """The objective's hyperparameters from the flags (`boundary`: the model timestep where --cfg_2 starts, a
+    two-expert model's or --cfg_boundary)."""
     return TDMConfig(k_step=args.k_step, eta=args.eta, cfg=args.cfg, cfg_2=args.cfg_2, cfg_boundary=boundary,
                      lambda_reg=args.lambda_reg,
                      tau_max=args.tau_max, huber_c=args.huber_c, fake_skip_threshold=args.fake_loss_skip,
@@ -1069,7 +1096,10 @@ def _train(args: argparse.Namespace, timebox: TimeBox) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe, transformer, family, asa_handle, asa_config = prepare_model(args, accelerator, weight_dtype)
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
-    objective = TDMObjective(transformer, family, tdm_config(args, getattr(transformer, "boundary", None)),
+    guidance_boundary = getattr(transformer, "boundary", None)  # two experts: guidance switches with the expert
+    if guidance_boundary is None:
+        guidance_boundary = getattr(args, "cfg_boundary", None)
+    objective = TDMObjective(transformer, family, tdm_config(args, guidance_boundary),
                              asa_handle, autocast=autocast,
                              model_dtype=weight_dtype)
     two_experts = len(experts_of(transformer)) > 1
