@@ -118,3 +118,42 @@ def test_object_measurements_of_a_rendered_shape_give_its_fill_ratio(shape, fill
     score = score_video(render_prompt(prompt, 0), parse_prompt(prompt))
     [obj] = json.loads(json.dumps(_jsonable_objects(score["objects"])))
     assert obj["shape"] == shape and obj["fill_ratio"] == pytest.approx(fill, abs=0.08)
+
+
+def test_guidance_interval_guides_each_step_at_its_scale(tmp_path, tiny_tinyworld, monkeypatch):
+    """--guidance 1 --guidance_2 3.5 --guidance_boundary B: the scheduler receives the conditional prediction alone
+    at timesteps >= B and uncond + 3.5 (cond - uncond) below. Read back per step from the transformer's own two
+    outputs and the model output the scheduler steps with (a least-squares fit of the scale), not from the code's
+    own bookkeeping; refused with a LoRA or half given."""
+    from blade.tinyworld import evaluate as ev
+
+    pipe = tw.load_pipeline(str(tiny_tinyworld))
+    pipe.scheduler.set_timesteps(4)
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    boundary = (timesteps[1] + timesteps[2]) / 2  # two steps above, two below
+    outputs, stepped = [], []
+    pipe.transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0].detach().clone()))
+    real_step = type(pipe.scheduler).step
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        stepped.append((float(timestep), model_output.detach().clone()))
+        return real_step(self, model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.scheduler), "step", step)
+    monkeypatch.setattr(ev, "load_pipeline", lambda model: pipe)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n")
+    report = ev.evaluate(read_prompts(str(prompts)), [0], steps=4, guidance=1.0, model=str(tiny_tinyworld),
+                         guidance_2=3.5, guidance_boundary=boundary)
+    assert report["settings"]["guidance_2"] == 3.5 and report["settings"]["guidance_boundary"] == boundary
+    assert len(stepped) == 4 and len(outputs) == 8  # cond and uncond at every step
+    for i, (t, model_output) in enumerate(stepped):
+        cond, uncond = outputs[2 * i], outputs[2 * i + 1]
+        direction = (cond - uncond).double().flatten()
+        scale = float(direction @ (model_output - uncond).double().flatten() / (direction @ direction))
+        assert scale == pytest.approx(1.0 if t >= boundary else 3.5, abs=1e-3), (i, t)
+
+    with pytest.raises(ValueError, match="for the teacher"):
+        ev.evaluate(read_prompts(str(prompts)), [0], lora="x", guidance_2=3.5, guidance_boundary=boundary)
+    with pytest.raises(ValueError, match="needs both"):
+        ev.evaluate(read_prompts(str(prompts)), [0], guidance_2=3.5)

@@ -109,6 +109,28 @@ def configure_attention(
     return handle
 
 
+NO_GUIDANCE_ABOVE_ONE = 1.0 + 1e-6  # WanPipeline turns CFG off for both stages when its first scale is <= 1
+
+
+def set_guidance_interval(pipe, boundary: float) -> None:
+    """Guide the teacher with two scales split at model timestep `boundary`, WanPipeline's own two-stage rule on one
+    transformer: `guidance_scale` at t >= boundary (high noise), `guidance_scale_2` below.
+
+    The pipeline's second stage is the same transformer (`transformer_2` registered as it, `boundary_ratio` =
+    boundary / num_train_timesteps), so nothing of the sampling changes but the scale per step. A first scale of 1
+    (no guidance at high noise) is passed as 1 + 1e-6 (`NO_GUIDANCE_ABOVE_ONE`): WanPipeline decides whether to run
+    the unconditional branch from its first scale alone, and 1e-6 of the guidance direction is far below bf16/fp32
+    rounding of the result.
+    """
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if not 0 < boundary < train_steps:
+        raise ValueError(f"the guidance boundary is a model timestep in (0, {train_steps}), got {boundary}")
+    if getattr(pipe, "transformer_2", None) is not None and pipe.transformer_2 is not pipe.transformer:
+        raise ValueError("this pipeline has two experts: its guidance already switches at their boundary")
+    pipe.register_modules(transformer_2=pipe.transformer)
+    pipe.register_to_config(boundary_ratio=boundary / train_steps)
+
+
 def _jsonable_objects(objects: list[dict]) -> list[dict]:
     """`metrics.score_video`'s per-object measurements as JSON values (floats rounded to 4 digits, tuples as lists)."""
     def value(v):
@@ -135,22 +157,37 @@ def evaluate(
     compare_dense: bool = False,
     save_videos: str | None = None,
     dense_cache: dict | None = None,
+    guidance_2: float | None = None,
+    guidance_boundary: float | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
+
+    ``guidance_2`` with ``guidance_boundary`` (the teacher only): a guidance interval, ``guidance`` at model timesteps
+    >= the boundary and ``guidance_2`` below (``set_guidance_interval``; the trainer's --cfg_2 / --cfg_boundary).
 
     ``dense_cache``: with ``compare_dense``, a dict that keeps the dense reference videos between calls (keyed by
     model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
     """
     check_mask_reuse_steps(mask_reuse_steps)  # before any loading
+    if (guidance_2 is None) != (guidance_boundary is None):
+        raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
+    if guidance_2 is not None and lora:
+        raise ValueError("a guidance interval is for the teacher: a BLADE student samples without CFG")
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = (api.load_blade_lora(pipe, lora, asa=False) or None) if lora else None
     steps, guidance, attention, dense_steps = sampling_settings(lora_config, steps, guidance, attention, dense_steps)
     size = {k: TINYWORLD_DEFAULTS[k] for k in ("num_frames", "height", "width")}
     extra = {"max_sequence_length": TINYWORLD_DEFAULTS["max_sequence_length"]}
+    guidance_first = guidance
+    if guidance_2 is not None:
+        set_guidance_interval(pipe, guidance_boundary)
+        extra["guidance_scale_2"] = guidance_2
+        if guidance <= 1.0 < guidance_2:
+            guidance_first = NO_GUIDANCE_ABOVE_ONE
 
     def run(prompt: str, seed: int) -> tuple[np.ndarray, dict]:
-        return api.generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance, **size, **extra)
+        return api.generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_first, **size, **extra)
 
     videos_dir = Path(save_videos) if save_videos else None
     if videos_dir:
@@ -160,7 +197,7 @@ def evaluate(
     dense_frames: dict[tuple, np.ndarray] = {} if dense_cache is None else dense_cache
 
     def dense_key(prompt: str, seed: int) -> tuple:
-        return str(model), str(lora), prompt, seed, steps, guidance
+        return str(model), str(lora), prompt, seed, steps, guidance, guidance_2, guidance_boundary
 
     if compare_dense:
         configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=lora_config)
@@ -217,6 +254,8 @@ def evaluate(
             "settings": {
                 "steps": steps,
                 "guidance": guidance,
+                "guidance_2": guidance_2,
+                "guidance_boundary": guidance_boundary,
                 "attention": attention,
                 "requested_sparsity": sparsity,
                 "dense_steps": dense_steps,
@@ -245,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling steps (default: the LoRA's K, else 50 for the teacher)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: 1 with --lora, else 5.0)")
+    parser.add_argument("--guidance_2", type=float, default=None,
+                        help="the teacher's guidance below --guidance_boundary (a guidance interval: --guidance at "
+                             "model timesteps >= the boundary, e.g. --guidance 1 --guidance_2 3.5 --guidance_boundary "
+                             "900 guides only below t 900)")
+    parser.add_argument("--guidance_boundary", type=float, default=None,
+                        help="model timestep where --guidance_2 takes over (with --guidance_2)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default=None,
                         help="self-attention: stock dense, adaptive ASA, static local window, or random blocks "
                              "(default: asa when the LoRA's blade_config.json has an ASA config, else dense)")
@@ -274,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts, args.seeds, steps=args.steps, guidance=args.guidance, attention=args.attention,
             sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
             dense_steps=args.dense_steps, mask_reuse_steps=args.mask_reuse_steps, compare_dense=args.compare_dense,
-            save_videos=args.save_videos,
+            save_videos=args.save_videos, guidance_2=args.guidance_2, guidance_boundary=args.guidance_boundary,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
