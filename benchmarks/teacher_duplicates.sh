@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 16: how often does the TinyWorld teacher itself draw an object twice, and does weaker guidance change it?
-# Runs on one GPU (beside a study, if one is running) and writes one archive, $OUT/teacher_duplicates.tgz, with:
-#   teacher_cfg5.0.json / teacher_cfg3.5.json   Table 1's 48 videos (prompts x seeds 1000 1001) at each CFG scale
+# Issue 16: how often does the TinyWorld teacher itself draw an object twice, and does the guidance change it?
+# Runs on one GPU (after a study: beside one it slows both) and writes one archive, $OUT/teacher_duplicates.tgz, with:
+#   teacher_cfg<G>.json                          Table 1's 48 videos (prompts x seeds 1000 1001) at each CFG in CFGS
+#                                                (default none: 5.0 and 3.5 were measured on 2026-12-06, BENCHMARKS
+#                                                call 10)
+#   teacher_interval.json                        the same 48 with no guidance above t 900 and 3.5 below
 #   traj_teacher.json                            the teacher's decoded x0 every 5th of its 50 steps (seed 1000)
 #   traj_student.json                            the bundled student's x0 at each of its 8 steps (seed 1000)
 #
@@ -23,10 +26,12 @@ run() {  # name, command...: each piece is logged, and timed out at the budget s
   local name=$1; shift
   timeout -k 10 "$BUDGET" "$@" > "$W/$name.log" 2>&1; echo "$name rc=$? at ${SECONDS} s" | tee -a "$W/summary.txt"
 }
-run teacher_cfg5.0 python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance 5.0 \
-  --out "$W/teacher_cfg5.0.json" &
-run teacher_cfg3.5 python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance 3.5 \
-  --out "$W/teacher_cfg3.5.json" &
+for g in ${CFGS:-}; do
+  run "teacher_cfg$g" python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance "$g" \
+    --out "$W/teacher_cfg$g.json" &
+done
+run teacher_interval python3 -m blade.tinyworld.evaluate --prompts $P --seeds 1000 1001 --device cuda --guidance 1 \
+  --guidance_2 3.5 --guidance_boundary 900 --out "$W/teacher_interval.json" &
 run traj_teacher python3 benchmarks/tinyworld_trajectory.py --prompts $P --seeds 1000 --device cuda --every 5 \
   --out "$W/traj_teacher.json" &
 run traj_student python3 benchmarks/tinyworld_trajectory.py --prompts $P --seeds 1000 --device cuda \
