@@ -81,7 +81,19 @@ def test_time_box():
     assert not runtime.TimeBox.of_minutes(None).expired()
 
 
-def test_time_box_stop_on_signals_expires_once_then_restores_the_handler():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: a process started in the background by a
+    non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and "a second Ctrl-C acts as before" would then
+    rightly do nothing."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_time_box_stop_on_signals_expires_once_then_restores_the_handler(python_sigint):
     """The first SIGINT expires the box (no KeyboardInterrupt); a second acts as before (Ctrl-C twice aborts);
     leaving the block puts the previous handlers back."""
     import signal
@@ -98,7 +110,7 @@ def test_time_box_stop_on_signals_expires_once_then_restores_the_handler():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_time_box_stop_on_signals_survives_repeated_sigterm():
+def test_time_box_stop_on_signals_survives_repeated_sigterm(python_sigint):
     """GNU timeout signals its child and then the child's process group, and a wrapper may forward the signal
     again: the second and third SIGTERM must not kill the run while it writes its checkpoint (the box stays
     expired, the handler stays installed); the previous handler is back after the block."""
