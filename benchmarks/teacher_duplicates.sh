@@ -16,10 +16,8 @@
 set -uo pipefail
 OUT=${OUT:?OUT}; BUDGET=${BUDGET:-500}
 export OMP_NUM_THREADS=${OMP_THREADS:-3}
-if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site/diffusers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/carried_wheels.sh
+install_carried_wheels || exit 1
 W=$(mktemp -d /tmp/teacher_duplicates.XXXXXX)
 P=assets/tinyworld/eval_prompts.txt
 run() {  # name, command...: each piece is logged, and timed out at the budget so the archive is always written

@@ -9,11 +9,8 @@
 # Wheels in .whl/ (diffusers, imageio) are installed first when present (the device machine lacks diffusers).
 set -uo pipefail
 T0=$SECONDS
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source benchmarks/carried_wheels.sh
+install_carried_wheels || exit 1
 OUT=${OUT:?OUT}; PLAN=${PLAN:-}; MINUTES=${MINUTES:-8}; DEADLINE=${DEADLINE:-570}; TIER=${TIER:-1}
 # The trainers' time box ends at a step boundary, then each saves and runs its last evaluation (48 videos, slow when
 # several runs and the tier share the GPU: 2026-12-06's call 1 overran a 30-s margin and the timeout below killed the

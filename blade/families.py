@@ -283,9 +283,18 @@ def get_model(name: str) -> ModelSpec:
 
 
 def pipeline_experts(pipe: Any) -> list[tuple[str, Any]]:
-    """``[(attribute, transformer), ...]`` of the pipeline's denoisers that are present (``transformer_2`` too)."""
-    return [(name, getattr(pipe, name)) for name in ("transformer", "transformer_2")
-            if getattr(pipe, name, None) is not None]
+    """``[(attribute, transformer), ...]`` of the pipeline's denoisers that are present (``transformer_2`` too).
+
+    Each model once: a ``transformer_2`` that is the ``transformer`` itself (one model serving WanPipeline's two
+    stages, as a guidance interval sets it up: ``blade.tinyworld.evaluate.set_guidance_interval``) is not a second
+    expert, so it is patched, timed and counted once.
+    """
+    experts: list[tuple[str, Any]] = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is not None and all(model is not seen for _, seen in experts):
+            experts.append((name, model))
+    return experts
 
 
 def _match(experts: tuple[str, ...], config: Mapping[str, Any]) -> ModelSpec | None:

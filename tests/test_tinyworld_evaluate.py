@@ -157,3 +157,25 @@ def test_guidance_interval_guides_each_step_at_its_scale(tmp_path, tiny_tinyworl
         ev.evaluate(read_prompts(str(prompts)), [0], lora="x", guidance_2=3.5, guidance_boundary=boundary)
     with pytest.raises(ValueError, match="needs both"):
         ev.evaluate(read_prompts(str(prompts)), [0], guidance_2=3.5)
+
+
+def test_guidance_interval_with_asa_patches_and_times_the_one_transformer_once(tmp_path, tiny_tinyworld):
+    """The interval registers the transformer as WanPipeline's second stage too; it is still one denoiser: ASA is
+    applied once (a second application would be refused) and every call is counted once (2 steps x cond/uncond)."""
+    from blade import api
+    from blade.families import pipeline_experts
+    from blade.tinyworld.evaluate import configure_attention, set_guidance_interval
+
+    pipe = tw.load_pipeline(str(tiny_tinyworld))
+    set_guidance_interval(pipe, 500.0)
+    assert pipe.transformer_2 is pipe.transformer
+    assert [name for name, _ in pipeline_experts(pipe)] == ["transformer"]
+    configure_attention(pipe, "asa", sparsity=0.75, dense_steps=0, lora_config=None)
+    _, info = api.generate(pipe, PROMPT, seed=0, steps=2, guidance_scale=3.0, guidance_scale_2=2.0, num_frames=17,
+                           height=128, width=128, max_sequence_length=32)
+    assert info["transformer_calls"] == 4 and info["sparsity"] == pytest.approx(0.75)
+
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--sparsity", "0.75", "--guidance_2", "2.0",
+                        "--guidance_boundary", "500")
+    assert code == 0 and report["sparsity"] == pytest.approx(0.75)
+    assert report["settings"]["guidance_2"] == 2.0 and report["settings"]["guidance_boundary"] == 500.0
