@@ -205,8 +205,9 @@ def test_reflow_loss_regresses_x0_on_the_noise_to_sample_line():
 
 @pytest.mark.slow
 def test_trainer_runs_the_phases_and_evaluates_on_tinyworld(tmp_path):
-    """A reflow step, a fake warm-up step and two TDM steps (2 fake updates, EMA, L2 loss, ASA) on the bundled
-    TinyWorld model at a tiny video size; logs.jsonl records each phase, eval.jsonl the evaluations."""
+    """A reflow step, a fake warm-up step and two TDM steps (2 fake updates, EMA, L2 loss, ASA, the regression term
+    beside TDM) on the bundled TinyWorld model at a tiny video size; logs.jsonl records each phase, eval.jsonl the
+    evaluations."""
     from blade.distill.trainer import main
     from blade.prompt_cli import WAN
     from blade.prompt_cli import main as encode_main
@@ -223,13 +224,15 @@ def test_trainer_runs_the_phases_and_evaluates_on_tinyworld(tmp_path):
                  "--output_dir", str(out), "--num_frames", "5", "--height", "32", "--width", "32",
                  "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "4",
                  "--validation_steps", "0", "--report_to", "none", "--reflow_steps", "1", "--reflow_pairs", "2",
-                 "--reflow_teacher_steps", "2", "--fake_warmup_steps", "1", "--fake_updates", "2",
+                 "--reflow_teacher_steps", "2", "--reflow_weight", "0.5", "--fake_warmup_steps", "1",
+                 "--fake_updates", "2",
                  "--ema_decay", "0.5", "--use_sparsity", "--eval_every", "2", "--eval_prompts", str(prompts),
                  "--diag_every", "1"])
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in logs] == ["reflow", "fake_warmup", "tdm", "tdm"]
     assert [r["generator_updates"] for r in logs] == [1, 1, 2, 3]
     assert "loss_reflow" in logs[0] and "grad_norm_fake" not in logs[0]
+    assert all("loss_reflow" in logs[i] for i in (2, 3))  # --reflow_weight: the regression beside TDM
     assert "grad_norm_fake" in logs[1] and "loss_g" not in logs[1]
     assert all(math.isfinite(logs[i][k]) for i in (2, 3) for k in ("loss_g", "loss_fake", "loss_teacher_dsm"))
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]

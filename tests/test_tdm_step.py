@@ -87,3 +87,30 @@ def test_guard_finite_names_the_step_and_the_cause():
     logs = step(_batches(state), state)
     with pytest.raises(NonFiniteError, match="step 1: non-finite loss_g.*diverging training"):
         step.guard_finite(1, {**logs, "loss_g": float("nan")})
+
+
+def test_reflow_weight_adds_the_weighted_regression_gradient_to_the_generator_step():
+    """--reflow_weight w: the student's gradient is the TDM generator gradient plus w times the regression's, taken
+    on the same draws (two identical steps, one without the term, then the term alone in the second)."""
+    weight = 0.5
+    grads, logs = {}, {}
+    for w in (weight, 0.0):
+        step, _ = _step(reflow_weight=w)
+        shape = step.shape
+        g = torch.Generator().manual_seed(1)
+        step.reflow_pairs = {"noise": torch.randn(4, *shape[1:], generator=g),
+                             "x0": torch.randn(4, *shape[1:], generator=g), "emb": torch.randn(4, 8, 32, generator=g)}
+        emb = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+        logs[w] = step._tdm_losses(emb, "tdm", sync=False, global_step=0)
+        grads[w] = [p.grad.detach().clone() for p in step.params_g]
+        if w == 0.0:  # the regression term alone, from the draw generator's state where the weighted run drew it
+            for p in step.params_g:
+                p.grad = None
+            alone = step._reflow_losses(emb)
+            regression = [p.grad.detach().clone() for p in step.params_g]
+    assert "loss_reflow" in logs[weight] and "loss_reflow" not in logs[0.0]
+    assert logs[weight]["loss_g"] == logs[0.0]["loss_g"]  # loss_g stays the TDM term
+    assert logs[weight]["loss_reflow"] == pytest.approx(alone["loss_reflow"], rel=1e-6)
+    assert any(r.abs().max() > 0 for r in regression)
+    for with_term, without, r in zip(grads[weight], grads[0.0], regression):
+        torch.testing.assert_close(with_term, without + weight * r, rtol=1e-4, atol=1e-7)

@@ -6,10 +6,12 @@ student EMA and advances ``state["global_step"]``. The phases, by optimizer step
 
 - "reflow" (first ``--reflow_steps``): the student regresses onto the teacher's ODE samples (`blade.distill.reflow`);
 - "fake_warmup" (next ``--fake_warmup_steps``): only the fake score trains, on fresh student rollouts;
-- "tdm": ``--fake_updates`` fake-score updates, then one generator update, on one student rollout.
+- "tdm": ``--fake_updates`` fake-score updates, then one generator update, on one student rollout (with
+  ``--reflow_weight`` the generator's loss also holds the weighted regression onto the teacher's ODE samples).
 
 Bit-identical resume depends on the order of the random draws, so it is fixed here: noise (noise generator), the
-fake draws then the generator draw (draw generator), the rollout, then each loss's own draws in call order.
+fake draws then the generator draw (draw generator), the rollout, then each loss's own draws in call order (the
+regression term's pair and anchor draws come last).
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ class TDMStep:
             logs = {"phase": phase}
             if phase == "reflow":
                 logs.update(self._reflow_losses(emb))
+                logs["loss_g"] = logs["loss_reflow"]
             else:
                 logs.update(self._tdm_losses(emb, phase, sync, state["global_step"]))
         self.last_batch = emb
@@ -200,15 +203,16 @@ class TDMStep:
         # gradient-checkpointed backward recomputes the blocks with whatever adapter is active then.
         (loss / self.accum).backward()
 
-    def _reflow_losses(self, emb: torch.Tensor) -> dict:
+    def _reflow_losses(self, emb: torch.Tensor, weight: float = 1.0) -> dict:
         """The student's regression onto the teacher's ODE pairs (the pool, not `emb`: the loader only paces the
-        epoch, with the same prompts in a seeded order)."""
+        epoch, with the same prompts in a seeded order), back-propagated with `weight`. Logs the unweighted
+        ``loss_reflow``; in the "reflow" phase (weight 1) it is also the generator's ``loss_g``."""
         pairs, draw_gen = self.reflow_pairs, self.generators["draw"]
         pick = torch.randint(0, pairs["x0"].shape[0], (emb.shape[0],), generator=draw_gen)
-        loss_g, extra_g = reflow_loss(self.objective, pairs["x0"][pick], pairs["noise"][pick], pairs["emb"][pick],
-                                      draw_gen)
-        self._backward(loss_g)
-        return {"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}}
+        loss, extra = reflow_loss(self.objective, pairs["x0"][pick], pairs["noise"][pick], pairs["emb"][pick],
+                                  draw_gen)
+        self._backward(weight * loss)
+        return {k: float(v) for k, v in extra.items()}
 
     def _tdm_losses(self, emb: torch.Tensor, phase: str, sync: bool, global_step: int) -> dict:
         """One student rollout; --fake_updates fake-score losses (each stepped at `sync`), then the generator loss
@@ -244,6 +248,9 @@ class TDMStep:
             loss_g, extra_g = objective.generator_loss(x_ti, draw_g, emb, negb, noise_gen, draw_gen)
             self._backward(loss_g)
             logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
+            weight = getattr(args, "reflow_weight", 0.0)
+            if weight > 0:  # a second backward into the same student gradients, before the optimizer step
+                logs.update(self._reflow_losses(emb, weight))
         return logs
 
     def _fake_update(self) -> float | None:

@@ -213,7 +213,13 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="First N optimizer steps regress the student onto the teacher's ODE solution from the same "
                    "noise (data-free pairs from the prompt cache, sample with --eta 0); a number >= "
                    "--max_train_steps gives the plain-distillation control.")
-    p.add_argument("--reflow_pairs", type=int, default=1024, help="(noise, teacher sample) pairs for --reflow_steps.")
+    p.add_argument("--reflow_weight", type=float, default=0.0,
+                   help="During TDM, also regress the student onto the teacher's ODE samples (the --reflow_steps "
+                   "pairs) with this weight beside the distribution-matching loss, as DMD (Yin et al. 2024) pairs "
+                   "its matching loss with a regression loss (0 = off). Why: a student regressed onto the teacher's "
+                   "samples keeps the teacher's layout, TDM alone adds duplicated objects (BENCHMARKS.md call 10).")
+    p.add_argument("--reflow_pairs", type=int, default=1024,
+                   help="(noise, teacher sample) pairs for --reflow_steps and --reflow_weight.")
     p.add_argument("--reflow_teacher_steps", type=int, default=50,
                    help="Steps of the teacher's own scheduler for the reflow pairs (with --cfg).")
     p.add_argument("--fake_warmup_steps", type=int, default=0,
@@ -339,7 +345,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         value = getattr(args, name)
         need(value is None or value >= 0, f"--{name} must be >= 0, got {value}")
     for name in ("learning_rate", "learning_rate_g", "learning_rate_fake", "lambda_reg", "cfg", "cfg_2",
-                 "cfg_boundary"):
+                 "cfg_boundary", "reflow_weight"):
         value = getattr(args, name)
         need(value is None or (math.isfinite(value) and value >= 0), f"--{name} must be a finite number >= 0, "
              f"got {value}")
@@ -917,7 +923,7 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddingCache, neg: torch.Tensor,
                       shape: tuple, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
-    """The teacher's ODE samples for --reflow_steps: {"noise", "x0", "emb"} [N, ...] on `device`.
+    """The teacher's ODE samples for --reflow_steps and --reflow_weight: {"noise", "x0", "emb"} [N, ...] on `device`.
 
     Made once (seeded: prompt choice and noise) and kept in output_dir/reflow_pairs_<rank>.pt, so a resumed run
     reuses the same pairs instead of sampling the teacher again.
@@ -1124,7 +1130,7 @@ def _train(args: argparse.Namespace, timebox: TimeBox) -> dict:
     if args.report_to != "none":
         accelerator.init_trackers("blade_tdm", config={k: v for k, v in vars(args).items()
                                                        if isinstance(v, (int, float, str, bool))})
-    if args.reflow_steps:
+    if args.reflow_steps or args.reflow_weight > 0:
         tdm.reflow_pairs = make_reflow_pairs(args, objective, pipe, cache, neg, shape, device, rank)
     monitor = build_monitor(args, shape, device) if accelerator.is_main_process and args.eval_every > 0 else None
 
