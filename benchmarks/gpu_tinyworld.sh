@@ -7,9 +7,11 @@
 #   bash benchmarks/gpu_tinyworld.sh quick              # teacher on 6 held-out prompts (a progress check, ~1 min)
 #   bash benchmarks/gpu_tinyworld.sh prompts            # the TDM prompt cache of the training prompts (seconds)
 #   bash benchmarks/gpu_tinyworld.sh distill MINUTES    # prompt cache, then dense and ASA TDM students, MINUTES each
-#                                                       # (in parallel when 2 GPUs) with the study's recipe v1
-#                                                       # (BENCHMARKS.md "Distillation study": L2 + per-sample
-#                                                       # normalisation, 2 fake updates, lr 2e-4 cosine over STEPS)
+#                                                       # (in parallel when 2 GPUs) with the bundled student's
+#                                                       # recipe (BENCHMARKS.md "Distillation study": L2 + per-
+#                                                       # sample normalisation, 2 fake updates, LoRA on every
+#                                                       # Linear, anchors at shift 3, target CFG 3.5, ASA keep
+#                                                       # <= 0.25, lr 2e-4 cosine over STEPS, default 650)
 #   bash benchmarks/gpu_tinyworld.sh eval               # Table 1 and Table 3 reports (JSON) on held-out prompts
 #   bash benchmarks/gpu_tinyworld.sh distill_eval4 MINUTES  # 4 GPUs: students on GPUs 0/1 while the teacher's
 #                                                       # Table 1 / Table 3 runs on GPUs 2/3, then `tdm_2gpu 40` on
@@ -52,8 +54,8 @@ distill() {  # $1 = name, remaining = extra flags
   local name=$1; shift
   python3 wanx/train/train_wanx_tdm.py --tinyworld --pretrained_model_name_or_path "$RUN/pipeline" \
     --prompt_dir "$RUN/prompts" --output_dir "$RUN/$name" --mixed_precision bf16 --gradient_checkpointing \
-    --train_batch_size 16 --k_step 8 --eta 0.9 --cfg 5.0 --lambda_reg 0 --rank 64 --lora_alpha 64 \
-    --learning_rate 2e-4 --learning_rate_fake 2e-4 --lr_scheduler cosine --max_train_steps "${STEPS:-450}" \
+    --train_batch_size 16 --k_step 8 --eta 0.9 --cfg 3.5 --lambda_reg 0 --rank 64 --lora_alpha 64 \
+    --learning_rate 2e-4 --learning_rate_fake 2e-4 --lr_scheduler cosine --max_train_steps "${STEPS:-650}" \
     --fake_updates 2 --generator_loss l2 --normalize_generator on --checkpointing_steps 100 \
     --validation_steps 0 --max_train_minutes "$MINUTES" --resume_from_checkpoint latest "$@" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s]$" | tee "$OUT/tdm_$name.log"
@@ -117,11 +119,11 @@ case "$STAGE" in
     prompt_cache
     if [ "$NPROC" -gt 1 ]; then  # the dense control and the ASA student side by side, one GPU each
       CUDA_VISIBLE_DEVICES=0 distill dense > /dev/null &
-      CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity > /dev/null
+      CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity --asa_max_keep 0.25 > /dev/null
       wait
     else
       distill dense                # distillation alone first (control), then with ASA
-      distill asa --use_sparsity
+      distill asa --use_sparsity --asa_max_keep 0.25
     fi ;;
   eval)
     table1() { table1_teacher; table1_student asa; table1_student dense; }
@@ -135,7 +137,7 @@ case "$STAGE" in
   distill_eval4)
     [ -d "$RUN/prompts" ] || prompt_cache
     CUDA_VISIBLE_DEVICES=0 distill dense > /dev/null & dense_pid=$!
-    CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity > /dev/null & asa_pid=$!
+    CUDA_VISIBLE_DEVICES=1 distill asa --use_sparsity --asa_max_keep 0.25 > /dev/null & asa_pid=$!
     (
       CUDA_VISIBLE_DEVICES=2 table1_teacher > "$OUT/eval_table1_teacher.log" 2>&1 &
       CUDA_VISIBLE_DEVICES=3 table3 > "$OUT/eval_table3.log" 2>&1

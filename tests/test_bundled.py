@@ -39,14 +39,14 @@ def test_main_command_generates_a_playable_video(tmp_path):
 
 
 # Regression guard for the shipped BLADE student (not a timing): its adherence on the first held-out prompts must
-# stay above a floor set below what it measured (BENCHMARKS.md, TinyWorld Table 1: the study's call-8 ASA student,
-# shift-3 anchors, bundled 2026-12-06: these 8 videos scored 0.83, 0.64, 0.36, 0.82, 0.83, 0.45, 1.0, 1.0 on CPU, mean
-# 0.74, its 48 videos 0.866; the recipe-v1 student bundled before it also 0.74 on these 8 (0.750 on 48), run 6's 0.68;
-# a CPU with other vector units may round differently and draw other
-# videos, hence the margin). The floor sits far above what blank videos would score on these prompts (only the
-# background right: ~0.11), so a student that draws nothing fails.
+# stay above a floor set below what it measured (BENCHMARKS.md, TinyWorld Table 1: the study's call-10 ASA student,
+# target CFG 3.5, bundled 2026-12-06: these 8 videos scored 0.83, 0.73, 0.27, 1.0, 1.0, 0.45, 1.0, 1.0 on CPU, mean
+# 0.79, its 48 videos 0.872; the call-8 student bundled before it 0.74 on these 8 (0.866 on 48), recipe v1's 0.74
+# (0.750), run 6's 0.68; a CPU with other vector units may round differently and draw other videos, hence the
+# margin). The floor sits far above what blank videos would score on these prompts (only the background right:
+# ~0.11), so a student that draws nothing fails.
 STUDENT_PROMPTS = 8
-ADHERENCE_FLOOR = 0.6
+ADHERENCE_FLOOR = 0.65
 
 
 @pytest.mark.slow

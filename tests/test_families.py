@@ -14,7 +14,7 @@ def test_registry_facts_and_lookups():
     from blade.pipelines.loading import FAMILIES as LOADER_FAMILIES
 
     assert LOADER_FAMILIES is FAMILIES and set(FAMILIES) == {"wan", "cogvideox"}
-    assert FAMILY_DEFAULTS["wan"] == {"num_frames": 81, "height": 480, "width": 832, "fps": 16, "cfg": 5.0,
+    assert FAMILY_DEFAULTS["wan"] == {"num_frames": 81, "height": 480, "width": 832, "fps": 16, "cfg": 3.5,
                                       "lambda_reg": 0.0}
     assert FAMILY_DEFAULTS["cogvideox"] == {"num_frames": 49, "height": 480, "width": 720, "fps": 8, "cfg": 3.5,
                                             "lambda_reg": 0.5}
