@@ -504,3 +504,7 @@ def test_shift_defaults_to_the_folders_flow_shift_and_resume_refuses_another(ass
     monkeypatch.setattr(trainer, "load_pipeline", no_load)
     err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
     assert "--shift 1.0 (this run: 3.0)" in err and "Pass --shift 1.0" in err
+    # the target's guidance likewise (Wan's --cfg default moved from 5.0 to 3.5 on 2026-12-06): trained at SMALL's 3.0
+    err = _main_error(capsys, _argv(assets, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest",
+                                    "--shift", "1", "--cfg", "5.0"))
+    assert "--cfg 3.0 (this run: 5.0)" in err and "Pass --cfg 3.0 to resume" in err and "--shift" not in err

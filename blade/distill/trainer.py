@@ -522,19 +522,22 @@ def check_guidance_interval(args: argparse.Namespace, num_experts: int) -> None:
 
 
 def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
-    """Refuse to resume a checkpoint whose student sampler (K, eta, flow shift) differs from this run's flags: the
-    LoRA would go on training for other anchors without a word. Matters most for ``--shift``, whose default became
-    the model folder's flow shift on 2026-12-06 (runs started before trained with 1.0)."""
+    """Refuse to resume a checkpoint whose student sampler (K, eta, flow shift) or generator target (its guidance:
+    --cfg, --cfg_2, --cfg_boundary) differs from this run's flags: the LoRA would go on training for other anchors or
+    toward another target without a word. Matters most for defaults that moved: ``--shift`` became the model folder's
+    flow shift on 2026-12-06 (runs started before trained with 1.0), Wan's ``--cfg`` became 3.5 the same day (5.0
+    before)."""
     saved = read_json(path / CONFIG_NAME)
     if not isinstance(saved, dict):
         return  # an older checkpoint without the file: nothing to compare
-    now = {"k_step": args.k_step, "eta": args.eta, "shift": getattr(args, "shift", None)}
+    now = {"k_step": args.k_step, "eta": args.eta, "shift": getattr(args, "shift", None), "cfg": args.cfg,
+           "cfg_2": args.cfg_2, "cfg_boundary": getattr(args, "cfg_boundary", None)}
     differ = [f"--{key} {saved[key]} (this run: {now[key]})" for key in now
               if saved.get(key) is not None and now[key] is not None and float(saved[key]) != float(now[key])]
     if differ:
         raise CheckpointError(f"checkpoint {path} was trained with {', '.join(differ)}; resuming would change the "
-                              f"student's sampler mid-run. Pass {' '.join(d.split(' (')[0] for d in differ)} to resume "
-                              f"it, or start a new --output_dir")
+                              f"student's sampler or its target mid-run. Pass "
+                              f"{' '.join(d.split(' (')[0] for d in differ)} to resume it, or start a new --output_dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
