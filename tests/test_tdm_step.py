@@ -33,8 +33,8 @@ def _step(fake_skip=None, **flags) -> tuple[TDMStep, list]:
     objective = TDMObjective(pipe.transformer, family, TDMConfig(k_step=2, cfg=3.0, fake_skip_threshold=fake_skip))
     args = argparse.Namespace(seed=3, learning_rate_g=1e-2, learning_rate_fake=1e-2, lr_scheduler="constant",
                               lr_warmup_steps=0, max_train_steps=10, fake_warmup_steps=0, reflow_steps=0,
-                              gradient_accumulation_steps=1, fake_updates=1, diag_every=0, ema_decay=0.0,
-                              prompt_dir="p", output_dir="o", mixed_precision="no")
+                              reflow_weight=0.0, gradient_accumulation_steps=1, fake_updates=1, diag_every=0,
+                              ema_decay=0.0, prompt_dir="p", output_dir="o", mixed_precision="no")
     vars(args).update(flags)
     step = TDMStep(args, _OneProcess(), objective, torch.zeros(8, 32), family.latent_shape(2, 9, 16, 16))
     return step, [p.detach().clone() for p in step.params_g + step.params_f]

@@ -248,9 +248,8 @@ class TDMStep:
             loss_g, extra_g = objective.generator_loss(x_ti, draw_g, emb, negb, noise_gen, draw_gen)
             self._backward(loss_g)
             logs.update({"loss_g": float(loss_g.detach()), **{k: float(v) for k, v in extra_g.items()}})
-            weight = getattr(args, "reflow_weight", 0.0)
-            if weight > 0:  # a second backward into the same student gradients, before the optimizer step
-                logs.update(self._reflow_losses(emb, weight))
+            if args.reflow_weight > 0:  # a second backward into the same student gradients, before the optimizer step
+                logs.update(self._reflow_losses(emb, args.reflow_weight))
         return logs
 
     def _fake_update(self) -> float | None:

@@ -506,7 +506,7 @@ def check_before_model_load(cache: PromptEmbeddingCache, args: argparse.Namespac
 def check_guidance_interval(args: argparse.Namespace, num_experts: int) -> None:
     """--cfg_2 / --cfg_boundary against the model: a two-expert model switches guidance at its experts' boundary
     (--cfg_2 alone); one transformer needs both flags (a guidance interval) or neither."""
-    boundary = getattr(args, "cfg_boundary", None)
+    boundary = args.cfg_boundary
     if num_experts > 1:
         if boundary is not None:
             raise SystemExit(f"error: {args.pretrained_model_name_or_path} has two experts; its guidance switches to "
@@ -531,7 +531,7 @@ def check_resume_recipe(path: Path, args: argparse.Namespace) -> None:
     if not isinstance(saved, dict):
         return  # an older checkpoint without the file: nothing to compare
     now = {"k_step": args.k_step, "eta": args.eta, "shift": getattr(args, "shift", None), "cfg": args.cfg,
-           "cfg_2": args.cfg_2, "cfg_boundary": getattr(args, "cfg_boundary", None)}
+           "cfg_2": args.cfg_2, "cfg_boundary": args.cfg_boundary}
     differ = [f"--{key} {saved[key]} (this run: {now[key]})" for key in now
               if saved.get(key) is not None and now[key] is not None and float(saved[key]) != float(now[key])]
     if differ:
@@ -614,7 +614,7 @@ def blade_config(args, family: TDMFamily, objective: TDMObjective, asa_config: d
         lora_alpha=args.lora_alpha,
         cfg=args.cfg,
         cfg_2=args.cfg_2,
-        cfg_boundary=getattr(args, "cfg_boundary", None),
+        cfg_boundary=args.cfg_boundary,
         boundary_ratio=boundary_ratio,
         lora_targets=args.lora_targets,
         num_frames=args.num_frames,
@@ -937,7 +937,7 @@ def make_reflow_pairs(args, objective: TDMObjective, pipe, cache: PromptEmbeddin
     key = {"n": args.reflow_pairs, "steps": args.reflow_teacher_steps, "cfg": args.cfg, "seed": args.seed}
     if args.cfg_2 is not None:  # (only then: pairs cached before --cfg_2 existed keep their key)
         key["cfg_2"] = args.cfg_2
-    if getattr(args, "cfg_boundary", None) is not None:
+    if args.cfg_boundary is not None:
         key["cfg_boundary"] = args.cfg_boundary
     if path.is_file():
         stored = torch.load(path, map_location=device, weights_only=True)
@@ -1107,7 +1107,7 @@ def _train(args: argparse.Namespace, timebox: TimeBox) -> dict:
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else nullcontext
     guidance_boundary = getattr(transformer, "boundary", None)  # two experts: guidance switches with the expert
     if guidance_boundary is None:
-        guidance_boundary = getattr(args, "cfg_boundary", None)
+        guidance_boundary = args.cfg_boundary
     objective = TDMObjective(transformer, family, tdm_config(args, guidance_boundary),
                              asa_handle, autocast=autocast,
                              model_dtype=weight_dtype)
