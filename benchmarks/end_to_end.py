@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blade.families import get_family, get_model, pipeline_experts, scheduler_flow_shift  # noqa: E402
-from blade.speed import speed_up_pipeline  # noqa: E402
+from blade.speed import COMPILE_SCOPES, speed_up_pipeline  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
 ARMS = ("baseline", "blade", "dense", "blade_reuse")
@@ -316,6 +316,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             cudnn_benchmark=True,
             fuse_qkv=args.fuse_qkv,
             compile_kwargs=compile_kwargs(args),
+            compile_scope=args.compile_scope,
         )
     timer = StageTimer(pipe, device)
     try:
@@ -472,10 +473,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile_mode",
         default=None,
-        help="torch.compile mode of the blocks, e.g. 'reduce-overhead' (CUDA graphs: removes per-kernel launch cost)",
+        help="torch.compile mode of the student arms, e.g. 'reduce-overhead' (CUDA graphs: removes per-kernel launch "
+        "cost; needs --compile_scope transformer)",
     )
     parser.add_argument(
-        "--compile_vae", action="store_true", help="also compile the VAE decoder (experimental: recompiles on Wan)"
+        "--compile_scope", choices=COMPILE_SCOPES, default="blocks",
+        help="what one compiled graph covers: 'blocks' (regional, each transformer block) or 'transformer' (the "
+        "whole denoiser step, what CUDA graphs need)",
+    )
+    parser.add_argument(
+        "--compile_vae", action="store_true",
+        help="also compile the VAE decoder (experimental: three graphs on Wan, not yet timed on a GPU)",
     )
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
     parser.add_argument("--fuse_qkv", action="store_true", help="fuse the Q/K/V projections")

@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - very old torch
 # the default limit (8) would silently leave the blocks uncompiled after a few sampling steps.
 RECOMPILE_LIMIT = 64
 
+COMPILE_SCOPES = ("blocks", "transformer")
+
 
 def _pipeline_device(pipe) -> torch.device:
     for name in ("transformer", "vae", "text_encoder"):
@@ -67,6 +69,7 @@ def compile_transformer_blocks(transformer: torch.nn.Module, report: dict[str, A
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
     _BlockCompiler(transformer, blocks, report, **kwargs)
     report["transformer_compiled_blocks"] = len(blocks)
+    report["transformer_compile_scope"] = "blocks"
     return report
 
 
@@ -125,6 +128,91 @@ class _BlockCompiler:
                 return block(*args, **kwargs)
 
         return call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole-transformer compilation (one graph a step: what CUDA graphs need)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compile_transformer_forward(transformer: torch.nn.Module, report: dict[str, Any] | None = None,
+                                **kwargs) -> dict:
+    """`torch.compile(transformer.forward, fullgraph=True)`: the whole denoiser step as one graph.
+
+    Regional compilation (`compile_transformer_blocks`) cannot run under CUDA graphs (`mode="reduce-overhead"`):
+    the blocks share one compiled graph, so one block's replay overwrites the output another still reads
+    (BENCHMARKS.md, third end-to-end run). One graph per step has no such sharing. `forward` is compiled, not the
+    module call, so forward hooks (the ASA step tracker, which reads the timestep on the host) stay eager outside
+    the graph. Under `mode="reduce-overhead"` each call starts a new CUDA-graph step and copies out what the graph
+    returns and what it leaves on the ASA module (its stats tensors), because the next replay (CFG's second call,
+    the next step) reuses that memory.
+
+    If the first call fails to compile, `forward` is restored and the blocks are compiled regionally instead
+    (`transformer_compile_scope` in `report` says which one runs, `transformer_compile_errors` why).
+    """
+    report = {} if report is None else report
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    eager_forward = transformer.forward  # the bound method (an instance attribute would shadow it below)
+    compiled = torch.compile(eager_forward, fullgraph=True, **kwargs)
+    cudagraphs = kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+    state = {"fallen_back": False}
+
+    def forward(*args, **fkwargs):
+        if state["fallen_back"]:
+            return eager_forward(*args, **fkwargs)
+        if cudagraphs:
+            _refuse_mask_reuse(transformer)
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            out = compiled(*args, **fkwargs)
+        except _CompileError as err:
+            message = str(err).strip()
+            summary = f"{type(err).__name__}: {message.splitlines()[0][:300] if message else ''}"
+            report.setdefault("transformer_compile_errors", []).append(f"transformer: {summary}")
+            logger.warning("torch.compile of the whole transformer failed, compiling its blocks: %s", message)
+            state["fallen_back"] = True
+            del transformer.forward  # back to the class's forward
+            torch._dynamo.reset()
+            report["transformer_compile_scope"] = "blocks"
+            compile_transformer_blocks(transformer, report, **kwargs)
+            return transformer.forward(*args, **fkwargs)
+        if cudagraphs:
+            out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
+            _copy_asa_stats_out_of_graph(transformer)
+        return out
+
+    transformer.forward = forward
+    report.update(transformer_compile_scope="transformer", transformer_fullgraph=True,
+                  transformer_compile_mode="fullgraph", transformer_compiled_blocks=0)
+    return report
+
+
+def _refuse_mask_reuse(transformer: torch.nn.Module) -> None:
+    """Mask reuse keeps its masks and slot counter in Python, inside an opaque op; a CUDA-graph replay runs the
+    recorded kernels without that Python, so it would silently serve the recorded call's masks."""
+    from blade.models.common import HANDLE_ATTR
+
+    handle = getattr(transformer, HANDLE_ATTR, None)
+    if handle is not None and not handle.removed and handle.mask_reuse_steps > 1:
+        raise ValueError(
+            "mask_reuse_steps > 1 cannot run under CUDA graphs (compile mode 'reduce-overhead'): set "
+            "mask_reuse_steps = 1 or compile without CUDA graphs"
+        )
+
+
+def _copy_asa_stats_out_of_graph(transformer: torch.nn.Module) -> None:
+    """Clone the ASA module's stats tensors (written inside the graph) so that a CUDA-graph replay cannot
+    overwrite them; no-op without ASA."""
+    from blade.models.common import HANDLE_ATTR
+
+    handle = getattr(transformer, HANDLE_ATTR, None)
+    if handle is None or handle.removed:
+        return
+    asa = handle.asa
+    for name in ("_sums", "_last"):
+        value = getattr(asa, name, None)
+        if torch.is_tensor(value):
+            setattr(asa, name, value.clone())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,6 +297,7 @@ def speed_up_pipeline(
     cudnn_benchmark: bool = True,
     fuse_qkv: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
+    compile_scope: str = "blocks",
 ) -> dict[str, Any]:
     """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled. The
     transformer speed-ups apply to every denoiser (``transformer_2`` of a two-expert pipeline reports under its name).
@@ -223,7 +312,11 @@ def speed_up_pipeline(
         cudnn_benchmark: let cuDNN autotune convolution algorithms (CUDA only; a no-op elsewhere).
         fuse_qkv: fuse the self-attention Q/K/V projections.
         compile_kwargs: extra `torch.compile` arguments (e.g. `{"backend": "aot_eager"}` in tests).
+        compile_scope: "blocks" (regional, the default) or "transformer" (the whole forward as one graph, which
+            CUDA graphs, `compile_kwargs={"mode": "reduce-overhead"}`, need; see `compile_transformer_forward`).
     """
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
     report: dict[str, Any] = {}
     compile_kwargs = compile_kwargs or {}
     on_cuda = _pipeline_device(pipe).type == "cuda"
@@ -251,9 +344,10 @@ def speed_up_pipeline(
             report.setdefault(name, {})["fuse_qkv"] = fuse_qkv_projections(transformer)
 
     if compile_transformer:
-        compile_transformer_blocks(first, report, **compile_kwargs)
+        compile_fn = compile_transformer_forward if compile_scope == "transformer" else compile_transformer_blocks
+        compile_fn(first, report, **compile_kwargs)
         for name, transformer in others:
-            compile_transformer_blocks(transformer, report.setdefault(name, {}), **compile_kwargs)
+            compile_fn(transformer, report.setdefault(name, {}), **compile_kwargs)
     else:
         report["transformer_fullgraph"] = None
     report["compile_transformer"] = bool(compile_transformer)

@@ -192,3 +192,70 @@ def test_asa_compiles_with_inductor_on_cuda():
     torch.testing.assert_close(out, eager_out, atol=2e-2, rtol=2e-2)  # inductor may round the pooling differently
     for got, expected in zip(grads, eager_grads):
         torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
+
+
+def _sampling_run(model, inputs, timesteps, cfg_calls=1):
+    """One sampling run's transformer calls: `cfg_calls` per timestep (2 = CFG's cond and uncond), in order."""
+    outs = []
+    for t in timesteps:
+        for _ in range(cfg_calls):
+            outs.append(model(**inputs, timestep=torch.tensor([t], device=DEVICE))[0])
+    return outs
+
+
+def _tiny_wan_with_asa():
+    model = tiny_wan_transformer(seed=0).to(DEVICE)
+    config = ASAConfig(block_size=16, samples_per_block=4, threshold=0.5, min_keep=0.2, max_keep=0.5, pool_size=8,
+                       seed=0)  # fmt: skip
+    handle = apply_asa(model, config)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g).to(DEVICE),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g).to(DEVICE), return_dict=False)  # fmt: skip
+    return model, handle, inputs
+
+
+def test_whole_transformer_with_asa_compiles_to_one_graph_per_call_and_matches_eager():
+    """compile_scope="transformer": the whole forward is one fullgraph graph, the ASA step tracker (a forward
+    pre-hook) still sees every timestep, and outputs and stats equal eager over a sampling run."""
+    from blade.speed import speed_up_pipeline
+
+    model, handle, inputs = _tiny_wan_with_asa()
+    timesteps = [900.0, 700.0, 500.0, 300.0]
+    with torch.no_grad():
+        reference = _sampling_run(model, inputs, timesteps, cfg_calls=2)
+        reference_stats, reference_step = handle.stats(), handle.step
+        handle.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        pipe = type("P", (), {"transformer": model, "vae": None})()
+        report = speed_up_pipeline(pipe, compile_transformer=True, compile_scope="transformer",
+                                   compile_kwargs={"backend": counter})  # fmt: skip
+        outs = _sampling_run(model, inputs, timesteps, cfg_calls=2)
+    assert report["transformer_compile_scope"] == "transformer" and "transformer_compile_errors" not in report
+    assert counter.frame_count == 2  # one graph before any stats exist, one after; none per step
+    assert handle.step == reference_step == 3
+    for got, expected in zip(outs, reference):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert handle.stats() == reference_stats and reference_stats["calls"] == 8 * 2  # 2 layers x 8 calls
+
+
+@pytest.mark.gpu
+def test_whole_transformer_under_cuda_graphs_matches_eager():
+    """mode="reduce-overhead" (CUDA graphs, inductor) over a CFG sampling run: each call's output and the ASA stats
+    survive the next replay (the wrapper copies them out of the graph's memory pool)."""
+    from blade.speed import speed_up_pipeline
+
+    model, handle, inputs = _tiny_wan_with_asa()
+    timesteps = [900.0, 700.0, 500.0, 300.0]
+    with torch.no_grad():
+        reference = _sampling_run(model, inputs, timesteps, cfg_calls=2)
+        reference_stats = handle.stats()
+        pipe = type("P", (), {"transformer": model, "vae": None})()
+        report = speed_up_pipeline(pipe, compile_transformer=True, compile_scope="transformer",
+                                   compile_kwargs={"mode": "reduce-overhead"})  # fmt: skip
+        for _ in range(3):  # warm-up, recording, replays
+            handle.reset()
+            outs = _sampling_run(model, inputs, timesteps, cfg_calls=2)
+    assert report["transformer_compile_scope"] == "transformer", report.get("transformer_compile_errors")
+    for got, expected in zip(outs, reference):  # every output still readable after all later replays
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+    assert handle.stats() == reference_stats

@@ -146,6 +146,35 @@ def test_graph_break_falls_back_to_non_fullgraph_and_reports_it():
     torch._dynamo.reset()
 
 
+def test_whole_transformer_compile_falls_back_to_regional_on_a_graph_break():
+    """compile_scope="transformer" needs one fullgraph graph; a graph break at the first call restores the eager
+    forward and compiles the blocks regionally (which then fall back to graph breaks), reporting both."""
+    model = tiny_wan_transformer(seed=0)
+    for block in model.blocks:
+        block.attn1.set_processor(_GraphBreakingProcessor())
+    inputs = _transformer_inputs(1)
+    pipe = type("P", (), {"transformer": model, "vae": None})()
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        report = speed_up_pipeline(pipe, compile_transformer=True, compile_scope="transformer",
+                                   compile_kwargs={"backend": "eager"})  # fmt: skip
+        assert report["transformer_compile_scope"] == "transformer"
+        out = model(**inputs)[0]
+        again = model(**inputs)[0]
+    assert report["transformer_compile_scope"] == "blocks" and "forward" not in vars(model)
+    assert report["transformer_compile_errors"][0].startswith("transformer: ")
+    assert report["transformer_compile_mode"] == "graph_breaks"
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, reference, atol=1e-5, rtol=0)
+    torch._dynamo.reset()
+
+
+def test_compile_scope_is_checked():
+    pipe = type("P", (), {"transformer": tiny_wan_transformer(seed=0), "vae": None})()
+    with pytest.raises(ValueError, match="compile_scope"):
+        speed_up_pipeline(pipe, compile_transformer=True, compile_scope="model")
+
+
 def test_fused_qkv_keeps_the_wan_output():
     model = tiny_wan_transformer(seed=0)
     inputs = _transformer_inputs(2)
