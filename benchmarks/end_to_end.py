@@ -497,6 +497,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
     if args.mask_reuse_steps < 1:
         parser.error(f"--mask_reuse_steps must be >= 1, got {args.mask_reuse_steps}")
+    cudagraphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+    if cudagraphs and args.compile_scope != "transformer":
+        parser.error(f"--compile_mode {args.compile_mode} (CUDA graphs) needs --compile_scope transformer: regional "
+                     "graphs overwrite each other's outputs under CUDA graphs")
+    if cudagraphs and "blade_reuse" in args.arms and args.mask_reuse_steps > 1:
+        parser.error("the blade_reuse arm (mask reuse) cannot run under CUDA graphs: drop it from --arms or the mode")
     if args.student_steps is None:
         args.student_steps = 2 if args.tiny else 8
     if args.tiny and args.baseline_steps is None:

@@ -276,8 +276,20 @@ def test_extrapolation_scales_only_the_denoising_stage():
 def test_end_to_end_compile_options_reach_torch_compile():
     module = _benchmark_module()
     assert module.compile_kwargs(module.parse_args([])) is None
-    args = module.parse_args(["--compile_backend", "aot_eager", "--compile_mode", "reduce-overhead"])
+    args = module.parse_args(["--compile_backend", "aot_eager", "--compile_mode", "reduce-overhead",
+                              "--compile_scope", "transformer", "--arms", "baseline,blade"])
     assert module.compile_kwargs(args) == {"backend": "aot_eager", "mode": "reduce-overhead"}
+    assert args.compile_scope == "transformer"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--compile_mode", "reduce-overhead"],  # CUDA graphs over regional graphs: refused
+    ["--compile_mode", "reduce-overhead", "--compile_scope", "transformer", "--arms", "blade,blade_reuse"],
+])  # fmt: skip
+def test_end_to_end_refuses_cuda_graph_settings_that_cannot_run(argv, capsys):
+    with pytest.raises(SystemExit):
+        _benchmark_module().parse_args(argv)
+    assert "CUDA graphs" in capsys.readouterr().err
 
 
 def test_speed_ups_reach_both_experts_of_a_two_expert_pipeline():
