@@ -259,7 +259,7 @@ def _argv(assets, out, *extra, prompts=None):
     ("--rank", "0"), ("--max_train_steps", "0"), ("--learning_rate", "-1e-4"), ("--learning_rate_fake", "nan"),
     ("--eta", "1.5"), ("--eta", "-0.1"), ("--tau_max", "1000"), ("--k_step", "0"), ("--max_train_minutes", "0"),
     ("--seed", "-1"), ("--height", "0"), ("--dense_steps", "-1"), ("--asa_max_keep", "0"), ("--asa_max_keep", "1.5"),
-    ("--asa_block_size", "24"), ("--asa_block_size", "0"), ("--fake_attention", "dense"),
+    ("--asa_block_size", "24"), ("--asa_block_size", "0"), ("--asa_pool_size", "0"), ("--fake_attention", "dense"),
 ])
 def test_numeric_flags_validated_at_parse_time(assets, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as info:
@@ -443,18 +443,18 @@ def test_asa_max_keep_sets_the_trained_and_saved_sparsity(assets, tmp_path):
 
 def test_asa_block_size_and_dense_fake_train_and_are_saved(assets, tmp_path):
     """--asa_block_size 64 at 256x256, 9 frames: 768 video tokens = 12 key blocks of 64, of which ASA keeps at most
-    ceil(0.17 x 12) = 3 per query block (sparsity >= 9/12, against 4/6 with the family's 128); the size is written to
-    blade_config.json, which inference reads. --fake_attention dense trains beside it (its effect on the fake's
-    forward is tested in test_study_options)."""
+    ceil(0.17 x 12) = 3 per query block (sparsity >= 9/12, against 4/6 with the family's 128); the size and
+    --asa_pool_size 8 are written to blade_config.json, which inference reads. --fake_attention dense trains beside
+    it (its effect on the fake's forward is tested in test_study_options)."""
     from blade.config import BladeConfig
 
     out = tmp_path / "b64"
     logs = train(_args(assets, out, "--height", "256", "--width", "256", "--use_sparsity", "--asa_block_size", "64",
-                       "--fake_attention", "dense", "--max_train_steps", "2", "--validation_steps", "0",
-                       "--report_to", "none"))
+                       "--asa_pool_size", "8", "--fake_attention", "dense", "--max_train_steps", "2",
+                       "--validation_steps", "0", "--report_to", "none"))
     assert 9 / 12 - 1e-6 <= logs["sparsity"] < 1.0
     saved = BladeConfig.load(out).asa_config()
-    assert saved.block_size == 64 and saved.max_keep == 0.17
+    assert saved.block_size == 64 and saved.max_keep == 0.17 and saved.pool_size == 8
 
 
 def test_per_sample_step_draws_train_and_resume_exactly(assets, tmp_path, capsys):

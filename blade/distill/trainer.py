@@ -147,6 +147,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Tokens per ASA block, a multiple of 16 (default: the family's, 128). Smaller blocks select "
                    "more finely on short videos (TinyWorld's 5,120 tokens are 40 blocks of 128, a full-size Wan video "
                    "256). Saved in blade_config.json for inference.")
+    p.add_argument("--asa_pool_size", type=int, default=None,
+                   help="Video tokens mean-pooled into one global token that every query attends to (default: the "
+                   "family's, 30: ~1,100 global tokens on a full-size Wan video, 171 on TinyWorld's 5,120). Smaller "
+                   "windows give more global context at more cost. Saved in blade_config.json for inference.")
     p.add_argument("--fake_attention", choices=["asa", "dense"], default="asa",
                    help="Attention of the fake score under --use_sparsity: asa = the student's sparse attention (the "
                    "released code copies the sparse student); dense = full attention, so that fake - teacher holds "
@@ -353,6 +357,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
          f"--asa_max_keep must be in (0, 1], got {args.asa_max_keep}")
     need(args.asa_block_size is None or (args.asa_block_size > 0 and args.asa_block_size % 16 == 0),
          f"--asa_block_size must be a positive multiple of 16, got {args.asa_block_size}")
+    need(args.asa_pool_size is None or args.asa_pool_size >= 1,
+         f"--asa_pool_size must be >= 1, got {args.asa_pool_size}")
     need(args.step_draw == "batch" or not (args.use_sparsity and args.dense_steps),
          "--step_draw sample cannot go with --dense_steps: one forward serves the whole batch, so it cannot run dense "
          "for the samples at a dense step only; use --step_draw batch with --dense_steps")
@@ -571,9 +577,9 @@ def build_family(pipe, args) -> TDMFamily:
 
 
 def apply_sparsity(transformer, family: str, max_keep: float | None = None, pipe=None,
-                   block_size: int | None = None):
-    """Patch the transformer's self-attention with ASA for training; returns (handle, config as a dict). `max_keep`
-    and `block_size` override the family's defaults.
+                   block_size: int | None = None, pool_size: int | None = None):
+    """Patch the transformer's self-attention with ASA for training; returns (handle, config as a dict). `max_keep`,
+    `block_size` and `pool_size` override the family's defaults.
 
     The handle's own ``dense_steps`` stays 0: its tracker infers the sampling step from the order of timesteps,
     which training's forwards (rollout, fake at a random tau, teacher, generator) do not follow; the objective
@@ -587,6 +593,8 @@ def apply_sparsity(transformer, family: str, max_keep: float | None = None, pipe
         config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
     if block_size is not None:
         config = dataclasses.replace(config, block_size=block_size)
+    if pool_size is not None:
+        config = dataclasses.replace(config, pool_size=pool_size)
     if pipe is not None and getattr(pipe, "transformer_2", None) is not None:
         from blade.models import apply_asa_pipeline
 
@@ -1027,7 +1035,8 @@ def prepare_model(args: argparse.Namespace, accelerator, weight_dtype: torch.dty
     asa_handle, asa_config = None, None
     if args.use_sparsity:
         asa_handle, asa_config = apply_sparsity(pipe.transformer, args.family, args.asa_max_keep,
-                                                pipe=pipe, block_size=args.asa_block_size)
+                                                pipe=pipe, block_size=args.asa_block_size,
+                                                pool_size=args.asa_pool_size)
     init_adapters(accelerator, transformer, args)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
