@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blade.families import get_family, get_model, pipeline_experts, scheduler_flow_shift  # noqa: E402
-from blade.speed import COMPILE_SCOPES, speed_up_pipeline  # noqa: E402
+from blade.speed import COMPILE_SCOPES, CUDA_GRAPH_MODES, speed_up_pipeline  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
 ARMS = ("baseline", "blade", "dense", "blade_reuse")
@@ -497,7 +497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
     if args.mask_reuse_steps < 1:
         parser.error(f"--mask_reuse_steps must be >= 1, got {args.mask_reuse_steps}")
-    cudagraphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+    cudagraphs = args.compile_mode in CUDA_GRAPH_MODES
     if cudagraphs and args.compile_scope != "transformer":
         parser.error(f"--compile_mode {args.compile_mode} (CUDA graphs) needs --compile_scope transformer: regional "
                      "graphs overwrite each other's outputs under CUDA graphs")

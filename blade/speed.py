@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from blade.families import pipeline_experts
+from blade.models.common import ASAHandle, get_asa_handle
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ except ImportError:  # pragma: no cover - very old torch
 RECOMPILE_LIMIT = 64
 
 COMPILE_SCOPES = ("blocks", "transformer")
+# torch.compile modes that capture CUDA graphs (inductor's cudagraph trees).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _compile_error_summary(err: Exception) -> tuple[str, str]:
+    """(full message, one-line summary for the speed-up report) of a torch.compile error."""
+    message = str(err).strip()
+    return message, f"{type(err).__name__}: {message.splitlines()[0][:300] if message else ''}"
 
 
 def _pipeline_device(pipe) -> torch.device:
@@ -118,8 +127,7 @@ class _BlockCompiler:
             except _CompileError as err:
                 if self.rung != rung:  # another block already moved down; this is not a compile problem
                     raise
-                message = str(err).strip()
-                summary = f"{type(err).__name__}: {message.splitlines()[0][:300] if message else ''}"
+                message, summary = _compile_error_summary(err)
                 self.report.setdefault("transformer_compile_errors", []).append(f"{self.LADDER[rung]}: {summary}")
                 logger.warning("torch.compile (%s) failed, falling back: %s", self.LADDER[rung], message)
                 self.rung += 1
@@ -154,20 +162,22 @@ def compile_transformer_forward(transformer: torch.nn.Module, report: dict[str, 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
     eager_forward = transformer.forward  # the bound method (an instance attribute would shadow it below)
     compiled = torch.compile(eager_forward, fullgraph=True, **kwargs)
-    cudagraphs = kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+    cudagraphs = kwargs.get("mode") in CUDA_GRAPH_MODES
     state = {"fallen_back": False}
 
     def forward(*args, **fkwargs):
         if state["fallen_back"]:
             return eager_forward(*args, **fkwargs)
+        handle = get_asa_handle(transformer) if cudagraphs else None
+        if handle is not None and handle.removed:
+            handle = None
         if cudagraphs:
-            _refuse_mask_reuse(transformer)
+            _refuse_mask_reuse(handle)
             torch.compiler.cudagraph_mark_step_begin()
         try:
             out = compiled(*args, **fkwargs)
         except _CompileError as err:
-            message = str(err).strip()
-            summary = f"{type(err).__name__}: {message.splitlines()[0][:300] if message else ''}"
+            message, summary = _compile_error_summary(err)
             report.setdefault("transformer_compile_errors", []).append(f"transformer: {summary}")
             logger.warning("torch.compile of the whole transformer failed, compiling its blocks: %s", message)
             state["fallen_back"] = True
@@ -178,7 +188,7 @@ def compile_transformer_forward(transformer: torch.nn.Module, report: dict[str, 
             return transformer.forward(*args, **fkwargs)
         if cudagraphs:
             out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
-            _copy_asa_stats_out_of_graph(transformer)
+            _copy_asa_stats_out_of_graph(handle)
         return out
 
     transformer.forward = forward
@@ -187,26 +197,20 @@ def compile_transformer_forward(transformer: torch.nn.Module, report: dict[str, 
     return report
 
 
-def _refuse_mask_reuse(transformer: torch.nn.Module) -> None:
+def _refuse_mask_reuse(handle: ASAHandle | None) -> None:
     """Mask reuse keeps its masks and slot counter in Python, inside an opaque op; a CUDA-graph replay runs the
     recorded kernels without that Python, so it would silently serve the recorded call's masks."""
-    from blade.models.common import HANDLE_ATTR
-
-    handle = getattr(transformer, HANDLE_ATTR, None)
-    if handle is not None and not handle.removed and handle.mask_reuse_steps > 1:
+    if handle is not None and handle.mask_reuse_steps > 1:
         raise ValueError(
             "mask_reuse_steps > 1 cannot run under CUDA graphs (compile mode 'reduce-overhead'): set "
             "mask_reuse_steps = 1 or compile without CUDA graphs"
         )
 
 
-def _copy_asa_stats_out_of_graph(transformer: torch.nn.Module) -> None:
+def _copy_asa_stats_out_of_graph(handle: ASAHandle | None) -> None:
     """Clone the ASA module's stats tensors (written inside the graph) so that a CUDA-graph replay cannot
     overwrite them; no-op without ASA."""
-    from blade.models.common import HANDLE_ATTR
-
-    handle = getattr(transformer, HANDLE_ATTR, None)
-    if handle is None or handle.removed:
+    if handle is None:
         return
     asa = handle.asa
     for name in ("_sums", "_last"):
