@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
-CONFIG = "blade_config.json"
+from blade.config import CONFIG_NAME as CONFIG
+from blade.pipelines.loading import LORA_WEIGHT_NAME as WEIGHTS
 
 
 def average_lora_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

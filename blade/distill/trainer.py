@@ -56,7 +56,7 @@ from blade.distill.tdm import TDMConfig, TDMFamily, TDMObjective
 from blade.families import FAMILIES, folder_experts, folder_flow_shift, get_family, read_json, video_defaults
 from blade.outputs import OutputLocationError, check_output_dir, describe_write_failure, make_readable, nonfinite_keys
 from blade.pipelines.hints import EXTENSION_KEY, TINYWORLD_EXTENSION, ModelHintsError, read_model_hints
-from blade.pipelines.loading import LoraError, ModelFolderError
+from blade.pipelines.loading import LORA_WEIGHT_NAME, LoraError, ModelFolderError
 from blade.prompts import PromptCacheError, PromptEmbeddingCache
 from blade.training.runtime import (
     COMPLETE_MARKER,
@@ -78,7 +78,6 @@ from blade.training.runtime import (
 
 logger = logging.getLogger("blade.trainer")
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_WEIGHT_NAME = "fake_lora.safetensors"
 # CONFIG_NAME (blade_config.json) and its content: blade.config.BladeConfig. A model folder's size hints are read by
 # blade.pipelines.hints (blade_defaults.json; the trainer writes no hints file).
