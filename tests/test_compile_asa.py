@@ -154,14 +154,21 @@ def test_asa_module_compiles_to_the_eager_output_and_stats(backend, seed):
     assert counter.frame_count == 2
 
 
-def test_tiny_wan_with_asa_compiles_fullgraph_and_matches_eager():
-    model = tiny_wan_transformer(seed=0)
+def _tiny_wan_with_asa():
+    """A tiny Wan transformer with seeded ASA and its inputs (no timestep: the caller sets one or a sequence)."""
+    model = tiny_wan_transformer(seed=0).to(DEVICE)
     config = ASAConfig(block_size=16, samples_per_block=4, threshold=0.5, min_keep=0.2, max_keep=0.5, pool_size=8,
                        seed=0)  # fmt: skip
     handle = apply_asa(model, config)
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g), timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)  # fmt: skip
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g).to(DEVICE),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g).to(DEVICE), return_dict=False)  # fmt: skip
+    return model, handle, inputs
+
+
+def test_tiny_wan_with_asa_compiles_fullgraph_and_matches_eager():
+    model, handle, inputs = _tiny_wan_with_asa()
+    inputs["timestep"] = torch.tensor([500.0], device=DEVICE)
     with torch.no_grad():
         reference = model(**inputs)[0]
         reference_stats = handle.stats()
@@ -201,17 +208,6 @@ def _sampling_run(model, inputs, timesteps, cfg_calls=1):
         for _ in range(cfg_calls):
             outs.append(model(**inputs, timestep=torch.tensor([t], device=DEVICE))[0])
     return outs
-
-
-def _tiny_wan_with_asa():
-    model = tiny_wan_transformer(seed=0).to(DEVICE)
-    config = ASAConfig(block_size=16, samples_per_block=4, threshold=0.5, min_keep=0.2, max_keep=0.5, pool_size=8,
-                       seed=0)  # fmt: skip
-    handle = apply_asa(model, config)
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g).to(DEVICE),
-                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g).to(DEVICE), return_dict=False)  # fmt: skip
-    return model, handle, inputs
 
 
 def test_whole_transformer_with_asa_compiles_to_one_graph_per_call_and_matches_eager():
