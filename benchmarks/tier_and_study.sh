@@ -5,6 +5,8 @@
 #
 #   PLAN=benchmarks/study_plans/call8_shift_long.txt MINUTES=8.0 OUT=out bash benchmarks/tier_and_study.sh
 #
+# EVAL="teacher NAME=LORA[,FLAG=VALUE...] ..." then runs benchmarks/tinyworld_heldout_eval.sh's arms (on EVAL_PROMPTS x
+# EVAL_SEEDS, default its held-out 48 x 2) and archives the reports as eval.tgz, whatever finished by the deadline.
 # TIER=0 skips the tier (the study alone); DEADLINE (s, default 570) stops whatever still runs and archives it.
 # Wheels in .whl/ (diffusers, imageio) are installed first when present (the device machine lacks diffusers).
 set -uo pipefail
@@ -42,6 +44,15 @@ if [ -n "$PLAN" ]; then
   mv "$W"/study/lora_*.tgz "$OUT"/ 2>/dev/null
   tar czf "$OUT/study_logs.tgz" -C "$W" study
   tail -20 "$W/study/stdout.txt"
+fi
+if [ -n "${EVAL:-}" ]; then
+  mkdir -p "$W/eval"
+  # shellcheck disable=SC2086
+  PROMPTS=${EVAL_PROMPTS:-benchmarks/results/tinyworld_heldout48_prompts_2026-12-06.txt} SEEDS=${EVAL_SEEDS:-2000 2001} \
+    OUT=$W/eval timeout -k 10 $((DEADLINE - (SECONDS - T0) - 20)) bash benchmarks/tinyworld_heldout_eval.sh $EVAL \
+    | tee -a "$W/study/tier_and_study.log"
+  log "eval rc=${PIPESTATUS[0]}"
+  tar czf "$OUT/eval.tgz" -C "$W" eval
 fi
 if [ "$TIER" = 1 ]; then
   ( sleep $((DEADLINE - (SECONDS - T0))); log "deadline: stopping the tier"; pkill -f gpu_tier.sh; pkill -f pytest ) &

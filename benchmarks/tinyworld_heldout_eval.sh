@@ -6,7 +6,9 @@
 #   PROMPTS=benchmarks/results/tinyworld_heldout48_prompts_2026-12-06.txt SEEDS="2000 2001" OUT=$OUT \
 #       bash benchmarks/tinyworld_heldout_eval.sh teacher bundled=assets/tinyworld/blade_lora dense=runs/x/dense
 #
-# Arguments: `teacher`, or NAME=LORA_FOLDER. Wheels in .whl/ (diffusers, imageio) are installed first when present.
+# Arguments: `teacher`, or NAME=LORA_FOLDER[,FLAG=VALUE...]: extra `blade.tinyworld.evaluate` flags after commas, e.g.
+# `bundled_pool10=assets/tinyworld/blade_lora,--pool_size=10` (the student with three times ASA's global tokens).
+# Wheels in .whl/ (diffusers, imageio) are installed first when present.
 set -uo pipefail
 source benchmarks/carried_wheels.sh
 install_carried_wheels || exit 1
@@ -16,7 +18,9 @@ for arm in "$@"; do
   if [ "$arm" = teacher ]; then
     name=teacher; flags=(--steps 50 --guidance 5.0 --attention dense)
   else
-    name=${arm%%=*}; flags=(--lora "${arm#*=}")
+    name=${arm%%=*}; rest=${arm#*=}
+    IFS=, read -r -a parts <<< "$rest"
+    flags=(--lora "${parts[0]}" "${parts[@]:1}")
   fi
   # shellcheck disable=SC2086
   python -m blade.tinyworld.evaluate --prompts "$PROMPTS" --seeds $SEEDS --device "$DEVICE" "${flags[@]}" \

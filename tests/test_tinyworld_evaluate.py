@@ -179,3 +179,30 @@ def test_guidance_interval_with_asa_patches_and_times_the_one_transformer_once(t
                         "--guidance_boundary", "500")
     assert code == 0 and report["sparsity"] == pytest.approx(0.75)
     assert report["settings"]["guidance_2"] == 2.0 and report["settings"]["guidance_boundary"] == 500.0
+
+
+def test_pool_size_override_sets_the_global_window_and_is_refused_without_asa(tmp_path, tiny_tinyworld):
+    """``--pool_size`` replaces the ASA config's global-token window (nothing else of it), and changes what ASA
+    computes (its pooled fraction enters the reported sparsity, 1/pool of the keys); with dense attention it is
+    refused before any loading (a missing model folder is not reached)."""
+    from blade.models.wan import default_asa_config
+    from blade.tinyworld.evaluate import configure_attention
+
+    pipe = tw.load_pipeline(str(tiny_tinyworld))
+    handle = configure_attention(pipe, "asa", sparsity=None, dense_steps=0, lora_config=None, pool_size=3)
+    expected = default_asa_config()
+    assert handle.config.pool_size == 3
+    assert (handle.config.threshold, handle.config.max_keep) == (expected.threshold, expected.max_keep)
+    with pytest.raises(ValueError, match="pool_size"):
+        configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=None, pool_size=3)
+
+    reports = {}
+    for pool in ("4", "64"):
+        code, reports[pool] = _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--pool_size", pool)
+        assert code == 0 and reports[pool]["settings"]["pool_size_override"] == int(pool)
+    # same seed, same keep rule: only the global tokens differ, so the frames (hence scores) differ
+    assert reports["4"]["videos"][0]["fidelity"] != reports["64"]["videos"][0]["fidelity"]
+
+    (tmp_path / "report.json").unlink()
+    code, report = _run(tmp_path, tmp_path / "no_such_model", "--attention", "dense", "--pool_size", "4")
+    assert code == 2 and report is None

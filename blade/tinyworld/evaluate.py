@@ -72,20 +72,26 @@ def sampling_settings(
 
 def configure_attention(
     pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None,
-    mask_reuse_steps: int = 1,
+    mask_reuse_steps: int = 1, pool_size: int | None = None,
 ) -> Any:
     """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense).
 
-    ``mask_reuse_steps`` (ASA only): the prober's masks serve that many sampling steps (``ASAHandle``)."""
+    ``mask_reuse_steps`` (ASA only): the prober's masks serve that many sampling steps (``ASAHandle``).
+    ``pool_size`` (ASA only): the global-token pool window in place of the LoRA's (or the default config's), to ask
+    at inference alone whether a student wants more or less global context than it was distilled with."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
     if mode in ("window", "random") and sparsity is None:
         raise ValueError(f"--attention {mode} needs --sparsity")
+    if pool_size is not None and mode != "asa":
+        raise ValueError(f"--pool_size applies to ASA's global tokens (--attention asa), not {mode}")
     if mode == "dense":
         api.disable_asa(pipe)
         return None
 
     config = (lora_config.asa_config() if lora_config else None) or default_asa_config()
+    if pool_size is not None:
+        config = replace(config, pool_size=pool_size)  # ASAConfig validates it
     if sparsity is not None:  # pinned keep count, plain ASA: equal sparsity across the compared methods
         keep = 1.0 - sparsity
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
@@ -159,6 +165,7 @@ def evaluate(
     dense_cache: dict | None = None,
     guidance_2: float | None = None,
     guidance_boundary: float | None = None,
+    pool_size: int | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
 
@@ -169,6 +176,9 @@ def evaluate(
     model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
     """
     check_mask_reuse_steps(mask_reuse_steps)  # before any loading
+    if pool_size is not None and (attention not in (None, "asa") or isinstance(pool_size, bool) or pool_size < 1):
+        raise ValueError(f"--pool_size is ASA's global-token window, an int >= 1 with --attention asa; got "
+                         f"{pool_size!r} with --attention {attention}")
     if (guidance_2 is None) != (guidance_boundary is None):
         raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
     if guidance_2 is not None and lora:
@@ -205,7 +215,7 @@ def evaluate(
             if dense_key(prompt, seed) not in dense_frames:
                 dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config,
-                        mask_reuse_steps=mask_reuse_steps)
+                        mask_reuse_steps=mask_reuse_steps, pool_size=pool_size)
 
     videos = []
     for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
@@ -260,6 +270,7 @@ def evaluate(
                 "requested_sparsity": sparsity,
                 "dense_steps": dense_steps,
                 "mask_reuse_steps": mask_reuse_steps,
+                "pool_size_override": pool_size,
                 "lora": str(lora) if lora else None,
                 "model": str(model) if model else "bundled",
                 "device": device,
@@ -299,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the first N sampling steps dense (default: the LoRA's dense_steps, else 0)")
     parser.add_argument("--mask_reuse_steps", type=int, default=1,
                         help="with ASA, each prober mask serves N sampling steps (1: a fresh mask every step)")
+    parser.add_argument("--pool_size", type=int, default=None,
+                        help="with ASA, the global-token pool window (mean-pooled keys over windows of N tokens) in "
+                             "place of the LoRA's or the default config's: a smaller N gives more global tokens")
     parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -320,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
             dense_steps=args.dense_steps, mask_reuse_steps=args.mask_reuse_steps, compare_dense=args.compare_dense,
             save_videos=args.save_videos, guidance_2=args.guidance_2, guidance_boundary=args.guidance_boundary,
+            pool_size=args.pool_size,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
