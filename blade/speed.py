@@ -173,6 +173,7 @@ def compile_transformer_forward(transformer: torch.nn.Module, report: dict[str, 
             handle = None
         if cudagraphs:
             _refuse_mask_reuse(handle)
+            _refuse_seeded_prober(handle)
             torch.compiler.cudagraph_mark_step_begin()
         try:
             out = compiled(*args, **fkwargs)
@@ -204,6 +205,19 @@ def _refuse_mask_reuse(handle: ASAHandle | None) -> None:
         raise ValueError(
             "mask_reuse_steps > 1 cannot run under CUDA graphs (compile mode 'reduce-overhead'): set "
             "mask_reuse_steps = 1 or compile without CUDA graphs"
+        )
+
+
+def _refuse_seeded_prober(handle: ASAHandle | None) -> None:
+    """A seeded prober (``ASAConfig.seed``) draws from private per-device generators; CUDA-graph capture can only
+    follow the default generator (the first GPU run, 2026-12-06: "Attempt to increase offset for a CUDA generator
+    not in capture mode"). The global RNG is captured graph-safely: each replay draws fresh positions, and
+    ``torch.manual_seed`` (which ``api.generate`` calls per video) makes a run repeat."""
+    if handle is not None and handle.enabled and handle.config.seed is not None:
+        raise ValueError(
+            f"a seeded ASA prober (ASAConfig.seed={handle.config.seed}) cannot run under CUDA graphs (compile mode "
+            "'reduce-overhead'): its private generator cannot be captured. Use seed=None (the global RNG, seeded per "
+            "video by blade.api.generate) or compile without CUDA graphs"
         )
 
 

@@ -154,11 +154,12 @@ def test_asa_module_compiles_to_the_eager_output_and_stats(backend, seed):
     assert counter.frame_count == 2
 
 
-def _tiny_wan_with_asa():
-    """A tiny Wan transformer with seeded ASA and its inputs (no timestep: the caller sets one or a sequence)."""
+def _tiny_wan_with_asa(prober_seed: int | None = 0):
+    """A tiny Wan transformer with ASA (a seeded prober unless ``prober_seed`` is None: then the global RNG) and its
+    inputs (no timestep: the caller sets one or a sequence)."""
     model = tiny_wan_transformer(seed=0).to(DEVICE)
     config = ASAConfig(block_size=16, samples_per_block=4, threshold=0.5, min_keep=0.2, max_keep=0.5, pool_size=8,
-                       seed=0)  # fmt: skip
+                       seed=prober_seed)  # fmt: skip
     handle = apply_asa(model, config)
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g).to(DEVICE),
@@ -234,15 +235,30 @@ def test_whole_transformer_with_asa_compiles_to_one_graph_per_call_and_matches_e
     assert handle.stats() == reference_stats and reference_stats["calls"] == 8 * 2  # 2 layers x 8 calls
 
 
+def test_cuda_graphs_refuse_a_seeded_prober_before_compiling():
+    """A seeded prober's private generator cannot be captured by a CUDA graph (the first GPU run failed inside the
+    capture): the call is refused with what to do, before anything compiles, and runs once ASA is switched off."""
+    from blade.speed import speed_up_pipeline
+
+    model, handle, inputs = _tiny_wan_with_asa(prober_seed=0)
+    pipe = type("P", (), {"transformer": model, "vae": None})()
+    speed_up_pipeline(pipe, compile_transformer=True, compile_scope="transformer",
+                      compile_kwargs={"mode": "reduce-overhead"})  # fmt: skip
+    with torch.no_grad(), pytest.raises(ValueError, match="seed=None"):
+        model(**inputs, timestep=torch.tensor([500.0], device=DEVICE))
+
+
 @pytest.mark.gpu
 def test_whole_transformer_under_cuda_graphs_matches_eager():
     """mode="reduce-overhead" (CUDA graphs, inductor) over a CFG sampling run: each call's output and the ASA stats
-    survive the next replay (the wrapper copies them out of the graph's memory pool)."""
+    survive the next replay (the wrapper copies them out of the graph's memory pool). The prober draws from the
+    global RNG (a seeded one is refused): reseeded before each run, replays draw the eager run's positions."""
     from blade.speed import speed_up_pipeline
 
-    model, handle, inputs = _tiny_wan_with_asa()
+    model, handle, inputs = _tiny_wan_with_asa(prober_seed=None)
     timesteps = [900.0, 700.0, 500.0, 300.0]
     with torch.no_grad():
+        torch.manual_seed(0)
         reference = _sampling_run(model, inputs, timesteps, cfg_calls=2)
         reference_stats = handle.stats()
         pipe = type("P", (), {"transformer": model, "vae": None})()
@@ -250,6 +266,7 @@ def test_whole_transformer_under_cuda_graphs_matches_eager():
                                    compile_kwargs={"mode": "reduce-overhead"})  # fmt: skip
         for _ in range(3):  # warm-up, recording, replays
             handle.reset()
+            torch.manual_seed(0)
             outs = _sampling_run(model, inputs, timesteps, cfg_calls=2)
     assert report["transformer_compile_scope"] == "transformer", report.get("transformer_compile_errors")
     for got, expected in zip(outs, reference):  # every output still readable after all later replays
