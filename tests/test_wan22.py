@@ -310,3 +310,19 @@ def test_ti2v_student_sampler_runs_with_expanded_timesteps(ti2v):
     assert seen == [(1, 48), (1, 48)]  # one timestep per token (expand_timesteps)
     assert frames.shape == (9, 128, 128, 3) and bool(torch.isfinite(torch.from_numpy(frames)).all())
     assert info["asa_stats"]["total_blocks"] > 0
+
+
+def test_training_uses_the_asa_config_enable_asa_would_for_the_same_pipeline():
+    """One default for training and inference: a published model's student trains with the registry's ASA config
+    (pool window scaled with its tokens: 69 for Wan2.1-14B), an unrecognised one (TinyWorld, tiny tests) with the
+    family's (30); the trainer's flags override either."""
+    from blade.distill.trainer import training_asa_config
+
+    pipe = _fake_pipe("wan2.1-t2v-14b")
+    assert training_asa_config("wan", pipe) == default_pipeline_asa_config(pipe)
+    assert training_asa_config("wan", pipe).pool_size == 69
+    assert training_asa_config("wan", SimpleNamespace()).pool_size == 30
+    assert training_asa_config("wan").pool_size == 30
+    overridden = training_asa_config("wan", pipe, max_keep=0.25, block_size=64, pool_size=10)
+    assert (overridden.max_keep, overridden.min_keep) == (0.25, 0.05)
+    assert (overridden.block_size, overridden.pool_size) == (64, 10)

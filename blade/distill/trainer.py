@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from blade.attention.asa import ASAConfig
 from blade.collectives import collective_in_place
 from blade.config import CONFIG_NAME, BladeConfig  # noqa: F401 - CONFIG_NAME re-exported (its name before the move)
 from blade.distill import lora
@@ -147,9 +148,11 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    "more finely on short videos (TinyWorld's 5,120 tokens are 40 blocks of 128, a full-size Wan video "
                    "256). Saved in blade_config.json for inference.")
     p.add_argument("--asa_pool_size", type=int, default=None,
-                   help="Video tokens mean-pooled into one global token that every query attends to (default: the "
-                   "family's, 30: ~1,100 global tokens on a full-size Wan video, 171 on TinyWorld's 5,120). Smaller "
-                   "windows give more global context at more cost. Saved in blade_config.json for inference.")
+                   help="Video tokens mean-pooled into one global token that every query attends to (default: what "
+                   "enable_asa uses for the model: a published model's window scaled with its default video's tokens, "
+                   "e.g. 69 for Wan2.1-14B at 720p, ~1,100 global tokens; else the family's, 30: 171 on TinyWorld's "
+                   "5,120). Smaller windows give more global context at more cost (on TinyWorld, 10 at inference cut "
+                   "the bundled student's duplicated objects: BENCHMARKS.md). Saved in blade_config.json.")
     p.add_argument("--fake_attention", choices=["asa", "dense"], default="asa",
                    help="Attention of the fake score under --use_sparsity: asa = the student's sparse attention (the "
                    "released code copies the sparse student); dense = full attention, so that fake - teacher holds "
@@ -575,10 +578,29 @@ def build_family(pipe, args) -> TDMFamily:
     return get_family(args.family).build_tdm_family(pipe, shift=args.shift)
 
 
+def training_asa_config(family: str, pipe=None, max_keep: float | None = None, block_size: int | None = None,
+                        pool_size: int | None = None) -> ASAConfig:
+    """The ASA config a student trains with (and its blade_config.json records for inference): `enable_asa`'s
+    default for the same pipeline (the registry's for a recognised published model, its pool window scaled with the
+    default video's token count; else the family's), then the given overrides."""
+    from blade.models import default_pipeline_asa_config
+
+    config = (default_pipeline_asa_config(pipe) if pipe is not None else None) or get_family(
+        family).adapter().default_asa_config()
+    if max_keep is not None:
+        config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
+    if block_size is not None:
+        config = dataclasses.replace(config, block_size=block_size)
+    if pool_size is not None:
+        config = dataclasses.replace(config, pool_size=pool_size)
+    return config
+
+
 def apply_sparsity(transformer, family: str, max_keep: float | None = None, pipe=None,
                    block_size: int | None = None, pool_size: int | None = None):
-    """Patch the transformer's self-attention with ASA for training; returns (handle, config as a dict). `max_keep`,
-    `block_size` and `pool_size` override the family's defaults.
+    """Patch the transformer's self-attention with ASA for training; returns (handle, config as a dict). The config:
+    `training_asa_config` (the default `enable_asa` would use on `pipe`, with `max_keep`, `block_size`, `pool_size`
+    overriding it).
 
     The handle's own ``dense_steps`` stays 0: its tracker infers the sampling step from the order of timesteps,
     which training's forwards (rollout, fake at a random tau, teacher, generator) do not follow; the objective
@@ -587,13 +609,7 @@ def apply_sparsity(transformer, family: str, max_keep: float | None = None, pipe
     With `pipe` of two experts, both are patched (one shared ASA module and step tracker, a `PipelineASAHandle`).
     """
     adapter = get_family(family).adapter()
-    config = adapter.default_asa_config()
-    if max_keep is not None:
-        config = dataclasses.replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))
-    if block_size is not None:
-        config = dataclasses.replace(config, block_size=block_size)
-    if pool_size is not None:
-        config = dataclasses.replace(config, pool_size=pool_size)
+    config = training_asa_config(family, pipe, max_keep, block_size, pool_size)
     if pipe is not None and getattr(pipe, "transformer_2", None) is not None:
         from blade.models import apply_asa_pipeline
 
