@@ -483,7 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compile_vae", action="store_true",
-        help="also compile the VAE decoder (experimental: three graphs on Wan, not yet timed on a GPU)",
+        help="also compile the VAE decoder (experimental and slow: on an H100, 2026-12-06, Wan's decode took 79 s "
+             "instead of 3.2 s, still compiling in the measured run; BENCHMARKS.md)",
     )
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
     parser.add_argument("--fuse_qkv", action="store_true", help="fuse the Q/K/V projections")

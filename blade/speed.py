@@ -271,7 +271,9 @@ def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
     decode frame by frame with a Python-list feature cache, and dynamo specialises on the cache's state: three graphs
     for Wan (empty cache, one cached frame, two), reused afterwards (`tests/test_speed.py`). A run on an H200 (torch
     2.11, 2026-11-28, before the benchmark reset dynamo between its arms) took 100 s instead of 4.3 s for Wan's
-    BLADE arm; not re-measured since (BENCHMARKS.md)."""
+    BLADE arm; re-measured on an H100 (2026-12-06, dynamo reset between arms): 79 s against the uncompiled 3.2 s,
+    dynamo still compiling during the measured decode, so on the GPU more graphs than the CPU's three arise
+    (BENCHMARKS.md, end-to-end section)."""
     vae.decoder.compile(**kwargs)
 
 
