@@ -195,6 +195,8 @@ def test_pool_size_override_sets_the_global_window_and_is_refused_without_asa(tm
     assert (handle.config.threshold, handle.config.max_keep) == (expected.threshold, expected.max_keep)
     with pytest.raises(ValueError, match="pool_size"):
         configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=None, pool_size=3)
+    pinned = configure_attention(pipe, "asa", sparsity=0.75, dense_steps=0, lora_config=None, pool_size=3)
+    assert (pinned.config.pool_size, pinned.config.max_keep) == (3, 0.25)  # the pinned keep count drops no pool asked
 
     reports = {}
     for pool in ("4", "64"):

@@ -90,11 +90,11 @@ def configure_attention(
         return None
 
     config = (lora_config.asa_config() if lora_config else None) or default_asa_config()
-    if pool_size is not None:
-        config = replace(config, pool_size=pool_size)  # ASAConfig validates it
     if sparsity is not None:  # pinned keep count, plain ASA: equal sparsity across the compared methods
         keep = 1.0 - sparsity
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
+    if pool_size is not None:  # after the pinning: asked for, so global tokens even with --sparsity
+        config = replace(config, pool_size=pool_size)  # ASAConfig validates it
     api.disable_asa(pipe)
     handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
     if mask_reuse_steps != 1:
