@@ -151,8 +151,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Video tokens mean-pooled into one global token that every query attends to (default: what "
                    "enable_asa uses for the model: a published model's window scaled with its default video's tokens, "
                    "e.g. 69 for Wan2.1-14B at 720p, ~1,100 global tokens; else the family's, 30: 171 on TinyWorld's "
-                   "5,120). Smaller windows give more global context at more cost (on TinyWorld, 10 at inference cut "
-                   "the bundled student's duplicated objects: BENCHMARKS.md). Saved in blade_config.json.")
+                   "5,120). Smaller windows give more global context at more cost (TinyWorld's measurements of the "
+                   "window: BENCHMARKS.md, held-out evaluation). Saved in blade_config.json.")
     p.add_argument("--fake_attention", choices=["asa", "dense"], default="asa",
                    help="Attention of the fake score under --use_sparsity: asa = the student's sparse attention (the "
                    "released code copies the sparse student); dense = full attention, so that fake - teacher holds "
