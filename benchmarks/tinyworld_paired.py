@@ -34,16 +34,31 @@ def load_videos(paths: list[str]) -> dict[tuple[str, int], dict]:
     return videos
 
 
-def compare(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int], dict]) -> dict:
-    """Paired statistics of `student` against `teacher` on the student's videos."""
+def paired_keys(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int], dict]) -> list[tuple[str, int]]:
+    """The student's (prompt, seed) keys, sorted; a ValueError if a student video has no teacher video (the
+    comparison would silently shrink)."""
     missing = [key for key in student if key not in teacher]
     if missing:
         raise ValueError(f"{len(missing)} student videos have no teacher video, e.g. {missing[0]}")
-    keys = sorted(student)
+    return sorted(student)
+
+
+def paired_difference(teacher: dict, student: dict, field: str) -> tuple[float, float]:
+    """(mean, standard error) of the per-video difference student - teacher of `field` over the student's videos
+    (sample standard deviation / sqrt(n); nan for one video)."""
+    keys = paired_keys(teacher, student)
     n = len(keys)
-    diffs = [student[k]["adherence"] - teacher[k]["adherence"] for k in keys]
+    diffs = [student[k][field] - teacher[k][field] for k in keys]
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else float("nan")
+    return mean, sd / math.sqrt(n)
+
+
+def compare(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int], dict]) -> dict:
+    """Paired statistics of `student` against `teacher` on the student's videos."""
+    keys = paired_keys(teacher, student)
+    n = len(keys)
+    mean, standard_error = paired_difference(teacher, student, "adherence")
 
     def avg(videos: dict, field: str) -> float:
         return sum(videos[k][field] for k in keys) / n
@@ -53,7 +68,7 @@ def compare(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int],
         "adherence": avg(student, "adherence"),
         "teacher_adherence": avg(teacher, "adherence"),
         "paired_difference": mean,
-        "paired_standard_error": sd / math.sqrt(n),
+        "paired_standard_error": standard_error,
         "fidelity": avg(student, "fidelity"),
         "teacher_fidelity": avg(teacher, "fidelity"),
     }

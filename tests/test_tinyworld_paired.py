@@ -42,3 +42,25 @@ def test_a_student_video_without_its_teacher_video_is_an_error(tmp_path):
     student = _report(tmp_path / "s.json", [("a", 2, 1.0, 0.1, 0.0)])
     with pytest.raises(ValueError, match="no teacher video"):
         paired.main(["--teacher", teacher, "--student", f"s={student}"])
+
+
+def test_paired_difference_of_any_field_and_the_chart_script(tmp_path):
+    """paired_difference on `duplicated` by hand, and benchmarks/plot_eval_reports.py writes its PNG from the same
+    pairing (and refuses a student video without its teacher video)."""
+    teacher = paired.load_videos([_report(tmp_path / "t.json", [("a", 1, 1.0, 0.1, 0.0), ("b", 1, 0.8, 0.2, 0.5),
+                                                                ("c", 1, 0.9, 0.2, 0.0)])])
+    student_path = _report(tmp_path / "s.json", [("a", 1, 0.9, 0.1, 0.5), ("b", 1, 0.8, 0.2, 0.5),
+                                                 ("c", 1, 0.9, 0.2, 1.0)])
+    # differences 0.5, 0.0, 1.0: mean 0.5, sample sd 0.5, se 0.5 / sqrt(3)
+    mean, se = paired.paired_difference(teacher, paired.load_videos([student_path]), "duplicated")
+    assert mean == pytest.approx(0.5) and se == pytest.approx(0.5 / 3 ** 0.5)
+
+    plot_spec = importlib.util.spec_from_file_location("plot_eval_reports", SCRIPT.parent / "plot_eval_reports.py")
+    plot = importlib.util.module_from_spec(plot_spec)
+    plot_spec.loader.exec_module(plot)
+    out = tmp_path / "chart.png"
+    plot.main(["--teacher", str(tmp_path / "t.json"), "--reports", f"s={student_path}", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stray = _report(tmp_path / "x.json", [("z", 9, 0.5, 0.1, 0.0)])
+    with pytest.raises(ValueError, match="no teacher video"):
+        plot.main(["--teacher", str(tmp_path / "t.json"), "--reports", f"x={stray}", "--out", str(out)])
