@@ -1,10 +1,12 @@
 """Bar chart of TinyWorld evaluation reports against the teacher's: adherence (with issue 16's target line) and the
 share of objects drawn twice, each bar with its paired standard error against the teacher.
 
-    python benchmarks/plot_eval_reports.py --teacher T.json --reports NAME=R.json ... --title TITLE --out chart.png
+    python benchmarks/plot_eval_reports.py --teacher T1.json [T2.json ...] --reports NAME=R1.json[,R2.json ...] ... \
+        --title TITLE --out chart.png
 
 Reports are `python -m blade.tinyworld.evaluate --out` JSONs over the same (prompt, seed) videos as the teacher's
-(the pairing of `benchmarks/tinyworld_paired.py`: a student video without a teacher video is an error).
+(the pairing of `benchmarks/tinyworld_paired.py`: a student video without a teacher video is an error). Several
+reports per arm (comma-separated) and per teacher pool evaluation sets, e.g. Table 1 and a held-out set.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ def paired(student: dict, teacher: dict, key: str) -> tuple[float, float, float]
     return mean(student), mean(teacher), standard_error
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Writes the chart; returns {arm: {"adherence"|"duplicated": (student mean, teacher mean, paired se)}}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="the teacher's report")
-    parser.add_argument("--reports", nargs="+", required=True, help="NAME=REPORT.json, one bar each")
+    parser.add_argument("--teacher", nargs="+", required=True, help="the teacher's report(s)")
+    parser.add_argument("--reports", nargs="+", required=True,
+                        help="NAME=REPORT.json[,REPORT2.json...], one bar each (several reports: their videos pooled)")
     parser.add_argument("--title", default="TinyWorld evaluation")
     parser.add_argument("--out", required=True, help="PNG path")
     args = parser.parse_args(argv)
@@ -38,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    teacher = load_videos([args.teacher])
+    teacher = load_videos(args.teacher)
     names, rows = [], []
     for spec in args.reports:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--reports takes NAME=REPORT.json, got {spec!r}")
-        student = load_videos([path])
+        student = load_videos(path.split(","))
         names.append(name)
         rows.append({key: paired(student, teacher, key) for key in ("adherence", "duplicated")})
 
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    return dict(zip(names, rows))
 
 
 if __name__ == "__main__":

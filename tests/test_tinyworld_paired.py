@@ -61,6 +61,13 @@ def test_paired_difference_of_any_field_and_the_chart_script(tmp_path):
     out = tmp_path / "chart.png"
     plot.main(["--teacher", str(tmp_path / "t.json"), "--reports", f"s={student_path}", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pooled sets: the teacher's and the student's videos split over two reports each give the same pairing
+    teacher_2 = _report(tmp_path / "t2.json", [("d", 2, 0.6, 0.3, 1.0)])
+    student_2 = _report(tmp_path / "s2.json", [("d", 2, 1.0, 0.3, 0.0)])
+    rows = plot.main(["--teacher", str(tmp_path / "t.json"), teacher_2, "--reports", f"s={student_path},{student_2}",
+                      "--out", str(out)])
+    # adherence 0.9, 0.8, 0.9, 1.0 against 1.0, 0.8, 0.9, 0.6: means 0.9 and 0.825
+    assert rows["s"]["adherence"][:2] == pytest.approx((0.9, 0.825))
     stray = _report(tmp_path / "x.json", [("z", 9, 0.5, 0.1, 0.0)])
     with pytest.raises(ValueError, match="no teacher video"):
         plot.main(["--teacher", str(tmp_path / "t.json"), "--reports", f"x={stray}", "--out", str(out)])
