@@ -44,9 +44,8 @@ def test_main_command_generates_a_playable_video(tmp_path):
 # 0.83, 0.91, 0.27, 1.0, 1.0, 0.45, 1.0, 1.0 on CPU, mean 0.81, its 48 videos 0.889; with its trained window 30 0.79
 # (0.872 on 48); the call-8 student bundled before it 0.74 on these 8 (0.866 on 48), recipe v1's 0.74 (0.750), run
 # 6's 0.68; a CPU with other vector units may round differently and draw other videos, hence the margin; the floor
-# was 0.65 until session 9). The floor
-# sits far above what blank videos would score on these prompts (only the background right: ~0.11), so a student
-# that draws nothing fails.
+# was 0.65 until session 9). The floor sits far above what blank videos would score on these prompts (only the
+# background right: ~0.11), so a student that draws nothing fails.
 STUDENT_PROMPTS = 8
 ADHERENCE_FLOOR = 0.70
 
