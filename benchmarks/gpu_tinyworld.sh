@@ -64,16 +64,17 @@ distill() {  # $1 = name, remaining = extra flags
 
 sampling_window() {  # $1 = student folder: sample with TinyWorld's global-token count (issue 16, call 13)
   # The ASA students train with Wan's pool window (30: 171 global tokens over TinyWorld's 5,120) and sample better with
-  # window 5, the ~1,100 global tokens BLADE keeps at full size (blade.families.scaled_pool_size(5120)): 192 GPU videos,
+  # window 5, the ~1,100 global tokens BLADE keeps at full size (blade.families.scaled_pool_size): 192 GPU videos,
   # adherence -0.020 -> -0.002 against the teacher, duplicated objects 0.29 -> 0.20 (BENCHMARKS.md, call 13). A student
   # trained with window 5 scored the same adherence with more duplicates (0.25). The trained window stays on record.
   python3 - "$RUN/$1" <<'PY'
 import sys
 from blade.config import BladeConfig
 from blade.families import scaled_pool_size
+from blade.tinyworld.model import VIDEO_TOKENS
 config = BladeConfig.load(sys.argv[1])
 config.extra.setdefault("trained_asa_pool_size", config.asa["pool_size"])
-config.asa["pool_size"] = scaled_pool_size(5120)
+config.asa["pool_size"] = scaled_pool_size(VIDEO_TOKENS)
 print(f"{config.save(sys.argv[1])}: samples with pool window {config.asa['pool_size']}")
 PY
 }

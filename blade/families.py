@@ -219,7 +219,9 @@ REFERENCE_POOL_SIZE = 30
 def scaled_pool_size(tokens: int) -> int:
     """The global-token pool window for a ``tokens``-token video: BLADE's Wan window (30 at 32,760 tokens) scaled
     with the token count, so the number of global tokens (~1,100) and their share of each query's keys stay as
-    tuned. Not measured at other sizes (no GPU session yet): see README's model table."""
+    tuned. Measured on TinyWorld (5,120 tokens): windows 30 / 10 / 5 / 3 at sampling, 5 (this rule's 1,024 global
+    tokens) the best; a student trained with Wan's unscaled 30 reached its teacher on the pooled sets sampled with 5
+    (BENCHMARKS.md, "Study call 13"); not yet measured at full size."""
     return max(1, round(REFERENCE_POOL_SIZE * tokens / REFERENCE_TOKENS))
 
 

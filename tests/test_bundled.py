@@ -40,11 +40,11 @@ def test_main_command_generates_a_playable_video(tmp_path):
 
 # Regression guard for the shipped BLADE student (not a timing): its adherence on the first held-out prompts must
 # stay above a floor set below what it measured (BENCHMARKS.md, TinyWorld Table 1: the study's call-10 ASA student,
-# target CFG 3.5, bundled 2026-12-06, sampling with pool window 5 from session 9 (call 13): these 8 videos scored
+# target CFG 3.5, bundled 2026-12-06, sampling with pool window 5 since study call 13: these 8 videos scored
 # 0.83, 0.91, 0.27, 1.0, 1.0, 0.45, 1.0, 1.0 on CPU, mean 0.81, its 48 videos 0.889; with its trained window 30 0.79
 # (0.872 on 48); the call-8 student bundled before it 0.74 on these 8 (0.866 on 48), recipe v1's 0.74 (0.750), run
 # 6's 0.68; a CPU with other vector units may round differently and draw other videos, hence the margin; the floor
-# was 0.65 until session 9). The floor sits far above what blank videos would score on these prompts (only the
+# was 0.65 before call 13). The floor sits far above what blank videos would score on these prompts (only the
 # background right: ~0.11), so a student that draws nothing fails.
 STUDENT_PROMPTS = 8
 ADHERENCE_FLOOR = 0.70
@@ -56,9 +56,11 @@ def test_bundled_student_samples_with_tinyworld_global_token_count():
     record."""
     from blade.config import BladeConfig
     from blade.families import scaled_pool_size
+    from blade.tinyworld.model import VIDEO_TOKENS
 
     config = BladeConfig.load(bundled_pipeline_path().parent / "blade_lora")
-    assert config.asa["pool_size"] == scaled_pool_size(40 * 128) == 5
+    assert VIDEO_TOKENS == 40 * 128  # 5 latent frames x 32 x 32, patch 1
+    assert config.asa["pool_size"] == scaled_pool_size(VIDEO_TOKENS) == 5
     assert config.extra["trained_asa_pool_size"] == 30
 
 

@@ -152,7 +152,7 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    "enable_asa uses for the model: a published model's window scaled with its default video's tokens, "
                    "e.g. 69 for Wan2.1-14B at 720p, ~1,100 global tokens; else the family's, 30: 171 on TinyWorld's "
                    "5,120). Smaller windows give more global context at more cost (TinyWorld's measurements of the "
-                   "window: BENCHMARKS.md, held-out evaluation). Saved in blade_config.json.")
+                   "window: BENCHMARKS.md, study call 13). Saved in blade_config.json.")
     p.add_argument("--fake_attention", choices=["asa", "dense"], default="asa",
                    help="Attention of the fake score under --use_sparsity: asa = the student's sparse attention (the "
                    "released code copies the sparse student); dense = full attention, so that fake - teacher holds "

@@ -89,6 +89,18 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 64,
 }
 
+
+def _video_tokens() -> int:
+    """Video tokens of one transformer forward at the default size: latent frames x latent side / patch, squared."""
+    frames = (TINYWORLD_DEFAULTS["num_frames"] - 1) // VAE_CONFIG["scale_factor_temporal"] + 1
+    patch_t, patch_h, patch_w = TRANSFORMER_CONFIG["patch_size"]
+    spatial = VAE_CONFIG["scale_factor_spatial"]
+    return (frames // patch_t) * (TINYWORLD_DEFAULTS["height"] // spatial // patch_h) * (
+        TINYWORLD_DEFAULTS["width"] // spatial // patch_w)
+
+
+VIDEO_TOKENS = _video_tokens()  # 5 x 32 x 32 = 5,120: 40 blocks of 128
+
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "prediction_type": "flow_prediction",
