@@ -208,3 +208,30 @@ def test_pool_size_override_sets_the_global_window_and_is_refused_without_asa(tm
     (tmp_path / "report.json").unlink()
     code, report = _run(tmp_path, tmp_path / "no_such_model", "--attention", "dense", "--pool_size", "4")
     assert code == 2 and report is None
+
+
+def test_max_keep_override_clamps_the_prober_and_the_paper_sparsity_subtracts_the_pool(tmp_path, tiny_tinyworld):
+    """``--max_keep`` replaces the prober's upper clamp (min_keep lowered to it), is refused with dense attention or a
+    pinned ``--sparsity`` (which sets both clamps); the report's ``sparsity_paper`` is the paper's
+    ``1 - density - 1/n``, i.e. the block sparsity less the pooled keys' share 1/n, per video."""
+    from blade.tinyworld.evaluate import configure_attention
+
+    pipe = tw.load_pipeline(str(tiny_tinyworld))
+    handle = configure_attention(pipe, "asa", sparsity=None, dense_steps=0, lora_config=None, max_keep=0.01)
+    assert (handle.config.max_keep, handle.config.min_keep) == (0.01, 0.01)
+    for mode, sparsity in (("dense", None), ("asa", 0.75)):
+        with pytest.raises(ValueError, match="max_keep"):
+            configure_attention(pipe, mode, sparsity=sparsity, dense_steps=0, lora_config=None, max_keep=0.5)
+
+    # a clamp below one block keeps exactly one block a row: block sparsity 1 - 1/Nk, Nk an integer
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--max_keep", "0.01", "--pool_size", "4")
+    assert code == 0 and report["settings"]["max_keep_override"] == 0.01
+    video = report["videos"][0]
+    n_k = 1.0 / (1.0 - video["sparsity"])
+    assert n_k >= 2 and n_k == pytest.approx(round(n_k), abs=1e-9)
+    assert video["sparsity_paper"] == pytest.approx(max(0.0, video["sparsity"] - 1.0 / 4))
+    assert report["sparsity_paper"] == pytest.approx(video["sparsity_paper"])
+
+    (tmp_path / "report.json").unlink()
+    code, report = _run(tmp_path, tmp_path / "no_such_model", "--attention", "dense", "--max_keep", "0.2")
+    assert code == 2 and report is None

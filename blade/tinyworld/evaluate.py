@@ -72,19 +72,24 @@ def sampling_settings(
 
 def configure_attention(
     pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None,
-    mask_reuse_steps: int = 1, pool_size: int | None = None,
+    mask_reuse_steps: int = 1, pool_size: int | None = None, max_keep: float | None = None,
 ) -> Any:
     """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense).
 
     ``mask_reuse_steps`` (ASA only): the prober's masks serve that many sampling steps (``ASAHandle``).
     ``pool_size`` (ASA only): the global-token pool window in place of the LoRA's (or the default config's), to ask
-    at inference alone whether a student wants more or less global context than it was distilled with."""
+    at inference alone whether a student wants more or less global context than it was distilled with.
+    ``max_keep`` (ASA only): the prober's largest kept fraction of a query block row in place of the config's, to
+    sample a student sparser (or denser) than it was distilled (min_keep is lowered to it if above)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
     if mode in ("window", "random") and sparsity is None:
         raise ValueError(f"--attention {mode} needs --sparsity")
     if pool_size is not None and mode != "asa":
         raise ValueError(f"--pool_size applies to ASA's global tokens (--attention asa), not {mode}")
+    if max_keep is not None and (mode != "asa" or sparsity is not None):
+        raise ValueError(f"--max_keep is the ASA prober's clamp (--attention asa without --sparsity, which pins both "
+                         f"clamps), not {mode} with sparsity {sparsity}")
     if mode == "dense":
         api.disable_asa(pipe)
         return None
@@ -95,6 +100,8 @@ def configure_attention(
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
     if pool_size is not None:  # after the pinning: asked for, so global tokens even with --sparsity
         config = replace(config, pool_size=pool_size)  # ASAConfig validates it
+    if max_keep is not None:
+        config = replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))  # validated there too
     api.disable_asa(pipe)
     handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
     if mask_reuse_steps != 1:
@@ -166,6 +173,7 @@ def evaluate(
     guidance_2: float | None = None,
     guidance_boundary: float | None = None,
     pool_size: int | None = None,
+    max_keep: float | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
 
@@ -179,6 +187,9 @@ def evaluate(
     if pool_size is not None and (attention not in (None, "asa") or isinstance(pool_size, bool) or pool_size < 1):
         raise ValueError(f"--pool_size is ASA's global-token window, an int >= 1 with --attention asa; got "
                          f"{pool_size!r} with --attention {attention}")
+    if max_keep is not None and (attention not in (None, "asa") or not 0.0 < max_keep <= 1.0):
+        raise ValueError(f"--max_keep is the ASA prober's largest kept fraction, in (0, 1] with --attention asa; got "
+                         f"{max_keep!r} with --attention {attention}")
     if (guidance_2 is None) != (guidance_boundary is None):
         raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
     if guidance_2 is not None and lora:
@@ -215,7 +226,7 @@ def evaluate(
             if dense_key(prompt, seed) not in dense_frames:
                 dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config,
-                        mask_reuse_steps=mask_reuse_steps, pool_size=pool_size)
+                        mask_reuse_steps=mask_reuse_steps, pool_size=pool_size, max_keep=max_keep)
 
     videos = []
     for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
@@ -230,6 +241,8 @@ def evaluate(
             "fidelity": metrics.fidelity_distance(frames, truth, scene),
             "duplicated": score["duplicated"],  # fraction of the prompt's objects drawn more than once (not a check)
             "sparsity": info["sparsity"] if info["sparsity"] is not None else 0.0,
+            # the paper's form, 1 - density - 1/n: the pooled global keys count as attended (0 for dense)
+            "sparsity_paper": (info.get("asa_stats") or {}).get("sparsity_paper", 0.0),
             "seconds": info["timings"]["total_s"],
             "checks": score.get("checks", {}),
             # what the checks measured, per object (fill ratio: the shape cue; area; velocity; colour): why one failed
@@ -251,6 +264,7 @@ def evaluate(
         "stability": summary.get("stability"),
         "fidelity": summary.get("fidelity"),
         "sparsity": summary.get("sparsity"),
+        "sparsity_paper": summary.get("sparsity_paper"),
         "duplicated": summary.get("duplicated"),
     }
     if compare_dense:
@@ -271,6 +285,7 @@ def evaluate(
                 "dense_steps": dense_steps,
                 "mask_reuse_steps": mask_reuse_steps,
                 "pool_size_override": pool_size,
+                "max_keep_override": max_keep,
                 "lora": str(lora) if lora else None,
                 "model": str(model) if model else "bundled",
                 "device": device,
@@ -313,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool_size", type=int, default=None,
                         help="with ASA, the global-token pool window (mean-pooled keys over windows of N tokens) in "
                              "place of the LoRA's or the default config's: a smaller N gives more global tokens")
+    parser.add_argument("--max_keep", type=float, default=None,
+                        help="with ASA, the prober's largest kept fraction of a query block row (e.g. 0.17, the "
+                             "paper's Wan clamp) in place of the LoRA's or the default config's")
     parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -334,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
             dense_steps=args.dense_steps, mask_reuse_steps=args.mask_reuse_steps, compare_dense=args.compare_dense,
             save_videos=args.save_videos, guidance_2=args.guidance_2, guidance_boundary=args.guidance_boundary,
-            pool_size=args.pool_size,
+            pool_size=args.pool_size, max_keep=args.max_keep,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -342,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    shown = {k: report[k] for k in ("adherence", "stability", "fidelity", "sparsity", "psnr", "ssim") if k in report}
+    names = ("adherence", "stability", "fidelity", "sparsity", "sparsity_paper", "psnr", "ssim")
+    shown = {k: report[k] for k in names if k in report}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in shown.items()}))
     return 0
 
