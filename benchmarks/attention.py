@@ -8,7 +8,9 @@ Triton block-sparse kernel at several kept fractions, forward and forward+backwa
 
 Variants of our kernel: "ours" (current launch configs, Triton mask -> list builder), "ours_v1" (the first
 GPU-tuned config set and the torch list builder, kept to make regressions visible), "ours_kernel_only" (the
-forward kernel without the list building).
+forward kernel without the list building), and with `--extra_sets tma tma_ws` "ours_tma" / "ours_tma_ws" (the
+forward through tensor-descriptor (TMA) loads, and with Triton's warp specialization; each checked against flex
+first, its forward+backward timed too: the backward is v2's).
 
 ASA overhead rows, each in ms and % of the dense cuDNN forward of the same shape:
 - prober (the fused Triton prober, what runs on CUDA) and prober_torch (the reference path);
@@ -199,7 +201,7 @@ def fwd_bwd(attn, q, k, v, do, *args, config_set: str | None = None, **kw):
     return run
 
 
-def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -> None:
+def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool, extra_sets=()) -> None:
     (batch, heads, seq, head_dim), grid, n_text, n_layers = SHAPES[name]
     dev = DEVICE
     print(f"\n## {name} [{batch}, {heads}, {seq}, {head_dim}] bf16", flush=True)
@@ -247,6 +249,9 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
         bench.check(f"{name}: bsa (Block-Sparse-Attention) vs flex at 20% (fwd+bwd)", lambda: check_flex20(bsa))
     bench.check(f"{name}: ours vs flex at 20% (fwd+bwd)", check_flex20)
     bench.check(f"{name}: ours vs flex at 20% with {seq // BLOCK} global tokens", check_flex20_global)
+    extras = {f"ours_{cfg}": ours_fn(cfg) for cfg in extra_sets}
+    for label, fn in extras.items():
+        bench.check(f"{name}: {label} vs flex at 20% (fwd+bwd)", lambda fn=fn: check_flex20(fn))
 
     # Dense baselines.
     ref_fwd = None
@@ -270,7 +275,7 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
         mask = random_block_mask(batch, heads, n_blocks, n_blocks, density, dev)
         kept = float(mask.float().mean())
         with torch.no_grad():
-            for label, fn in (("flex", flex), ("ours", ours), ("ours_v1", ours_v1)):
+            for label, fn in (("flex", flex), ("ours", ours), ("ours_v1", ours_v1), *extras.items()):
                 bench.record(name, "fwd", density, label, lambda fn=fn, mask=mask: fn(q, k, v, mask),
                              kept * dense_flops,
                              ref_fwd)
@@ -288,7 +293,7 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool) -
                              kept * dense_flops, ref_fwd)
         if with_bwd:
             for label, fn, cfg in (("flex", flex, None), ("ours", ours, None), ("ours_v1", ours, "v1"),
-                                   ("bsa", bsa, None)):
+                                   ("bsa", bsa, None), *((label, ours, label[5:]) for label in extras)):
                 if fn is None:
                     continue
                 bench.record(name, "fwd+bwd", density, label, fwd_bwd(fn, qg, kg, vg, do, mask, config_set=cfg),
@@ -451,6 +456,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="stop timing new points after this")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the prober")
+    parser.add_argument("--extra_sets", nargs="*", default=[], choices=["tma", "tma_ws"],
+                        help="also time our kernel with these launch-configuration sets (rows ours_<set>)")
     args = parser.parse_args()
     global PROFILE_PROBER
     PROFILE_PROBER = args.profile
@@ -465,7 +472,7 @@ def main() -> None:
     bench = Bench(args.budget_s)
     for name in shapes:
         try:
-            run_shape(bench, name, densities, with_bwd=not args.no_backward)
+            run_shape(bench, name, densities, with_bwd=not args.no_backward, extra_sets=args.extra_sets)
         except Exception as err:  # noqa: BLE001
             print(f"[FAIL] shape {name}: {err!r}", flush=True)
             traceback.print_exc()
@@ -475,13 +482,19 @@ def main() -> None:
     print("\n" + markdown(bench))
     configs = tuned_configs()
     print("\nautotuned configs:", json.dumps(configs, indent=1))
+    from blade.attention.kernels import triton_bsa
+
+    tma_failed = dict(triton_bsa._TMA_FAILED)  # a set listed here timed the pointer kernel (its fallback)
+    if tma_failed:
+        print("TMA forward fell back to the pointer kernel for:", json.dumps(tma_failed, indent=1))
     failed = [c["check"] for c in bench.checks if not c.get("ok")]
     print(f"\ncorrectness checks: {len(bench.checks) - len(failed)}/{len(bench.checks)} OK" +
           (f"; FAILED: {failed}" if failed else ""))
     print(f"total wall time: {time.time() - bench.start:.1f} s")
     if args.out:
         payload = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=bench.rows, checks=bench.checks, autotuned=configs)
+                       rows=bench.rows, checks=bench.checks, autotuned=configs,
+                       tma_failed=tma_failed)
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"wrote {args.out}")

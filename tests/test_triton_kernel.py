@@ -272,3 +272,65 @@ def test_gpu_gradients_bf16(head_dim):
     _assert_close(out, ref, 2e-2, "out")
     for grad, ref_grad, what in zip(grads, ref_grads, ["dq", "dk", "dv", "dgk", "dgv"]):
         _assert_close(grad, ref_grad, 3e-2, what)
+
+
+@pytest.mark.parametrize("name", ["ragged_perhead", "lq_ne_lk_global_bias_bcast_batch",
+                                  "subtiles_block128_two_global_tiles"])
+@pytest.mark.parametrize("layout", ["contiguous", "diffusers_view"])
+def test_tma_forward_matches_float64_reference_and_the_pointer_kernel(name, layout, monkeypatch):
+    """The "tma" config set reads q, k, v and the global tokens through tensor descriptors (zero rows past the end,
+    masked scores): same float64-reference accuracy, and the same output and LSE as the pointer kernel, on a
+    contiguous [B, H, L, D] and on the [B, L, H, D].transpose(1, 2) view the attention processors pass."""
+    q, k, v, mask, globals_ = _random_case(*CASES[name])
+    block_size = CASES[name][5]
+    if layout == "diffusers_view":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    calls = []
+    original = triton_bsa._forward_tma
+    monkeypatch.setattr(triton_bsa, "_forward_tma", lambda *a: calls.append(1) or original(*a))
+    with triton_bsa.config_set("tma"):
+        out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    assert calls and "tma" not in triton_bsa._TMA_FAILED  # the descriptor kernel ran, no fallback
+    ref = dense_reference(q, k, v, mask, block_size, **globals_)
+    _assert_close(out, ref, _tolerance(q.dtype), "out")
+    pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    torch.testing.assert_close(out, pointer, rtol=0, atol=1e-6)
+
+
+def test_tma_forward_falls_back_to_pointers_on_misaligned_tensors(monkeypatch):
+    """A base address off TMA's 16-byte rule (a storage offset of one element) takes the pointer kernel, right."""
+    q, k, v, mask, globals_ = _random_case(*CASES["even_lengths"])
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view(q.shape)
+    shifted.copy_(q)
+    assert not triton_bsa._tma_ready(shifted, k, v) and triton_bsa._tma_ready(q, k, v)
+    monkeypatch.setattr(triton_bsa, "_forward_tma", lambda *a: pytest.fail("the TMA path took a misaligned q"))
+    with triton_bsa.config_set("tma"):
+        out = triton_bsa.triton_block_sparse_attention(shifted, k, v, mask, block_size=CASES["even_lengths"][5])
+    _assert_close(out, dense_reference(q, k, v, mask, CASES["even_lengths"][5]), _tolerance(q.dtype), "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["tma", "tma_ws"])
+@pytest.mark.parametrize("shape", [(1, 12, 32760, 128), (2, 48, 17776, 64)])
+def test_gpu_tma_forward_full_size_bf16(shape, config):
+    """The descriptor (TMA) forward at full size, with global tokens and a ragged tail, against fp32 rows and the
+    pointer kernel. "tma" must run without falling back; "tma_ws" (Triton's warp specialization, experimental on
+    Hopper) is skipped, with the compiler's error, when it does not compile here."""
+    batch, heads, seq, head_dim = shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    n = math.ceil(seq / 128)
+    mask = torch.rand(batch, heads, n, n, device="cuda") < 0.2
+    gk, gv = (torch.randn(batch, heads, 256, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.full((256,), math.log(128.0), device="cuda")
+    with triton_bsa.config_set(config):
+        out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
+    if config in triton_bsa._TMA_FAILED:
+        assert config == "tma_ws", triton_bsa._TMA_FAILED[config]
+        pytest.skip(f"warp specialization does not compile here: {triton_bsa._TMA_FAILED[config][:300]}")
+    q_blocks = [0, 7, n // 2, n - 1]
+    rows, ref = _sampled_rows_reference(q, k, v, mask, 128, q_blocks, gk, gv, bias)
+    _assert_close(out[:, :, rows], ref, 2e-2, "out")
+    pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
+    _assert_close(out, pointer.double(), 1e-2, "tma vs pointer kernel")

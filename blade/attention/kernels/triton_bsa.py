@@ -44,9 +44,14 @@ try:
     import triton.language as tl
 
     _TRITON_IMPORT_ERROR: Optional[BaseException] = None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - Triton < 3.4: the TMA config sets use the pointer kernel
+        TensorDescriptor = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    TensorDescriptor = None
     _TRITON_IMPORT_ERROR = exc
 
 __all__ = [
@@ -186,6 +191,35 @@ if triton is not None:
         tl.store(COUNT + row, count)
 
     @triton.jit
+    def _softmax_step(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k,
+        v,
+        cols,
+        n_limit,
+        bias_ptr,
+        qk_scale,
+        MASK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One [BLOCK_M, BLOCK_N] step of the online softmax (exp2 domain) on loaded k, v ``[BLOCK_N, D]``."""
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + cols, mask=cols < n_limit, other=0.0)[None, :]
+        if MASK_N:
+            s = tl.where(cols[None, :] < n_limit, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _fwd_tile(
         acc,
         m_i,
@@ -205,7 +239,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        """One [BLOCK_M, BLOCK_N] step of the online softmax (exp2 domain)."""
+        """Load one kv tile through pointers, then `_softmax_step`."""
         cols = start_n + offs_n
         k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_kl + offs_d[None, :]
         v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vl + offs_d[None, :]
@@ -215,17 +249,38 @@ if triton is not None:
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_BIAS:
-            s += tl.load(bias_ptr + cols, mask=cols < n_limit, other=0.0)[None, :]
-        if MASK_N:
-            s = tl.where(cols[None, :] < n_limit, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        return acc, m_new, l_i
+        return _softmax_step(
+            acc, m_i, l_i, q, k, v, cols, n_limit, bias_ptr, qk_scale, MASK_N, HAS_BIAS, DOT_PRECISION
+        )
+
+    @triton.jit
+    def _fwd_tile_tma(
+        acc,
+        m_i,
+        l_i,
+        q,
+        desc_k,
+        desc_v,
+        b,
+        h,
+        start_n,
+        n_limit,
+        bias_ptr,
+        qk_scale,
+        offs_n,
+        MASK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+    ):
+        """Load one kv tile through tensor descriptors (TMA on Hopper; rows past the end arrive as zeros, so only
+        the scores need the mask), then `_softmax_step`."""
+        k = desc_k.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        return _softmax_step(
+            acc, m_i, l_i, q, k, v, start_n + offs_n, n_limit, bias_ptr, qk_scale, MASK_N, HAS_BIAS, DOT_PRECISION
+        )
 
     @triton.jit
     def _bsa_fwd_kernel(
@@ -378,6 +433,102 @@ if triton is not None:
         # +inf LSE makes every probability of an empty row exactly 0 in the backward.
         lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
         o_ptrs = OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
+        tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
+
+    @triton.jit
+    def _bsa_fwd_tma_kernel(
+        desc_q,
+        desc_k,
+        desc_v,
+        desc_gk,
+        desc_gv,
+        OUT,
+        LSE,
+        GBIAS,
+        KV_COUNT,
+        KV_INDEX,
+        ROW_ORDER,
+        so_b,
+        so_h,
+        so_l,
+        num_heads,
+        seq_q,
+        seq_k,
+        num_global,
+        lse_stride,
+        n_q_blocks,
+        n_k_blocks,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        MASK_BLOCK: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        HAS_GLOBAL: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """`_bsa_fwd_kernel` with q, k, v and the global tokens read through 4-D tensor descriptors ``[B, H, L, D]``
+        (TMA loads on Hopper instead of per-thread pointer loads: the profile's MIO-throttle and long-scoreboard
+        stalls), and optionally Triton's warp specialization of the kept-block loop (a producer partition issuing
+        the loads while consumers compute). Same programs, launch order, results and LSE as the pointer kernel."""
+        SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
+        SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
+        pid = tl.program_id(0)
+        row = tl.load(ROW_ORDER + pid // SUB_M)
+        bh = row // n_q_blocks
+        q_block = row % n_q_blocks
+        b = bh // num_heads
+        h = bh % num_heads
+
+        start_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        count = tl.load(KV_COUNT + row)
+        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
+        n_full = count
+        if not EVEN_K:
+            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            has_tail = (count > 0) & (last == n_k_blocks - 1)
+            n_full = count - has_tail.to(tl.int32)
+        for t in tl.range(0, n_full * SUB_N, warp_specialize=WARP_SPECIALIZE):
+            k_block = tl.load(idx_ptr + t // SUB_N)
+            start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
+            acc, m_i, l_i = _fwd_tile_tma(
+                acc, m_i, l_i, q, desc_k, desc_v, b, h, start_n, seq_k, GBIAS, qk_scale, offs_n,
+                False, False, DOT_PRECISION, BLOCK_N, HEAD_DIM,
+            )
+        if not EVEN_K:
+            if has_tail:
+                for start_n in range((n_k_blocks - 1) * MASK_BLOCK, seq_k, BLOCK_N):
+                    acc, m_i, l_i = _fwd_tile_tma(
+                        acc, m_i, l_i, q, desc_k, desc_v, b, h, start_n, seq_k, GBIAS, qk_scale, offs_n,
+                        True, False, DOT_PRECISION, BLOCK_N, HEAD_DIM,
+                    )
+        if HAS_GLOBAL:
+            for start_n in range(0, num_global, BLOCK_N):
+                acc, m_i, l_i = _fwd_tile_tma(
+                    acc, m_i, l_i, q, desc_gk, desc_gv, b, h, start_n, num_global, GBIAS, qk_scale, offs_n,
+                    True, HAS_BIAS, DOT_PRECISION, BLOCK_N, HEAD_DIM,
+                )
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        o_ptrs = (
+            OUT + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m[:, None].to(tl.int64) * so_l
+            + offs_d[None, :]
+        )
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
         tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
 
@@ -920,6 +1071,18 @@ _CONFIG_SETS = {
         lists="triton",
     ),
 }
+# "tma": v2 with the forward's loads through tensor descriptors (`_bsa_fwd_tma_kernel`, Hopper TMA) where the
+# layouts allow it (16-byte aligned base and strides; else v2's pointer kernel); "tma_ws": the same with Triton's
+# warp specialization of the kept-block loop. Tuples of the TMA forward: (BLOCK_M, BLOCK_N, warps, stages, WS).
+_CONFIG_SETS["tma"] = dict(
+    _CONFIG_SETS["v2"],
+    fwd_tma=[(128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
+             (128, 128, 4, 3, False)],
+)
+_CONFIG_SETS["tma_ws"] = dict(
+    _CONFIG_SETS["v2"],
+    fwd_tma=[(128, 128, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
+)
 _ACTIVE = ["v2"]
 # Rows wider than this fall back to the torch list builder (the Triton one holds a whole row in registers).
 _MAX_LIST_COLS = 8192
@@ -957,28 +1120,40 @@ def _interpret_tiles(block_size: int) -> tuple[int, int]:
     return tile, tile
 
 
-def _autotuned(name: str, kernel, configs, block_size: int):
-    """An autotuner over `configs` restricted to tiles that divide the mask block, cached per (set, kernel, block)."""
+def _autotuned(name: str, kernel, configs, block_size: int, pre_hook=None):
+    """An autotuner over `configs` restricted to tiles that divide the mask block, cached per (set, kernel, block).
+    A config is (BLOCK_M, BLOCK_N, num_warps, num_stages[, WARP_SPECIALIZE])."""
     key = (_ACTIVE[0], name, block_size)
     if key not in _TUNED:
         fitting = [c for c in configs if c[0] <= block_size and c[1] <= block_size]
         if not fitting:
-            fitting = [(min(block_size, c[0]), min(block_size, c[1]), c[2], c[3]) for c in configs[:1]]
+            fitting = [(min(block_size, c[0]), min(block_size, c[1]), *c[2:]) for c in configs[:1]]
         tconfigs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in fitting
+            triton.Config(_config_kwargs(c), num_warps=c[2], num_stages=c[3], pre_hook=pre_hook) for c in fitting
         ]
         _TUNED[key] = triton.autotune(configs=tconfigs, key=["HEAD_DIM", "MASK_BLOCK"])(kernel)
     return _TUNED[key]
 
 
-def _launch(name: str, kernel, block_size: int, grid_fn, args: tuple, meta: dict) -> None:
-    """Launch with a fixed config in the interpreter, one autotuned over the active set's configs on the GPU."""
+def _config_kwargs(config: tuple) -> dict:
+    kwargs = {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+    if len(config) > 4:
+        kwargs["WARP_SPECIALIZE"] = config[4]
+    return kwargs
+
+
+def _launch(name: str, kernel, block_size: int, grid_fn, args: tuple, meta: dict, pre_hook=None) -> None:
+    """Launch with a fixed config in the interpreter, one autotuned over the active set's configs on the GPU.
+    ``pre_hook(meta)`` sees the chosen config's BLOCK_M / BLOCK_N (the TMA kernels size their descriptors there)."""
     configs = _CONFIG_SETS[_ACTIVE[0]][name]
     if _interpreting():
         bm, bn = _interpret_tiles(block_size)
-        kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
+        chosen = {**_config_kwargs((bm, bn, *configs[0][2:])), **meta}
+        if pre_hook is not None:
+            pre_hook(chosen)
+        kernel[grid_fn(chosen)](*args, **chosen)
     else:
-        _autotuned(name, kernel, configs, block_size)[grid_fn](*args, **meta)
+        _autotuned(name, kernel, configs, block_size, pre_hook)[grid_fn](*args, **meta)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -1018,6 +1193,7 @@ def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_lo
 
     n_rows = batch * heads * n_q_blocks
     grid = lambda meta: (n_rows * (block_size // meta["BLOCK_M"]),)
+    sizes = (heads, seq_q, seq_k, num_global, lse_stride, n_q_blocks, n_k_blocks, scale * _LOG2E)
     args = (
         q,
         k,
@@ -1036,14 +1212,7 @@ def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_lo
         *_strides(out),
         *sgk,
         *sgv,
-        heads,
-        seq_q,
-        seq_k,
-        num_global,
-        lse_stride,
-        n_q_blocks,
-        n_k_blocks,
-        scale * _LOG2E,
+        *sizes,
     )
     meta = dict(
         HEAD_DIM=head_dim,
@@ -1053,8 +1222,55 @@ def _forward(q, k, v, kv_count, kv_index, row_order, global_k, global_v, bias_lo
         HAS_BIAS=bias_log2 is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
+    if _CONFIG_SETS[_ACTIVE[0]].get("fwd_tma") and _tma_ready(q, k, v, global_k, global_v):
+        try:
+            _forward_tma(q, k, v, out, lse, gbias, kv_count, kv_index, row_order, global_k, global_v, grid, sizes,
+                         meta)
+            return out, lse
+        except Exception as err:  # a compiler problem must not take attention down: warn once, pointer kernel after
+            _TMA_FAILED[_ACTIVE[0]] = repr(err)
+            warnings.warn(f"TMA forward ({_ACTIVE[0]}) failed ({err!r}); using the pointer kernel", stacklevel=2)
     _launch("fwd", _bsa_fwd_kernel, block_size, grid, args, meta)
     return out, lse
+
+
+# Config sets whose TMA forward failed to compile or launch (name -> error): they use the pointer kernel from then on.
+_TMA_FAILED: dict = {}
+
+
+def _tma_ready(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether tensor descriptors can read these ``[B, H, L, D]`` tensors: Triton has them, the GPU is Hopper or
+    newer (or the CPU interpreter runs), no earlier TMA launch of the active set failed, and every base address and
+    outer stride is 16-byte aligned with a unit last stride (TMA's rule)."""
+    present = [t for t in tensors if t is not None]
+    if TensorDescriptor is None or _ACTIVE[0] in _TMA_FAILED:
+        return False
+    if not _interpreting() and not (present[0].is_cuda and torch.cuda.get_device_capability(present[0].device)[0] >= 9):
+        return False
+    return all(
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all((stride * t.element_size()) % 16 == 0 for stride in t.stride()[:-1])
+        for t in present
+    )
+
+
+def _forward_tma(q, k, v, out, lse, gbias, kv_count, kv_index, row_order, global_k, global_v, grid, sizes, meta):
+    """`_bsa_fwd_tma_kernel` on descriptors of q, k, v (and the global tokens; k's stand in when there are none),
+    their block shapes set per launch configuration. ``grid``, ``sizes``, ``meta``: the pointer kernel's."""
+    head_dim = q.shape[-1]
+    describe = lambda t: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
+    descs = {"desc_q": describe(q), "desc_k": describe(k), "desc_v": describe(v)}
+    descs["desc_gk"] = describe(global_k) if global_k is not None else descs["desc_k"]
+    descs["desc_gv"] = describe(global_v) if global_v is not None else descs["desc_v"]
+
+    def block_shapes(nargs: dict) -> None:
+        for name, desc in descs.items():
+            rows = nargs["BLOCK_M"] if name == "desc_q" else nargs["BLOCK_N"]
+            desc.block_shape = [1, 1, rows, head_dim]
+
+    tma_args = (*descs.values(), out, lse, gbias, kv_count, kv_index, row_order, *_strides(out), *sizes)
+    _launch("fwd_tma", _bsa_fwd_tma_kernel, meta["MASK_BLOCK"], grid, tma_args, meta, pre_hook=block_shapes)
 
 
 def _backward(
