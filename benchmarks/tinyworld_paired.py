@@ -7,8 +7,10 @@ video is compared with the teacher's video of the same prompt and seed (same ini
 the per-video differences cancel what a prompt or a noise makes easy or hard. For each student it prints mean
 adherence and fidelity distance beside the teacher's on the same videos, the paired mean difference of adherence
 with its standard error (sample standard deviation / sqrt(n)), the fidelity ratio, and the target of issue 16:
-adherence >= teacher - 0.02 and fidelity <= 1.2 x the teacher's, on those videos. A student video without a teacher
-video is an error (the comparison would silently shrink).
+adherence >= teacher - 0.02 and fidelity <= 1.2 x the teacher's, on those videos, beside the student's mean sparsity
+in both forms (block: 1 - kept blocks / all; the paper's: 1 - density - 1/n, the pooled global keys counted as
+attended; "-" for reports written before they were recorded). A student video without a teacher video is an error
+(the comparison would silently shrink).
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def compare(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int],
         "fidelity": avg(student, "fidelity"),
         "teacher_fidelity": avg(teacher, "fidelity"),
     }
-    dup = [student[k].get("duplicated") for k in keys]
-    if all(d is not None for d in dup):
-        out["duplicated"] = sum(dup) / n
+    for field in ("duplicated", "sparsity", "sparsity_paper"):  # absent from older reports: left out
+        values = [student[k].get(field) for k in keys]
+        if all(v is not None for v in values):
+            out[field] = sum(values) / n
     out["fidelity_ratio"] = out["fidelity"] / out["teacher_fidelity"]
     out["adherence_line"] = out["teacher_adherence"] - ADHERENCE_MARGIN
     out["fidelity_line"] = FIDELITY_RATIO * out["teacher_fidelity"]
@@ -93,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_videos(args.teacher)
     results = {}
     print("| student | videos | adherence (teacher) | paired vs teacher | fidelity (teacher, ratio) | duplicated "
-          "| target |")
-    print("|---|---|---|---|---|---|---|")
+          "| sparsity (block / paper) | target |")
+    print("|---|---|---|---|---|---|---|---|")
     for spec in args.student:
         name, _, paths = spec.partition("=")
         if not paths:
@@ -104,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{what} by {gap:.4f}" for what, gap, ok in (
                 ("adherence", r["adherence_line"] - r["adherence"], r["adherence_met"]),
                 ("fidelity", r["fidelity"] - r["fidelity_line"], r["fidelity_met"])) if not ok)
-        dup = f"{r['duplicated']:.3f}" if "duplicated" in r else "-"
+        shown = lambda field, r=r: f"{r[field]:.3f}" if field in r else "-"
         print(f"| {name} | {r['videos']} | {r['adherence']:.4f} ({r['teacher_adherence']:.4f}) | "
               f"{r['paired_difference']:+.3f} +- {r['paired_standard_error']:.3f} | {r['fidelity']:.4f} "
-              f"({r['teacher_fidelity']:.4f}, {r['fidelity_ratio']:.3f}x) | {dup} | {verdict} |")
+              f"({r['teacher_fidelity']:.4f}, {r['fidelity_ratio']:.3f}x) | {shown('duplicated')} | "
+              f"{shown('sparsity')} / {shown('sparsity_paper')} | {verdict} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -71,3 +71,20 @@ def test_paired_difference_of_any_field_and_the_chart_script(tmp_path):
     stray = _report(tmp_path / "x.json", [("z", 9, 0.5, 0.1, 0.0)])
     with pytest.raises(ValueError, match="no teacher video"):
         plot.main(["--teacher", str(tmp_path / "t.json"), "--reports", f"x={stray}", "--out", str(out)])
+
+
+def test_sparsity_columns_are_per_video_means_and_absent_from_older_reports(tmp_path, capsys):
+    """Block and paper sparsity are averaged over the paired videos (by hand); a report without them shows '-'."""
+    teacher = _report(tmp_path / "t.json", [("a", 1, 1.0, 0.1, 0.0), ("b", 1, 1.0, 0.1, 0.0)])
+    videos = [{"prompt": "a", "seed": 1, "adherence": 1.0, "fidelity": 0.1, "sparsity": 0.80, "sparsity_paper": 0.76},
+              {"prompt": "b", "seed": 1, "adherence": 1.0, "fidelity": 0.1, "sparsity": 0.70, "sparsity_paper": 0.50}]
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"videos": videos}))
+    old = _report(tmp_path / "old.json", [("a", 1, 1.0, 0.1, 0.0)])
+    out = tmp_path / "r.json"
+    assert paired.main(["--teacher", teacher, "--student", f"new={new}", f"old={old}", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["new"]["sparsity"] == pytest.approx(0.75) and r["new"]["sparsity_paper"] == pytest.approx(0.63)
+    assert "sparsity" not in r["old"]
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 0.750 / 0.630 |" in lines[2] and "| - / - |" in lines[3]
