@@ -9,6 +9,7 @@ sidecar `NNN_slug.json` (settings, realized sparsity, per-stage timings, version
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from blade.attention.asa import ASAConfig
 from blade.config import BladeConfig
 from blade.families import ModelSpec, get_family, video_defaults
 from blade.pipelines.hints import (
@@ -175,6 +177,22 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "BENCHMARKS.md, 'Mask reuse', measures what 2 costs on TinyWorld) (default: 1)",
     )
     p.add_argument(
+        "--asa_max_keep",
+        type=float,
+        default=None,
+        help="with ASA, the prober's largest kept fraction of a query block row, in place of the LoRA's (or the "
+        "default) config (its min_keep lowered to it if above); with --asa_pool_size it picks the operating "
+        "point, e.g. 0.20 with 30 samples the bundled TinyWorld student at the paper's sparsity "
+        "1 - density - 1/n = 0.77 (BENCHMARKS.md, 'Session 10') (default: the config's)",
+    )
+    p.add_argument(
+        "--asa_pool_size",
+        type=int,
+        default=None,
+        help="with ASA, the global-token pool window (mean-pooled keys over N tokens; a smaller N gives more global "
+        "tokens and a lower paper sparsity) in place of the config's (default: the config's)",
+    )
+    p.add_argument(
         "--gpu", type=int, default=0, help="CUDA device index; -1 (or no CUDA available) runs on the CPU (default: 0)"
     )
     p.add_argument(
@@ -276,6 +294,7 @@ class Job:
     attention: str  # "asa" | "dense"
     dense_steps: int
     mask_reuse_steps: int  # sampling steps one ASA prober mask serves (1: fresh every step)
+    asa_overrides: dict[str, Any]  # ASAConfig fields replaced at sampling (--asa_max_keep, --asa_pool_size)
     lora_file: Path | None
     blade_config: BladeConfig | None
     pipeline_kwargs: dict[str, Any]
@@ -481,6 +500,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     if args.mask_reuse_steps > 1 and attention != "asa":
         raise CLIError("--mask_reuse_steps reuses the ASA prober's masks; this run's attention is dense "
                        "(pass --attention asa, or drop --mask_reuse_steps)")
+    asa_overrides = _asa_overrides(args, attention)
     _check_speed_flags(args)
 
     world, rank = 1, 0
@@ -515,6 +535,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         attention=attention,
         dense_steps=dense_steps,
         mask_reuse_steps=args.mask_reuse_steps,
+        asa_overrides=asa_overrides,
         lora_file=lora_file,
         blade_config=blade_config,
         pipeline_kwargs=pipeline_kwargs,
@@ -522,6 +543,22 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         world=world,
         rank=rank,
     )
+
+
+def _asa_overrides(args: argparse.Namespace, attention: str) -> dict[str, Any]:
+    """The ASAConfig fields --asa_max_keep / --asa_pool_size replace, checked before any weights load."""
+    overrides = {name: value for name, value in (("max_keep", args.asa_max_keep), ("pool_size", args.asa_pool_size))
+                 if value is not None}
+    if not overrides:
+        return {}
+    if attention != "asa":
+        raise CLIError(f"--asa_max_keep / --asa_pool_size set the ASA prober and its global tokens; this run's "
+                       f"attention is {attention} (pass --attention asa, or drop them)")
+    try:  # the config's own range checks, on its defaults (min_keep lowered to a smaller clamp, as when applied)
+        ASAConfig(**overrides, min_keep=min(ASAConfig().min_keep, overrides.get("max_keep", 1.0)))
+    except ValueError as err:
+        raise CLIError(f"--asa_max_keep / --asa_pool_size: {err}") from None
+    return overrides
 
 
 def _check_context_parallel(family: str, model_path: Path, num_frames: int, height: int, width: int) -> tuple[int, int]:
@@ -570,8 +607,15 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
             _warn(f"no blade_config.json beside {job.lora_file} (--lora_without_config): sampling with "
                   f"{type(pipe.scheduler).__name__}, {job.steps} steps, {job.attention} attention")
     if job.attention == "asa":
-        handle = enable_asa(pipe, job.blade_config.asa_config() if job.blade_config else None,
-                            dense_steps=job.dense_steps)
+        config = job.blade_config.asa_config() if job.blade_config else None
+        if job.asa_overrides:
+            from blade.models import default_pipeline_asa_config
+
+            base = config or default_pipeline_asa_config(pipe) or get_family(job.family).adapter().default_asa_config()
+            # a clamp below the config's min_keep lowers min_keep with it
+            min_keep = min(base.min_keep, job.asa_overrides.get("max_keep", base.min_keep))
+            config = dataclasses.replace(base, **job.asa_overrides, min_keep=min_keep)
+        handle = enable_asa(pipe, config, dense_steps=job.dense_steps)
         handle.mask_reuse_steps = job.mask_reuse_steps
     if job.world > 1:
         from blade.families import pipeline_experts
@@ -714,6 +758,7 @@ def _run(job: Job, args: argparse.Namespace) -> None:
             "attention": job.attention,
             "dense_steps": job.dense_steps if job.attention == "asa" else None,
             "mask_reuse_steps": job.mask_reuse_steps if job.attention == "asa" else None,
+            "asa_overrides": job.asa_overrides or None,  # --asa_max_keep / --asa_pool_size over blade_config's
             "sparsity": info["sparsity"],
             "asa_stats": info["asa_stats"],
             "timings": info["timings"],

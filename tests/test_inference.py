@@ -304,6 +304,10 @@ def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "mask reuse below 1": ([*wan, "--mask_reuse_steps", "0"], "--mask_reuse_steps must be >= 1"),
         "mask reuse with dense attention": ([*wan, "--attention", "dense", "--mask_reuse_steps", "2"],
                                             "reuses the ASA prober's masks"),
+        "asa clamp with dense attention": ([*wan, "--attention", "dense", "--asa_max_keep", "0.2"],
+                                           "set the ASA prober"),
+        "asa pool window 0": ([*wan, "--attention", "asa", "--asa_pool_size", "0"], "pool_size must be"),
+        "asa clamp above 1": ([*wan, "--attention", "asa", "--asa_max_keep", "1.5"], "max_keep"),
     }
 
 
@@ -321,6 +325,23 @@ def test_bad_inputs_exit_2_and_write_nothing(assets, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (name, err)
         assert _tree(out_dir) == before, name
+
+
+def test_asa_overrides_set_the_clamp_and_the_global_window_of_the_loras_config(assets, tmp_path):
+    """--asa_max_keep below one block keeps exactly one block a row (block sparsity 1 - 1/Nk, Nk an integer) and
+    --asa_pool_size 4 makes the paper's sparsity the block sparsity less 1/4; the sidecar records both overrides,
+    and the LoRA's other ASA fields (its threshold) stay."""
+    wan_script = _load_script(WAN_SCRIPT)
+    out_dir = tmp_path / "out"
+    argv = ["--model_path", str(assets["wan"]), "--lora_path", str(assets["wan_lora"]), "--prompt", "a red ball",
+            *WAN_SIZE, "--output_dir", str(out_dir), "--asa_max_keep", "0.01", "--asa_pool_size", "4"]
+    assert wan_script.main(wan_script.SPEC, argv) == 0
+    sidecar = json.loads(next(out_dir.glob("*.json")).read_text())
+    assert sidecar["asa_overrides"] == {"max_keep": 0.01, "pool_size": 4}  # the LoRA's min_keep 0.3 lowered too
+    n_k = 1.0 / (1.0 - sidecar["sparsity"])
+    assert n_k >= 2 and n_k == pytest.approx(round(n_k), abs=1e-9)
+    assert sidecar["asa_stats"]["sparsity_paper"] == pytest.approx(max(0.0, sidecar["sparsity"] - 0.25))
+    assert sidecar["blade_config"]["asa"]["threshold"] == ASA["threshold"]
 
 
 def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monkeypatch, capsys):
