@@ -334,3 +334,20 @@ def test_gpu_tma_forward_full_size_bf16(shape, config):
     _assert_close(out[:, :, rows], ref, 2e-2, "out")
     pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
     _assert_close(out, pointer.double(), 1e-2, "tma vs pointer kernel")
+
+
+def test_tma_pre_hook_sizes_the_launchs_own_descriptors():
+    """The autotuner is cached per config set and keeps the pre-hook of its first launch, so the hook must size the
+    descriptors it is handed (this launch's, by argument name), not ones captured earlier: q gets BLOCK_M rows, the
+    others BLOCK_N, every block [1, 1, rows, D]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def descs():
+        t = torch.zeros(1, 2, 64, 32)
+        return {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 32])
+                for name in ("desc_q", "desc_k", "desc_v", "desc_gk", "desc_gv")}
+
+    first, second = descs(), descs()
+    triton_bsa._tma_block_shapes({**second, "BLOCK_M": 64, "BLOCK_N": 32, "HEAD_DIM": 32})
+    assert [list(d.block_shape) for d in second.values()] == [[1, 1, 64, 32]] + [[1, 1, 32, 32]] * 4
+    assert all(list(d.block_shape) == [1, 1, 16, 32] for d in first.values())

@@ -1144,13 +1144,15 @@ def _config_kwargs(config: tuple) -> dict:
 
 def _launch(name: str, kernel, block_size: int, grid_fn, args: tuple, meta: dict, pre_hook=None) -> None:
     """Launch with a fixed config in the interpreter, one autotuned over the active set's configs on the GPU.
-    ``pre_hook(meta)`` sees the chosen config's BLOCK_M / BLOCK_N (the TMA kernels size their descriptors there)."""
+    ``pre_hook(nargs)`` gets this launch's arguments by name plus the chosen config's BLOCK_M / BLOCK_N (the TMA
+    kernel sizes its descriptors there). It must read the launch's tensors from ``nargs``, never from a closure: the
+    autotuner, cached per set and kernel, keeps the hook of its first launch for every later one."""
     configs = _CONFIG_SETS[_ACTIVE[0]][name]
     if _interpreting():
         bm, bn = _interpret_tiles(block_size)
         chosen = {**_config_kwargs((bm, bn, *configs[0][2:])), **meta}
-        if pre_hook is not None:
-            pre_hook(chosen)
+        if pre_hook is not None:  # called as Triton's autotuner calls it: every argument by name, and the config
+            pre_hook({**dict(zip(kernel.arg_names, args)), **chosen})
         kernel[grid_fn(chosen)](*args, **chosen)
     else:
         _autotuned(name, kernel, configs, block_size, pre_hook)[grid_fn](*args, **meta)
@@ -1260,17 +1262,19 @@ def _forward_tma(q, k, v, out, lse, gbias, kv_count, kv_index, row_order, global
     their block shapes set per launch configuration. ``grid``, ``sizes``, ``meta``: the pointer kernel's."""
     head_dim = q.shape[-1]
     describe = lambda t: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
-    descs = {"desc_q": describe(q), "desc_k": describe(k), "desc_v": describe(v)}
-    descs["desc_gk"] = describe(global_k) if global_k is not None else descs["desc_k"]
-    descs["desc_gv"] = describe(global_v) if global_v is not None else descs["desc_v"]
+    descs = [describe(q), describe(k), describe(v)]
+    descs += [describe(global_k) if global_k is not None else descs[1]]
+    descs += [describe(global_v) if global_v is not None else descs[2]]
+    tma_args = (*descs, out, lse, gbias, kv_count, kv_index, row_order, *_strides(out), *sizes)
+    _launch("fwd_tma", _bsa_fwd_tma_kernel, meta["MASK_BLOCK"], grid, tma_args, meta, pre_hook=_tma_block_shapes)
 
-    def block_shapes(nargs: dict) -> None:
-        for name, desc in descs.items():
-            rows = nargs["BLOCK_M"] if name == "desc_q" else nargs["BLOCK_N"]
-            desc.block_shape = [1, 1, rows, head_dim]
 
-    tma_args = (*descs.values(), out, lse, gbias, kv_count, kv_index, row_order, *_strides(out), *sizes)
-    _launch("fwd_tma", _bsa_fwd_tma_kernel, meta["MASK_BLOCK"], grid, tma_args, meta, pre_hook=block_shapes)
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook of `_bsa_fwd_tma_kernel`: its descriptors' blocks ``[1, 1, rows, D]`` for the config, q's
+    ``BLOCK_M`` rows, the others' ``BLOCK_N``; from ``nargs`` (this launch's descriptors, see `_launch`)."""
+    for name in ("desc_q", "desc_k", "desc_v", "desc_gk", "desc_gv"):
+        rows = nargs["BLOCK_M"] if name == "desc_q" else nargs["BLOCK_N"]
+        nargs[name].block_shape = [1, 1, rows, nargs["HEAD_DIM"]]
 
 
 def _backward(
