@@ -9,7 +9,6 @@ sidecar `NNN_slug.json` (settings, realized sparsity, per-stage timings, version
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -554,8 +553,8 @@ def _asa_overrides(args: argparse.Namespace, attention: str) -> dict[str, Any]:
     if attention != "asa":
         raise CLIError(f"--asa_max_keep / --asa_pool_size set the ASA prober and its global tokens; this run's "
                        f"attention is {attention} (pass --attention asa, or drop them)")
-    try:  # the config's own range checks, on its defaults (min_keep lowered to a smaller clamp, as when applied)
-        ASAConfig(**overrides, min_keep=min(ASAConfig().min_keep, overrides.get("max_keep", 1.0)))
+    try:  # the config's own range checks, on its defaults
+        ASAConfig().with_sampling_overrides(**overrides)
     except ValueError as err:
         raise CLIError(f"--asa_max_keep / --asa_pool_size: {err}") from None
     return overrides
@@ -612,9 +611,7 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
             from blade.models import default_pipeline_asa_config
 
             base = config or default_pipeline_asa_config(pipe) or get_family(job.family).adapter().default_asa_config()
-            # a clamp below the config's min_keep lowers min_keep with it
-            min_keep = min(base.min_keep, job.asa_overrides.get("max_keep", base.min_keep))
-            config = dataclasses.replace(base, **job.asa_overrides, min_keep=min_keep)
+            config = base.with_sampling_overrides(**job.asa_overrides)
         handle = enable_asa(pipe, config, dense_steps=job.dense_steps)
         handle.mask_reuse_steps = job.mask_reuse_steps
     if job.world > 1:

@@ -36,6 +36,20 @@ def test_config_round_trip_and_validation():
         ASAConfig.from_dict({"block_sz": 64})
 
 
+def test_sampling_overrides_replace_the_clamp_and_window_and_lower_min_keep_with_the_clamp():
+    cfg = ASAConfig(min_keep=0.3, max_keep=0.6, pool_size=4, threshold=0.9)
+    assert cfg.with_sampling_overrides() == cfg
+    assert cfg.with_sampling_overrides(pool_size=30) == ASAConfig(min_keep=0.3, max_keep=0.6, pool_size=30,
+                                                                  threshold=0.9)
+    assert cfg.with_sampling_overrides(max_keep=0.4) == ASAConfig(min_keep=0.3, max_keep=0.4, pool_size=4,
+                                                                  threshold=0.9)
+    lowered = cfg.with_sampling_overrides(max_keep=0.2, pool_size=30)
+    assert (lowered.min_keep, lowered.max_keep, lowered.pool_size, lowered.threshold) == (0.2, 0.2, 30, 0.9)
+    for bad in (dict(max_keep=1.5), dict(max_keep=-0.1), dict(pool_size=0)):
+        with pytest.raises(ValueError, match="ASAConfig"):
+            cfg.with_sampling_overrides(**bad)
+
+
 def test_keep_all_round_trip_equals_dense_in_original_order():
     q, k, v = qkv(length=2 * 6 * 10 + 7)  # 120 video tokens + 7 tail tokens
     asa = AdaptiveBlockSparseAttention(ASAConfig(**KEEP_ALL))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,17 @@ class ASAConfig:
             raise ValueError(f"ASAConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"ASAConfig.seed must be None or an int, got {self.seed!r}")
+
+    def with_sampling_overrides(self, *, max_keep: float | None = None, pool_size: int | None = None) -> ASAConfig:
+        """This config with the prober's upper clamp and/or the global-token window replaced (None keeps a field),
+        the way a student is sampled at another operating point than it was distilled: a ``max_keep`` below
+        ``min_keep`` lowers ``min_keep`` with it. Validated like any config."""
+        changes: dict = {}
+        if max_keep is not None:
+            changes.update(max_keep=max_keep, min_keep=min(self.min_keep, max_keep))
+        if pool_size is not None:
+            changes["pool_size"] = pool_size
+        return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

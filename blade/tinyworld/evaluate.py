@@ -98,10 +98,8 @@ def configure_attention(
     if sparsity is not None:  # pinned keep count, plain ASA: equal sparsity across the compared methods
         keep = 1.0 - sparsity
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
-    if pool_size is not None:  # after the pinning: asked for, so global tokens even with --sparsity
-        config = replace(config, pool_size=pool_size)  # ASAConfig validates it
-    if max_keep is not None:
-        config = replace(config, max_keep=max_keep, min_keep=min(config.min_keep, max_keep))  # validated there too
+    # after the pinning: a pool asked for gives global tokens even with --sparsity (ASAConfig validates both)
+    config = config.with_sampling_overrides(max_keep=max_keep, pool_size=pool_size)
     api.disable_asa(pipe)
     handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
     if mask_reuse_steps != 1:
