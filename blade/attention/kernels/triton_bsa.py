@@ -283,6 +283,38 @@ if triton is not None:
         )
 
     @triton.jit
+    def _program_row(ORDER, n_blocks, num_heads, SUB: tl.constexpr):
+        """This program's mask row (a kv column for dk/dv) in launch order ``ORDER`` (``SUB`` programs share one):
+        the row, its batch*head index, its block within the head, and the batch and head (int64, for offsets)."""
+        row = tl.load(ORDER + tl.program_id(0) // SUB)
+        bh = row // n_blocks
+        return row, bh, row % n_blocks, (bh // num_heads).to(tl.int64), (bh % num_heads).to(tl.int64)
+
+    @triton.jit
+    def _kept_blocks(COUNT, INDEX, row, n_blocks, EVEN: tl.constexpr):
+        """A row's index list (kept blocks first, increasing), the number of its kept blocks without the ragged last
+        block, and whether that block is kept: only it needs element masks, so it is peeled off the sorted list."""
+        count = tl.load(COUNT + row)
+        idx_ptr = INDEX + row.to(tl.int64) * n_blocks
+        has_tail = count < 0  # False: no ragged block
+        if not EVEN:
+            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            has_tail = (count > 0) & (last == n_blocks - 1)
+        return idx_ptr, count - has_tail.to(tl.int32), has_tail
+
+    @triton.jit
+    def _fwd_store(acc, m_i, l_i, OUT, LSE, b, h, bh, so_b, so_h, so_l, offs_m, offs_d, seq_q, lse_stride):
+        """Normalise and store the forward's output rows and base-2 LSE (a row that sees nothing: zeros, +inf)."""
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        # +inf LSE makes every probability of an empty row exactly 0 in the backward.
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+        o_ptrs = OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
+        tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
+
+    @triton.jit
     def _bsa_fwd_kernel(
         Q,
         K,
@@ -332,14 +364,9 @@ if triton is not None:
     ):
         SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
         SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
-        pid = tl.program_id(0)
-        row = tl.load(ROW_ORDER + pid // SUB_M)
-        bh = row // n_q_blocks
-        q_block = row % n_q_blocks
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        row, bh, q_block, b, h = _program_row(ROW_ORDER, n_q_blocks, num_heads, SUB_M)
 
-        offs_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = q_block * MASK_BLOCK + (tl.program_id(0) % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_l + offs_d[None, :]
@@ -351,14 +378,7 @@ if triton is not None:
 
         k_base = K + b * sk_b + h * sk_h
         v_base = V + b * sv_b + h * sv_h
-        count = tl.load(KV_COUNT + row)
-        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
-        # Only the ragged last kv block needs element masks: peel it off the (sorted) list.
-        n_full = count
-        if not EVEN_K:
-            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
-            has_tail = (count > 0) & (last == n_k_blocks - 1)
-            n_full = count - has_tail.to(tl.int32)
+        idx_ptr, n_full, has_tail = _kept_blocks(KV_COUNT, KV_INDEX, row, n_k_blocks, EVEN_K)
         for t in range(0, n_full * SUB_N):
             k_block = tl.load(idx_ptr + t // SUB_N)
             start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
@@ -427,14 +447,7 @@ if triton is not None:
                     DOT_PRECISION,
                 )
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        # +inf LSE makes every probability of an empty row exactly 0 in the backward.
-        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-        o_ptrs = OUT + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_l + offs_d[None, :]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
-        tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
+        _fwd_store(acc, m_i, l_i, OUT, LSE, b, h, bh, so_b, so_h, so_l, offs_m, offs_d, seq_q, lse_stride)
 
     @triton.jit
     def _bsa_fwd_tma_kernel(
@@ -476,61 +489,42 @@ if triton is not None:
         the loads while consumers compute). Same programs, launch order, results and LSE as the pointer kernel."""
         SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
         SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
-        pid = tl.program_id(0)
-        row = tl.load(ROW_ORDER + pid // SUB_M)
-        bh = row // n_q_blocks
-        q_block = row % n_q_blocks
-        b = bh // num_heads
-        h = bh % num_heads
+        row, bh, q_block, b, h = _program_row(ROW_ORDER, n_q_blocks, num_heads, SUB_M)
+        b32, h32 = b.to(tl.int32), h.to(tl.int32)  # descriptor coordinates are int32
 
-        start_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M
+        start_m = q_block * MASK_BLOCK + (tl.program_id(0) % SUB_M) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        q = desc_q.load([b32, h32, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        count = tl.load(KV_COUNT + row)
-        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
-        n_full = count
-        if not EVEN_K:
-            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
-            has_tail = (count > 0) & (last == n_k_blocks - 1)
-            n_full = count - has_tail.to(tl.int32)
+        idx_ptr, n_full, has_tail = _kept_blocks(KV_COUNT, KV_INDEX, row, n_k_blocks, EVEN_K)
         for t in tl.range(0, n_full * SUB_N, warp_specialize=WARP_SPECIALIZE):
             k_block = tl.load(idx_ptr + t // SUB_N)
             start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
             acc, m_i, l_i = _fwd_tile_tma(
-                acc, m_i, l_i, q, desc_k, desc_v, b, h, start_n, seq_k, GBIAS, qk_scale, offs_n,
+                acc, m_i, l_i, q, desc_k, desc_v, b32, h32, start_n, seq_k, GBIAS, qk_scale, offs_n,
                 False, False, DOT_PRECISION, BLOCK_N, HEAD_DIM,
             )
         if not EVEN_K:
             if has_tail:
                 for start_n in range((n_k_blocks - 1) * MASK_BLOCK, seq_k, BLOCK_N):
                     acc, m_i, l_i = _fwd_tile_tma(
-                        acc, m_i, l_i, q, desc_k, desc_v, b, h, start_n, seq_k, GBIAS, qk_scale, offs_n,
+                        acc, m_i, l_i, q, desc_k, desc_v, b32, h32, start_n, seq_k, GBIAS, qk_scale, offs_n,
                         True, False, DOT_PRECISION, BLOCK_N, HEAD_DIM,
                     )
         if HAS_GLOBAL:
             for start_n in range(0, num_global, BLOCK_N):
                 acc, m_i, l_i = _fwd_tile_tma(
-                    acc, m_i, l_i, q, desc_gk, desc_gv, b, h, start_n, num_global, GBIAS, qk_scale, offs_n,
+                    acc, m_i, l_i, q, desc_gk, desc_gv, b32, h32, start_n, num_global, GBIAS, qk_scale, offs_n,
                     True, HAS_BIAS, DOT_PRECISION, BLOCK_N, HEAD_DIM,
                 )
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-        o_ptrs = (
-            OUT + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m[:, None].to(tl.int64) * so_l
-            + offs_d[None, :]
-        )
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < seq_q)
-        tl.store(LSE + bh.to(tl.int64) * lse_stride + offs_m, lse)
+        _fwd_store(acc, m_i, l_i, OUT, LSE, b, h, bh, so_b, so_h, so_l, offs_m, offs_d, seq_q, lse_stride)
 
     @triton.jit
     def _bsa_bwd_delta_kernel(
@@ -663,14 +657,9 @@ if triton is not None:
     ):
         SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
         SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
-        pid = tl.program_id(0)
-        row = tl.load(ROW_ORDER + pid // SUB_M)
-        bh = row // n_q_blocks
-        q_block = row % n_q_blocks
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        row, bh, q_block, b, h = _program_row(ROW_ORDER, n_q_blocks, num_heads, SUB_M)
 
-        offs_m = q_block * MASK_BLOCK + (pid % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = q_block * MASK_BLOCK + (tl.program_id(0) % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         rows = offs_m[:, None] < seq_q
@@ -686,13 +675,7 @@ if triton is not None:
 
         k_base = K + b * sk_b + h * sk_h
         v_base = V + b * sv_b + h * sv_h
-        count = tl.load(KV_COUNT + row)
-        idx_ptr = KV_INDEX + row.to(tl.int64) * n_k_blocks
-        n_full = count
-        if not EVEN_K:
-            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
-            has_tail = (count > 0) & (last == n_k_blocks - 1)
-            n_full = count - has_tail.to(tl.int32)
+        idx_ptr, n_full, has_tail = _kept_blocks(KV_COUNT, KV_INDEX, row, n_k_blocks, EVEN_K)
         for t in range(0, n_full * SUB_N):
             k_block = tl.load(idx_ptr + t // SUB_N)
             start_n = k_block * MASK_BLOCK + (t % SUB_N) * BLOCK_N
@@ -862,14 +845,9 @@ if triton is not None:
     ):
         SUB_M: tl.constexpr = MASK_BLOCK // BLOCK_M
         SUB_N: tl.constexpr = MASK_BLOCK // BLOCK_N
-        pid = tl.program_id(0)
-        col = tl.load(COL_ORDER + pid // SUB_N)
-        bh = col // n_k_blocks
-        k_block = col % n_k_blocks
-        b = (bh // num_heads).to(tl.int64)
-        h = (bh % num_heads).to(tl.int64)
+        col, bh, k_block, b, h = _program_row(COL_ORDER, n_k_blocks, num_heads, SUB_N)
 
-        offs_n = k_block * MASK_BLOCK + (pid % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = k_block * MASK_BLOCK + (tl.program_id(0) % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         kv_rows = offs_n[:, None] < seq_k
@@ -886,13 +864,7 @@ if triton is not None:
         do_base = DO + b * sdo_b + h * sdo_h
         lse_base = LSE + bh.to(tl.int64) * lse_stride
         delta_base = DELTA + bh.to(tl.int64) * lse_stride
-        count = tl.load(Q_COUNT + col)
-        idx_ptr = Q_INDEX + col.to(tl.int64) * n_q_blocks
-        n_full = count
-        if not EVEN_Q:
-            last = tl.load(idx_ptr + tl.maximum(count - 1, 0))
-            has_tail = (count > 0) & (last == n_q_blocks - 1)
-            n_full = count - has_tail.to(tl.int32)
+        idx_ptr, n_full, has_tail = _kept_blocks(Q_COUNT, Q_INDEX, col, n_q_blocks, EVEN_Q)
         for t in range(0, n_full * SUB_M):
             q_block = tl.load(idx_ptr + t // SUB_M)
             start_m = q_block * MASK_BLOCK + (t % SUB_M) * BLOCK_M
