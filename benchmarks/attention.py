@@ -249,7 +249,8 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool, e
         bench.check(f"{name}: bsa (Block-Sparse-Attention) vs flex at 20% (fwd+bwd)", lambda: check_flex20(bsa))
     bench.check(f"{name}: ours vs flex at 20% (fwd+bwd)", check_flex20)
     bench.check(f"{name}: ours vs flex at 20% with {seq // BLOCK} global tokens", check_flex20_global)
-    extras = {f"ours_{cfg}": ours_fn(cfg) for cfg in extra_sets}
+    extra_set_of = {f"ours_{cfg}": cfg for cfg in extra_sets}  # row label -> launch-configuration set
+    extras = {label: ours_fn(cfg) for label, cfg in extra_set_of.items()}
     for label, fn in extras.items():
         bench.check(f"{name}: {label} vs flex at 20% (fwd+bwd)", lambda fn=fn: check_flex20(fn))
 
@@ -293,7 +294,7 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool, e
                              kept * dense_flops, ref_fwd)
         if with_bwd:
             for label, fn, cfg in (("flex", flex, None), ("ours", ours, None), ("ours_v1", ours, "v1"),
-                                   ("bsa", bsa, None), *((label, ours, label[5:]) for label in extras)):
+                                   ("bsa", bsa, None), *((label, ours, cfg) for label, cfg in extra_set_of.items())):
                 if fn is None:
                     continue
                 bench.record(name, "fwd+bwd", density, label, fwd_bwd(fn, qg, kg, vg, do, mask, config_set=cfg),
