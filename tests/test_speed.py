@@ -208,6 +208,28 @@ def test_end_to_end_benchmark_tiny_smoke(tmp_path):
     assert "| wan | blade |" in report["table"] and report["complete"] is True
 
 
+def test_end_to_end_offload_idle_expert_on_the_two_expert_model(tmp_path):
+    """--offload_idle_expert on the tiny A14B layout: every arm runs with one expert resident, the measured video
+    swaps twice (back to the high-noise expert, then to the low-noise one at the boundary)."""
+    module = _benchmark_module()
+    out = tmp_path / "e2e.json"
+    module.main(["--models", "wan2.2-t2v-a14b", "--tiny", "--no_compile", "--offload_idle_expert",
+                 "--arms", "baseline,blade", "--out", str(out)])
+    for r in json.loads(out.read_text())["results"]:
+        assert "error" not in r, r.get("error")
+        assert r["offload"]["swaps"] == 3 and r["offload"]["resident"] == "transformer_2"  # warm-up 1 + measured 2
+        assert 0 <= r["stages"]["expert_swap_s"] <= r["stages"]["denoising_s"]
+
+
+def test_extrapolation_scales_the_steps_not_the_expert_swaps():
+    module = _benchmark_module()
+    stages = {"text_encoding_s": 1.0, "denoising_s": 10.0, "vae_decode_s": 2.0, "postprocess_s": 0.0,
+              "total_s": 13.0, "expert_swap_s": 4.0}
+    out = module._extrapolate(stages, 2, 50)
+    assert out["denoising_s"] == pytest.approx((10.0 - 4.0) / 2 * 50 + 4.0)  # 154 s: 3 s a step, swaps once
+    assert out["total_s"] == pytest.approx(1.0 + 154.0 + 2.0)
+
+
 def test_end_to_end_blade_reuse_arm_probes_every_other_step(tmp_path, monkeypatch):
     """--arms blade,blade_reuse on the tiny Wan pipeline (4 student steps): the reuse arm's handle serves each
     prober mask 2 steps, so over its measured run the prober runs for half the calls the blade arm probes."""
