@@ -27,7 +27,7 @@ import torch
 
 from blade.attention.asa import ASAConfig
 from blade.config import BladeConfig
-from blade.families import ModelSpec, get_family, video_defaults
+from blade.families import ModelSpec, folder_experts, get_family, video_defaults
 from blade.pipelines.hints import (
     HINT_KEYS,
     MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
@@ -202,6 +202,13 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "process i uses GPU i (CPUs: gloo), process 0 writes the outputs; --gpu is ignored (default: off)",
     )
     p.add_argument(
+        "--offload_idle_expert",
+        action="store_true",
+        help="two-expert models (Wan2.2-T2V-A14B): load on the CPU and keep only the expert being called on the GPU, "
+        "the other in pinned host memory (two swaps of ~28 GB a video, a few seconds each); lets the 14B pair run on "
+        "an 80 GB card (default: off, both experts on the GPU)",
+    )
+    p.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
         default=None,
@@ -300,6 +307,7 @@ class Job:
     outputs: list[tuple[Path, Path]]  # (mp4, json) per prompt
     world: int = 1  # processes of a --context_parallel launch
     rank: int = 0
+    offload_idle_expert: bool = False  # --offload_idle_expert: one expert on the device at a time
 
 
 def _resolve_device(gpu: int) -> torch.device:
@@ -502,6 +510,14 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
     asa_overrides = _asa_overrides(args, attention)
     _check_speed_flags(args)
 
+    if args.offload_idle_expert:
+        experts = folder_experts(model_path)
+        if len(experts) < 2:
+            raise CLIError(f"--offload_idle_expert: {model_path} has one denoiser ({experts[0]}), nothing to offload; "
+                           "it is for two-expert models such as Wan2.2-T2V-A14B (drop the flag)")
+        if args.context_parallel:
+            raise CLIError("--offload_idle_expert with --context_parallel is not supported: each process would hold "
+                           "both experts' host copies; drop one of the two flags")
     world, rank = 1, 0
     if args.context_parallel:
         world, rank = _check_context_parallel(spec.family, model_path, num_frames, height, width)
@@ -541,6 +557,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         outputs=outputs,
         world=world,
         rank=rank,
+        offload_idle_expert=args.offload_idle_expert,
     )
 
 
@@ -597,7 +614,9 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
     from blade.api import enable_asa, load_blade_lora
     from blade.pipelines.loading import load_pipeline
 
-    pipe = load_pipeline(job.family, job.model_path, dtype=job.dtype, device=job.device)
+    # with --offload_idle_expert the pipeline is loaded on the CPU: both experts need not fit the device at once
+    pipe = load_pipeline(job.family, job.model_path, dtype=job.dtype,
+                         device="cpu" if job.offload_idle_expert else job.device)
     if job.lora_file is not None:
         with warnings.catch_warnings():  # a LoRA without blade_config.json was accepted with --lora_without_config
             warnings.filterwarnings("ignore", message="no blade_config.json beside")
@@ -614,6 +633,15 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
             config = base.with_sampling_overrides(**job.asa_overrides)
         handle = enable_asa(pipe, config, dense_steps=job.dense_steps)
         handle.mask_reuse_steps = job.mask_reuse_steps
+    if job.offload_idle_expert:  # after the LoRA is fused: the host copies are taken once
+        from blade.families import pipeline_experts
+        from blade.offload import offload_idle_experts
+
+        experts = {id(model) for _, model in pipeline_experts(pipe)}
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and id(module) not in experts:
+                module.to(job.device)
+        offload_idle_experts(pipe, job.device)
     if job.world > 1:
         from blade.families import pipeline_experts
         from blade.parallel import enable_context_parallel
@@ -771,6 +799,7 @@ def _run(job: Job, args: argparse.Namespace) -> None:
             "device": device_name,
             # Ulysses processes; ASA stats (sparsity) are then those of process 0's heads
             "context_parallel": job.world,
+            "offload_idle_expert": job.offload_idle_expert,  # expert swaps are inside the denoise timing
             "versions": versions,
         }
         _write_json_atomic(sidecar, sidecar_path)

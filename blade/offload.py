@@ -119,24 +119,21 @@ def _expert_slots(expert: torch.nn.Module, pin: bool) -> list[_Slot]:
     return slots
 
 
-def offload_idle_experts(pipe: Any, pin_memory: bool | None = None) -> ExpertOffload:
-    """Keep only the expert being called on the device; the others wait in (pinned) host memory.
+def offload_idle_experts(
+    pipe: Any, device: str | torch.device | None = None, pin_memory: bool | None = None
+) -> ExpertOffload:
+    """Keep only the expert being called on `device`; the others wait in (pinned) host memory.
 
-    `pipe`: a pipeline with two experts (``transformer`` and ``transformer_2``, both on the same device, weights
-    final: any LoRA fused). The first expert stays resident; a forward pre-hook on each expert swaps it in when it is
-    called. `pin_memory` (default: when the experts are on a CUDA device) pins the host copies, so a swap runs at
-    the host link's full speed. Returns the handle (`stats()`, `remove()`).
+    `pipe`: a pipeline with two experts (``transformer`` and ``transformer_2``, weights final: any LoRA fused),
+    wherever they are now (a pipeline loaded on the CPU need not fit the device first). `device`: where the experts
+    compute (default: the first expert's device). The first expert is made resident; a forward pre-hook on each
+    expert swaps it in when it is called. `pin_memory` (default: for a CUDA device) pins the host copies, so a swap
+    runs at the host link's full speed. Returns the handle (`stats()`, `remove()`).
     """
     experts = pipeline_experts(pipe)
     if len(experts) < 2:
         raise ValueError("offload_idle_experts needs a pipeline with two experts (transformer and transformer_2); "
                          f"this one has {[name for name, _ in experts]}")
-    devices = {next(model.parameters()).device for _, model in experts}
-    if len(devices) != 1:
-        raise ValueError(f"the experts must start on one device, found {sorted(map(str, devices))}")
-    device = devices.pop()
-    pin = device.type == "cuda" if pin_memory is None else pin_memory
-    start = time.perf_counter()
     # a tensor shared by two experts would be taken from the one still computing when the other is offloaded
     seen: set[int] = set()
     for _, model in experts:
@@ -144,10 +141,20 @@ def offload_idle_experts(pipe: Any, pin_memory: bool | None = None) -> ExpertOff
         if ids & seen:
             raise ValueError("the experts share parameters or buffers; offloading one would take the other's away")
         seen |= ids
-    handle = ExpertOffload(device=device, experts=experts, resident=experts[0][0])
-    handle._slots = {name: _expert_slots(model, pin) for name, model in experts}
-    for name, _ in experts[1:]:
-        handle._offload(name)
+    first_name, first = experts[0]
+    device = torch.device(device) if device is not None else next(first.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    start = time.perf_counter()
+    handle = ExpertOffload(device=device, experts=experts, resident=first_name)
+    for name, model in experts:  # one expert at a time: its originals go as soon as its host copy exists
+        handle._slots[name] = _expert_slots(model, pin)
+        if name != first_name:
+            handle._offload(name)
+    if any(slot.module._parameters[slot.name].device != device if slot.is_parameter else False
+           for slot in handle._slots[first_name]):
+        handle._onload(first_name)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     handle.setup_seconds = time.perf_counter() - start

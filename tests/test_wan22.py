@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -21,7 +22,12 @@ from blade.families import MODELS, model_of_pipeline, scaled_pool_size
 from blade.models import PipelineASAHandle, default_pipeline_asa_config
 from blade.models.wan import WanASAProcessor, apply_asa
 from blade.testing import full_size
-from blade.testing.tiny import build_tiny_wan22_a14b_pipeline, build_tiny_wan22_ti2v_pipeline, tiny_wan_transformer
+from blade.testing.tiny import (
+    build_tiny_wan22_a14b_pipeline,
+    build_tiny_wan22_ti2v_pipeline,
+    build_tiny_wan_pipeline,
+    tiny_wan_transformer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALL = ASAConfig(block_size=16, threshold=1.0, min_keep=1.0, max_keep=1.0, pool_size=None)
@@ -213,6 +219,34 @@ def test_inference_script_runs_a_two_expert_folder_end_to_end(a14b, tmp_path):
     assert sidecar["attention"] == "asa" and sidecar["transformer_calls"] == 4
     assert sidecar["asa_stats"]["calls"] == 4 * 2  # both experts' self-attention went through ASA
     assert (sidecar["num_frames"], sidecar["height"], sidecar["width"]) == (9, 64, 64)
+
+
+def test_inference_offload_idle_expert_gives_the_same_video_and_is_refused_for_one_expert(a14b, tmp_path, capsys):
+    """--offload_idle_expert (load on the CPU, one expert resident at a time) writes the same video as the run with
+    both experts resident; a one-expert folder is refused before any weight is loaded."""
+    from blade.cli import ScriptSpec, main
+
+    folder = tmp_path / "wan22_a14b"
+    a14b.save_pretrained(folder)
+    spec = ScriptSpec(family="wan", description="test")
+    common = ["--model_path", str(folder), "--lora_path", "none", "--prompt", "a red ball moves left", "--num_frames",
+              "9", "--height", "64", "--width", "64", "--steps", "4", "--attention", "asa", "--gpu", "-1"]  # fmt: skip
+    assert main(spec, [*common, "--output_dir", str(tmp_path / "resident")]) == 0
+    assert main(spec, [*common, "--output_dir", str(tmp_path / "offload"), "--offload_idle_expert"]) == 0
+    (resident,), (offload,) = (sorted((tmp_path / d).glob("*.mp4")) for d in ("resident", "offload"))
+    assert json.loads(offload.with_suffix(".json").read_text())["offload_idle_expert"] is True
+    import imageio.v3 as iio
+
+    np.testing.assert_array_equal(iio.imread(offload), iio.imread(resident))
+
+    one = tmp_path / "one_expert"
+    build_tiny_wan_pipeline(seed=0).save_pretrained(one)
+    capsys.readouterr()
+    argv = ["--model_path", str(one), "--prompt", "a red ball", "--offload_idle_expert", "--gpu", "-1",
+            "--output_dir", str(tmp_path / "refused")]  # fmt: skip
+    assert main(spec, argv) == 2
+    assert "has one denoiser (transformer), nothing to offload" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_inference_script_size_rules_use_the_wan22_vae(ti2v, tmp_path, capsys):
