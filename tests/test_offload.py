@@ -100,3 +100,17 @@ def test_gpu_offload_frees_the_idle_expert_and_matches_resident():
     assert next(pipe.transformer_2.parameters()).device == torch.device("cuda", torch.cuda.current_device())
     handle.remove()
     assert all(p.is_cuda for model in (pipe.transformer, pipe.transformer_2) for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_gpu_offload_from_a_pipeline_loaded_on_the_cpu():
+    """The CLI's route: the pipeline on the CPU, everything but the experts moved to the GPU, the first expert made
+    resident by `offload_idle_experts(pipe, "cuda")`: the same latents as the pipeline wholly on the GPU."""
+    reference = _latents(_pipe("cuda"))
+    pipe = _pipe("cpu")
+    for name in ("text_encoder", "vae"):
+        getattr(pipe, name).to("cuda")
+    handle = offload_idle_experts(pipe, "cuda")
+    assert next(pipe.transformer.parameters()).is_cuda and not next(pipe.transformer_2.parameters()).is_cuda
+    torch.testing.assert_close(_latents(pipe), reference, rtol=0, atol=0)
+    assert handle.swaps == 1
