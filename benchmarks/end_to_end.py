@@ -320,6 +320,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             fuse_qkv=args.fuse_qkv,
             compile_kwargs=compile_kwargs(args),
             compile_scope=args.compile_scope,
+            vae_decode_chunk=args.vae_decode_chunk if type(pipe.vae).__name__ == "AutoencoderKLWan" else None,
         )
     offload = None
     if args.offload_idle_expert and len(pipeline_experts(pipe)) > 1:
@@ -506,6 +507,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "instead of 3.2 s, still compiling in the measured run; BENCHMARKS.md)",
     )
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
+    parser.add_argument(
+        "--vae_decode_chunk", type=int, default=None, metavar="N",
+        help="the student arms' Wan VAE decodes N latent frames per decoder call instead of one (same video; "
+             "blade.speed.decode_latent_frames_in_chunks); the baseline keeps the stock decode",
+    )
     parser.add_argument("--fuse_qkv", action="store_true", help="fuse the Q/K/V projections")
     parser.add_argument(
         "--offload_idle_expert", action="store_true",

@@ -232,6 +232,14 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "CogVideoX decode (BENCHMARKS.md) (default: off)",
     )
     p.add_argument(
+        "--vae_decode_chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Wan only: the VAE decodes N latent frames per decoder call instead of one (the same video in fewer, "
+        "larger kernels; memory grows with N) (default: the stock one-frame-at-a-time decode)",
+    )
+    p.add_argument(
         "--output_dir", default="outputs", help="folder for the videos and their JSON sidecars (default: outputs)"
     )
     p.add_argument(
@@ -409,7 +417,7 @@ def _check_blade_config(config: BladeConfig, lora_file: Path) -> None:
 
 
 def _check_speed_flags(args: argparse.Namespace) -> None:
-    if not (args.compile or args.vae_dtype or args.channels_last):
+    if not (args.compile or args.vae_dtype or args.channels_last or args.vae_decode_chunk):
         return
     try:
         from blade.speed import speed_up_pipeline  # noqa: F401
@@ -508,6 +516,12 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         raise CLIError("--mask_reuse_steps reuses the ASA prober's masks; this run's attention is dense "
                        "(pass --attention asa, or drop --mask_reuse_steps)")
     asa_overrides = _asa_overrides(args, attention)
+    if args.vae_decode_chunk is not None:
+        if spec.family != "wan":
+            raise CLIError(f"--vae_decode_chunk is for Wan's causal VAE; the {spec.family} VAE decodes its own way "
+                           "(drop the flag)")
+        if args.vae_decode_chunk < 1:
+            raise CLIError(f"--vae_decode_chunk must be >= 1, got {args.vae_decode_chunk}")
     _check_speed_flags(args)
 
     if args.offload_idle_expert:
@@ -649,12 +663,13 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
         for _, transformer in pipeline_experts(pipe):
             enable_context_parallel(transformer, job.world)
     speed_report = None
-    if args.compile or args.vae_dtype or args.channels_last:
+    if args.compile or args.vae_dtype or args.channels_last or args.vae_decode_chunk:
         from blade.speed import speed_up_pipeline
 
         vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
         speed_report = speed_up_pipeline(
-            pipe, compile_transformer=args.compile, vae_dtype=vae_dtype, channels_last=args.channels_last
+            pipe, compile_transformer=args.compile, vae_dtype=vae_dtype, channels_last=args.channels_last,
+            vae_decode_chunk=args.vae_decode_chunk,
         )
     return pipe, speed_report
 

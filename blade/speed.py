@@ -266,6 +266,53 @@ def conv3d_channels_last_(module: torch.nn.Module) -> int:
     return len(convs)
 
 
+def decode_latent_frames_in_chunks(vae: torch.nn.Module, latent_frames: int) -> None:
+    """Make a Wan VAE (`AutoencoderKLWan`, Wan2.1 and Wan2.2 layouts) decode `latent_frames` latent frames per
+    decoder call instead of one.
+
+    The stock `_decode` runs the causal decoder once per latent frame (21 calls for an 81-frame video), each on a
+    slab one latent frame deep, carrying the last two frames of every causal convolution's input in a feature cache.
+    The decoder's operations are causal in time (convolutions padded on the past side with the cache, the temporal
+    upsampler's convolution likewise) or per frame (norms, spatial convolutions and attention), so decoding several
+    latent frames per call computes the same video, only in fewer, larger kernels. The first latent frame is still
+    decoded alone (`first_chunk`: the temporal upsamplers emit one frame for it, not two). A VAE with tiling enabled
+    keeps the stock decode. Call again to change the chunk; `latent_frames=1` is the stock order of calls.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, unpatchify
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    if not isinstance(vae, AutoencoderKLWan):
+        raise ValueError(f"chunked decoding is for Wan's causal VAE (AutoencoderKLWan), not {type(vae).__name__}")
+    if latent_frames < 1:
+        raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+    stock = getattr(vae, "_blade_stock_decode", None) or vae._decode
+    vae._blade_stock_decode = stock
+
+    def _decode(z: torch.Tensor, return_dict: bool = True):
+        """`z`: latents [B, C, T, H, W] -> video [B, 3, 1 + 4 (T - 1), 8 H, 8 W] (Wan2.2: x16 spatially)."""
+        if vae.use_tiling:
+            return stock(z, return_dict=return_dict)
+        num_frames = z.shape[2]
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        chunks = [(0, 1)] + [(start, min(start + latent_frames, num_frames)) for start in range(1, num_frames,
+                                                                                                  latent_frames)]
+        outs = []
+        for start, stop in chunks:
+            vae._conv_idx = [0]
+            outs.append(vae.decoder(x[:, :, start:stop], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                    first_chunk=start == 0))
+        out = torch.cat(outs, 2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        out = torch.clamp(out, min=-1.0, max=1.0)
+        vae.clear_cache()
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+    vae._decode = _decode
+    vae._blade_decode_chunk = latent_frames
+
+
 def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
     """`torch.compile` the VAE decoder module. Experimental, not offered by the inference scripts: the causal VAEs
     decode frame by frame with a Python-list feature cache, and dynamo specialises on the cache's state: three graphs
@@ -318,6 +365,7 @@ def speed_up_pipeline(
     fuse_qkv: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
     compile_scope: str = "blocks",
+    vae_decode_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled. The
     transformer speed-ups apply to every denoiser (``transformer_2`` of a two-expert pipeline reports under its name).
@@ -334,6 +382,8 @@ def speed_up_pipeline(
         compile_kwargs: extra `torch.compile` arguments (e.g. `{"backend": "aot_eager"}` in tests).
         compile_scope: "blocks" (regional, the default) or "transformer" (the whole forward as one graph, which
             CUDA graphs, `compile_kwargs={"mode": "reduce-overhead"}`, need; see `compile_transformer_forward`).
+        vae_decode_chunk: Wan's VAE decodes this many latent frames per decoder call instead of one (same video;
+            see `decode_latent_frames_in_chunks`); None keeps the stock decode.
     """
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
@@ -354,6 +404,10 @@ def speed_up_pipeline(
     if vae is not None and channels_last:
         conv3d_channels_last_(vae)
     report["vae_channels_last"] = bool(vae is not None and channels_last)
+
+    if vae is not None and vae_decode_chunk is not None:
+        decode_latent_frames_in_chunks(vae, vae_decode_chunk)
+    report["vae_decode_chunk"] = vae_decode_chunk if vae is not None else None
 
     # Every denoiser: a two-expert pipeline (Wan2.2-A14B) runs `transformer_2` for its low-noise steps. The first
     # expert reports at the top level (as for one denoiser), each further one in its own sub-report.

@@ -308,6 +308,8 @@ def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                            "set the ASA prober"),
         "asa pool window 0": ([*wan, "--attention", "asa", "--asa_pool_size", "0"], "pool_size must be"),
         "asa clamp above 1": ([*wan, "--attention", "asa", "--asa_max_keep", "1.5"], "max_keep"),
+        "vae decode chunk 0": ([*wan, "--vae_decode_chunk", "0"], "--vae_decode_chunk must be >= 1"),
+        "offload with one expert": ([*wan, "--offload_idle_expert"], "nothing to offload"),
     }
 
 
@@ -361,6 +363,15 @@ def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monk
     assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite", "--compile"]) == 2
     assert "--compile / --vae_dtype / --channels_last need blade.speed" in capsys.readouterr().err
     assert _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3)) == [sidecar]  # untouched
+
+
+def test_cogvideox_script_refuses_the_wan_vae_decode_chunk(assets, tmp_path, capsys):
+    cog_script = _load_script(COG_SCRIPT)
+    argv = ["--model_path", str(assets["cogvideox"]), "--prompt", "a dog", *COG_SIZE,
+            "--output_dir", str(tmp_path / "o"), "--vae_decode_chunk", "4"]  # fmt: skip
+    assert cog_script.main(cog_script.SPEC, argv) == 2
+    assert "--vae_decode_chunk is for Wan's causal VAE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cogvideox_script_requires_model_path(capsys):

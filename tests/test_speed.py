@@ -93,6 +93,53 @@ def test_compiled_wan_decoder_makes_three_graphs_not_one_per_frame():
     torch.testing.assert_close(second, reference, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
+def test_chunked_wan_decode_equals_the_stock_decode(layout):
+    """Decoding N latent frames per decoder call computes the stock frame-by-frame video (float64: equal to rounding),
+    with 1 + ceil((T - 1) / N) decoder calls instead of T; N = 1 is the stock order of calls."""
+    from blade.speed import decode_latent_frames_in_chunks
+    from blade.testing.tiny import tiny_wan22_vae
+
+    vae = (build_tiny_wan_pipeline(seed=0).vae if layout == "wan2.1" else tiny_wan22_vae(seed=0)).double().eval()
+    z = torch.randn(1, vae.config.z_dim, 7, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        reference = vae.decode(z).sample  # 1 + 4 x 6 = 25 frames
+    calls = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[2]))
+    try:
+        for chunk in (1, 2, 4, 6, 16):
+            calls.clear()
+            decode_latent_frames_in_chunks(vae, chunk)
+            with torch.no_grad():
+                out = vae.decode(z).sample
+            torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+            expected = [1] + [min(chunk, 6 - start) for start in range(0, 6, chunk)]
+            assert calls == expected, (chunk, calls)
+    finally:
+        hook.remove()
+    assert out.shape == reference.shape and reference.shape[2] == 25
+
+
+def test_chunked_decode_refuses_what_it_cannot_serve():
+    from blade.speed import decode_latent_frames_in_chunks
+
+    with pytest.raises(ValueError, match="AutoencoderKLWan"):
+        decode_latent_frames_in_chunks(build_tiny_cogvideox_pipeline(seed=0).vae, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        decode_latent_frames_in_chunks(build_tiny_wan_pipeline(seed=0).vae, 0)
+
+
+def test_vae_decode_benchmark_tiny_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("vae_decode_bench", ROOT / "benchmarks" / "vae_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "vae.json"
+    module.main(["--tiny", "--chunks", "3", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["chunk"] for r in rows] == [1, 3] and rows[1]["video_frames"] == 21
+    assert rows[1]["max_abs_diff_vs_stock"] < 1e-5 and rows[0]["speedup_vs_stock"] == 1.0
+
+
 def test_compiled_blocks_match_eager_aot_eager_backend():
     model = tiny_wan_transformer(seed=0)
     inputs = _transformer_inputs()
