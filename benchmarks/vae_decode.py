@@ -5,6 +5,8 @@ for TI2V-5B), each at its model's default video, in bf16 (the BLADE arms' VAE dt
 channels-last-3D convolutions. Every arm decodes the same latents once to warm up, then `--repeats` times measured;
 the table gives the median seconds, the speed-up over the stock decode, the peak memory and the largest pixel
 difference from the stock decode of the same run (rounding only: the chunked decode computes the same video).
+``--compile_chunks N ...`` adds arms with the decoder compiled (inductor) at those chunks; their warm-up (two decodes:
+the graphs for the first chunks, the steady state and a ragged last chunk) is reported as ``warmup_s``.
 
     python benchmarks/vae_decode.py --models wan2.1-t2v-1.3b --chunks 2 4 7 10 20 --out vae.json
     python benchmarks/vae_decode.py --tiny   # CPU smoke test (tiny random VAE)
@@ -43,8 +45,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_decode(vae, z: torch.Tensor, repeats: int) -> tuple[list[float], torch.Tensor]:
-    vae.decode(z)  # warm-up: cuDNN autotuning, allocator growth
+def time_decode(vae, z: torch.Tensor, repeats: int, warmups: int = 1) -> tuple[list[float], torch.Tensor, float]:
+    """(measured seconds, the last output, warm-up seconds)."""
+    _sync(z.device)
+    start = time.perf_counter()
+    for _ in range(warmups):  # cuDNN autotuning, allocator growth, compilation
+        vae.decode(z)
+    _sync(z.device)
+    warmup = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         _sync(z.device)
@@ -52,7 +60,7 @@ def time_decode(vae, z: torch.Tensor, repeats: int) -> tuple[list[float], torch.
         out = vae.decode(z).sample
         _sync(z.device)
         times.append(time.perf_counter() - start)
-    return times, out
+    return times, out, warmup
 
 
 def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
@@ -69,28 +77,34 @@ def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
     shape = latent_shape(vae, video["num_frames"], video["height"], video["width"])
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     rows, reference = [], None
-    for chunk in [1, *args.chunks]:
+    for chunk, compiled in [(1, False), *((c, False) for c in args.chunks), *((c, True) for c in args.compile_chunks)]:
         decode_latent_frames_in_chunks(vae, chunk)
+        if compiled:
+            torch._dynamo.reset()
+            vae.decoder = vae.decoder._orig_mod if hasattr(vae.decoder, "_orig_mod") else vae.decoder
+            vae.decoder.compile()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            times, out = time_decode(vae, z, args.repeats)
+            times, out, warmup = time_decode(vae, z, args.repeats, warmups=2 if compiled else 1)
         except torch.OutOfMemoryError as err:
-            rows.append({"model": name, "chunk": chunk, "error": f"OutOfMemoryError: {str(err).splitlines()[0]}"})
+            rows.append({"model": name, "chunk": chunk, "compiled": compiled,
+                         "error": f"OutOfMemoryError: {str(err).splitlines()[0]}"})
             torch.cuda.empty_cache()
             continue
         if reference is None:
             reference = out.float()
         row = {
-            "model": name, "chunk": chunk, "latents": list(shape), "video_frames": out.shape[2],
-            "seconds": statistics.median(times), "all_seconds": times,
+            "model": name, "chunk": chunk, "compiled": compiled, "latents": list(shape), "video_frames": out.shape[2],
+            "seconds": statistics.median(times), "all_seconds": times, "warmup_s": warmup,
             "max_abs_diff_vs_stock": (out.float() - reference).abs().max().item(),
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }  # fmt: skip
         rows.append(row)
-        print(f"{name} chunk {chunk:>2}: {row['seconds']:.3f} s, diff {row['max_abs_diff_vs_stock']:.2e}", flush=True)
+        print(f"{name} chunk {chunk:>2}{' compiled' * compiled}: {row['seconds']:.3f} s (warm-up {warmup:.1f} s), "
+              f"diff {row['max_abs_diff_vs_stock']:.2e}", flush=True)
         del out
-    base = next((r["seconds"] for r in rows if r["chunk"] == 1 and "seconds" in r), None)
+    base = next((r["seconds"] for r in rows if r["chunk"] == 1 and not r["compiled"] and "seconds" in r), None)
     for r in rows:
         if base and "seconds" in r:
             r["speedup_vs_stock"] = base / r["seconds"]
@@ -101,16 +115,16 @@ def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | latent frames per call | decode (s) | vs stock | peak mem (GB) | max pixel diff vs stock |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | latent frames per call | decode (s) | vs stock | peak mem (GB) | max pixel diff vs stock "
+             "| warm-up (s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['chunk']} | {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['chunk']} | {r['error'][:80]} | | | | |")
             continue
         mem = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.1f}"
-        label = f"{r['chunk']}" + (" (stock)" if r["chunk"] == 1 else "")
+        label = f"{r['chunk']}" + (" compiled" if r["compiled"] else " (stock)" if r["chunk"] == 1 else "")
         lines.append(f"| {r['model']} | {label} | {r['seconds']:.3f} | {r.get('speedup_vs_stock', 0):.2f}x | {mem} "
-                     f"| {r['max_abs_diff_vs_stock']:.2e} |")
+                     f"| {r['max_abs_diff_vs_stock']:.2e} | {r['warmup_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -120,13 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="whose VAE and default video (default: wan2.1-t2v-1.3b, 81x480x832)")
     parser.add_argument("--chunks", nargs="+", type=int, default=[2, 4, 7, 10, 20],
                         help="latent frames per decoder call to time beside the stock 1 (default: 2 4 7 10 20)")
+    parser.add_argument("--compile_chunks", nargs="+", type=int, default=[],
+                        help="chunks to time again with the decoder compiled (inductor) (default: none)")
     parser.add_argument("--repeats", type=int, default=3, help="measured decodes per arm (median reported)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
     parser.add_argument("--tiny", action="store_true", help="a tiny random VAE in float32 (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if any(c < 1 for c in args.chunks):
+    if any(c < 1 for c in args.chunks + args.compile_chunks):
         parser.error(f"--chunks must be >= 1, got {args.chunks}")
     return args
 
