@@ -517,7 +517,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
                        "(pass --attention asa, or drop --mask_reuse_steps)")
     asa_overrides = _asa_overrides(args, attention)
     if args.vae_decode_chunk is not None:
-        if spec.family != "wan":
+        if not get_family(spec.family).vae_decode_chunks:
             raise CLIError(f"--vae_decode_chunk is for Wan's causal VAE; the {spec.family} VAE decodes its own way "
                            "(drop the flag)")
         if args.vae_decode_chunk < 1:

@@ -88,6 +88,8 @@ class Family:
     # only names the extension (``blade.distill.model_extensions``), which provides the model path and video size.
     trainer_presets: tuple[tuple[str, str, str], ...] = ()
     vae_float32: bool = False  # the model card runs the VAE in float32 (else in the pipeline's dtype)
+    # the VAE can decode several latent frames per decoder call (blade.speed.decode_latent_frames_in_chunks)
+    vae_decode_chunks: bool = False
     size_rules_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[int, int, int]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -171,6 +173,7 @@ FAMILIES: dict[str, Family] = {
         trainer_presets=(("tinyworld", "blade.tinyworld.distill",
                           "TinyWorld preset: model assets/tinyworld/pipeline and its video size."),),
         vae_float32=True,
+        vae_decode_chunks=True,
         size_rules_fn=_wan_size_rules,
         vae_scales_fn=_wan_vae_scales,
     ),
