@@ -62,8 +62,11 @@ class ExpertOffload:
             slot.set(slot.host)
 
     def _onload(self, name: str) -> None:
+        copies: dict[int, torch.Tensor] = {}  # a shared (tied) tensor stays shared on the device
         for slot in self._slots[name]:
-            slot.set(slot.host.to(self.device, non_blocking=True, copy=True))
+            if id(slot.host) not in copies:
+                copies[id(slot.host)] = slot.host.to(self.device, non_blocking=True, copy=True)
+            slot.set(copies[id(slot.host)])
 
     def activate(self, name: str) -> None:
         """Make expert `name` the resident one (a no-op when it already is): the resident expert's device tensors
@@ -80,10 +83,10 @@ class ExpertOffload:
         self.swap_seconds += time.perf_counter() - start
 
     def stats(self) -> dict[str, Any]:
+        hosts = {id(s.host): s.host for slots in self._slots.values() for s in slots}
         return {"resident": self.resident, "swaps": self.swaps, "swap_seconds": self.swap_seconds,
                 "setup_seconds": self.setup_seconds,
-                "host_gb": sum(s.host.numel() * s.host.element_size() for slots in self._slots.values()
-                               for s in slots) / 2**30}
+                "host_gb": sum(h.numel() * h.element_size() for h in hosts.values()) / 2**30}
 
     def remove(self, device_resident: bool = True) -> None:
         """Remove the hooks; with `device_resident` every expert is brought back to the device (the state before
@@ -105,17 +108,21 @@ def _expert_slots(expert: torch.nn.Module, pin: bool) -> list[_Slot]:
                for module in expert.modules()
                for kind, tensors in ((True, module._parameters), (False, module._buffers))
                for name, tensor in tensors.items() if tensor is not None]
-    offsets, total = [], 0
+    offsets: dict[int, int] = {}  # one host copy per tensor, even where two modules share it (tied weights)
+    total = 0
     for *_, tensor in entries:
-        offsets.append(total)
-        total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+        if id(tensor) not in offsets:
+            offsets[id(tensor)] = total
+            total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     flat = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    hosts: dict[int, torch.Tensor] = {}
     slots = []
-    for (module, name, kind, tensor), offset in zip(entries, offsets):
-        nbytes = tensor.numel() * tensor.element_size()
-        host = flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        host.copy_(tensor.detach())
-        slots.append(_Slot(module, name, kind, host))
+    for module, name, kind, tensor in entries:
+        if id(tensor) not in hosts:
+            offset, nbytes = offsets[id(tensor)], tensor.numel() * tensor.element_size()
+            hosts[id(tensor)] = flat[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            hosts[id(tensor)].copy_(tensor.detach())
+        slots.append(_Slot(module, name, kind, hosts[id(tensor)]))
     return slots
 
 

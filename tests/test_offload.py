@@ -75,6 +75,18 @@ def test_offload_under_asa_on_both_experts_matches_resident_asa():
     disable_asa(pipe)
 
 
+def test_a_tied_weight_gets_one_host_copy_and_stays_tied():
+    pipe = _pipe()
+    attn = pipe.transformer_2.blocks[0].attn1
+    attn.to_k.weight = attn.to_q.weight  # tied inside one expert
+    untied = offload_idle_experts(_pipe()).stats()["host_gb"]
+    handle = offload_idle_experts(pipe)
+    assert handle.stats()["host_gb"] == pytest.approx(untied - attn.to_q.weight.numel() * 4 / 2**30, rel=1e-6)
+    _latents(pipe)  # swaps transformer_2 in
+    assert handle.resident == "transformer_2" and attn.to_k.weight is attn.to_q.weight
+    assert attn.to_k.weight.data_ptr() == attn.to_q.weight.data_ptr()
+
+
 def test_offload_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="two experts"):
         offload_idle_experts(build_tiny_wan_pipeline(seed=0))
