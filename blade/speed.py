@@ -9,6 +9,7 @@ the ASA attention processors patched in.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -313,14 +314,27 @@ def decode_latent_frames_in_chunks(vae: torch.nn.Module, latent_frames: int) -> 
     vae._blade_decode_chunk = latent_frames
 
 
+# torch versions whose dynamo traces a tensor compared with a string (diffusers' Wan VAE tests its feature cache with
+# `cache == "Rep"`; `Tensor.__eq__(str)` returns NotImplemented, which torch 2.11's dynamo breaks the graph on).
+_VAE_COMPILE_CLEAN_FROM = (2, 13)
+
+
 def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
     """`torch.compile` the VAE decoder module. Experimental, not offered by the inference scripts: the causal VAEs
     decode frame by frame with a Python-list feature cache, and dynamo specialises on the cache's state: three graphs
-    for Wan (empty cache, one cached frame, two), reused afterwards (`tests/test_speed.py`). A run on an H200 (torch
-    2.11, 2026-11-28, before the benchmark reset dynamo between its arms) took 100 s instead of 4.3 s for Wan's
-    BLADE arm; re-measured on an H100 (2026-12-06, dynamo reset between arms): 79 s against the uncompiled 3.2 s,
-    dynamo still compiling during the measured decode, so on the GPU more graphs than the CPU's three arise
-    (BENCHMARKS.md, end-to-end section)."""
+    for Wan (empty cache, one cached frame, two), reused afterwards, with torch 2.13 (`tests/test_speed.py`). With
+    torch 2.11 (the GPU machine's) the decoder graph-breaks twice per call on diffusers' `cache == "Rep"` test of a
+    tensor, and dynamo then compiles the causal convolution's forward once per channel count until its recompile
+    limit: 27 graphs on a small 4-level VAE (CPU, 2026-12-07), the full Wan VAE on an H100 still compiling after 112 s
+    and 79 s decodes measured earlier (BENCHMARKS.md). A warning says so on older torch."""
+    major, minor = (int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    version = (major, minor)
+    if version < _VAE_COMPILE_CLEAN_FROM:
+        logger.warning(
+            "compiling the VAE decoder with torch %s: its dynamo graph-breaks on the Wan VAE's feature-cache test "
+            "and recompiles per convolution shape (clean from torch %d.%d; BENCHMARKS.md)", torch.__version__,
+            *_VAE_COMPILE_CLEAN_FROM,
+        )
     vae.decoder.compile(**kwargs)
 
 
