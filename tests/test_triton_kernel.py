@@ -187,11 +187,12 @@ def test_triton_list_builder_matches_hand_lists_on_any_strides(view):
 
 def test_config_sets_switch_and_restore():
     mask = torch.rand(1, 2, 3, 4, generator=torch.Generator().manual_seed(9)) < 0.5
-    assert triton_bsa._ACTIVE[0] == "v2"
+    default = triton_bsa._ACTIVE[0]  # "v2", or the set BLADE_BSA_CONFIG_SET names for the process
+    assert triton_bsa.DEFAULT_CONFIG_SET == "v2" and default == (os.environ.get("BLADE_BSA_CONFIG_SET") or "v2")
     with triton_bsa.config_set("v1"):
         assert triton_bsa._ACTIVE[0] == "v1"
         v1_lists = triton_bsa.kernel_lists(BlockMask.from_dense(mask.to(DEVICE)), 1, 2)
-    assert triton_bsa._ACTIVE[0] == "v2"
+    assert triton_bsa._ACTIVE[0] == default
     for a, b in zip(v1_lists, triton_bsa.kernel_lists(BlockMask.from_dense(mask.to(DEVICE)), 1, 2)):
         assert torch.equal(a, b)
     # v2 only adds configs: whatever v1 could pick, v2 can too.
@@ -200,6 +201,23 @@ def test_config_sets_switch_and_restore():
     with pytest.raises(ValueError, match="unknown config set"):
         with triton_bsa.config_set("v9"):
             pass
+
+
+@pytest.mark.parametrize("value, expected", [("tma_ws", "tma_ws"), ("", "v2"), ("v9", None)])
+def test_the_process_default_set_comes_from_the_environment(value, expected):
+    """BLADE_BSA_CONFIG_SET picks the default set at import (e.g. the GPU tier with the TMA forward everywhere); an
+    unknown name stops the import with a message naming the known sets."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BLADE_BSA_CONFIG_SET": value, "TRITON_INTERPRET": "1"}
+    code = "from blade.attention.kernels import triton_bsa; print(triton_bsa._ACTIVE[0])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if expected is None:
+        assert result.returncode != 0 and "BLADE_BSA_CONFIG_SET='v9'" in result.stderr and "tma_ws" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == expected
 
 
 def test_unsupported_configurations_raise_value_error():

@@ -18,8 +18,9 @@ launch short when heads have very different densities.
 A mask made by the prober already holds its index lists. For one that holds only a dense mask (static masks, the
 backward's transposed mask), `block_lists` builds them with one small Triton kernel (a per-row prefix sum that
 compacts the kept columns): one launch instead of a segmented sort, the same lists as `dense_to_lists`. Launch
-configurations come in named sets: "v2" (the default) and "v1" (the first GPU-tuned set with the torch list
-builder), kept so a benchmark can show regressions; see `config_set`.
+configurations come in named sets: "v2" (the default), "v1" (the first GPU-tuned set with the torch list builder,
+kept so a benchmark can show regressions), "tma" and "tma_ws" (v2 with the forward's loads through tensor
+descriptors, the latter warp-specialized); see `config_set` and `BLADE_BSA_CONFIG_SET`.
 
 `torch.compile`: the Triton launches run inside opaque custom operators (``blade::bsa_block_lists``,
 ``blade::bsa_forward`` with its autograd formula, ``blade::bsa_backward``), whose fake implementations give the
@@ -30,6 +31,7 @@ launch code and inductor never lowers it, so a compiled model keeps the attentio
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -1055,7 +1057,20 @@ _CONFIG_SETS["tma_ws"] = dict(
     _CONFIG_SETS["v2"],
     fwd_tma=[(128, 128, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
 )
-_ACTIVE = ["v2"]
+# The default set, for a whole process: `BLADE_BSA_CONFIG_SET` (read once, at import) picks another, e.g. the GPU tier
+# with the TMA forward as every call's kernel: `BLADE_BSA_CONFIG_SET=tma_ws pytest -m gpu` (`config_set` for a block).
+DEFAULT_CONFIG_SET = "v2"
+
+
+def _config_set_from_env() -> str:
+    name = os.environ.get("BLADE_BSA_CONFIG_SET", "").strip() or DEFAULT_CONFIG_SET
+    if name not in _CONFIG_SETS:
+        raise ValueError(f"BLADE_BSA_CONFIG_SET={name!r} is not a config set of the Triton block-sparse kernel; "
+                         f"known: {sorted(_CONFIG_SETS)} (unset it for the default, {DEFAULT_CONFIG_SET!r})")
+    return name
+
+
+_ACTIVE = [_config_set_from_env()]
 # Rows wider than this fall back to the torch list builder (the Triton one holds a whole row in registers).
 _MAX_LIST_COLS = 8192
 _LIST_KERNEL_FAILED: list = []
@@ -1065,7 +1080,7 @@ _TUNED: dict = {}
 
 @contextmanager
 def config_set(name: str) -> Iterator[None]:
-    """Run the kernels with the launch-configuration set `name` ("v1" or "v2") inside the block."""
+    """Run the kernels with the launch-configuration set `name` ("v1", "v2", "tma", "tma_ws") inside the block."""
     if name not in _CONFIG_SETS:
         raise ValueError(f"unknown config set {name!r}; known: {sorted(_CONFIG_SETS)}")
     previous = _ACTIVE[0]
