@@ -159,8 +159,7 @@ def offload_idle_experts(
         handle._slots[name] = _expert_slots(model, pin)
         if name != first_name:
             handle._offload(name)
-    if any(slot.module._parameters[slot.name].device != device if slot.is_parameter else False
-           for slot in handle._slots[first_name]):
+    if next(first.parameters()).device != device:  # loaded elsewhere (the CLI loads on the CPU): bring it over
         handle._onload(first_name)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
