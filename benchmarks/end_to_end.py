@@ -310,6 +310,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             result["asa_config"] = _jsonable(vars(handle.config)) if hasattr(handle.config, "__dict__") else None
             if arm == "blade_reuse":
                 handle.mask_reuse_steps = result["mask_reuse_steps"] = args.mask_reuse_steps
+        vae_chunks = get_family(full_size.family_of(family)).vae_decode_chunks  # Wan only (the family registry)
         result["speed_up"] = speed_up_pipeline(
             pipe,
             compile_transformer=not args.no_compile,
@@ -320,7 +321,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             fuse_qkv=args.fuse_qkv,
             compile_kwargs=compile_kwargs(args),
             compile_scope=args.compile_scope,
-            vae_decode_chunk=args.vae_decode_chunk if type(pipe.vae).__name__ == "AutoencoderKLWan" else None,
+            vae_decode_chunk=args.vae_decode_chunk if vae_chunks else None,
         )
     offload = None
     if args.offload_idle_expert and len(pipeline_experts(pipe)) > 1:

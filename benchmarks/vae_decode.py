@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blade.families import get_model  # noqa: E402
-from blade.speed import conv3d_channels_last_, decode_latent_frames_in_chunks  # noqa: E402
+from blade.speed import compile_vae_decoder, conv3d_channels_last_, decode_latent_frames_in_chunks  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
 WAN_VAE_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b")
@@ -81,8 +81,7 @@ def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
         decode_latent_frames_in_chunks(vae, chunk)
         if compiled:
             torch._dynamo.reset()
-            vae.decoder = vae.decoder._orig_mod if hasattr(vae.decoder, "_orig_mod") else vae.decoder
-            vae.decoder.compile()
+            compile_vae_decoder(vae)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:

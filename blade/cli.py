@@ -27,7 +27,7 @@ import torch
 
 from blade.attention.asa import ASAConfig
 from blade.config import BladeConfig
-from blade.families import ModelSpec, folder_experts, get_family, video_defaults
+from blade.families import ModelSpec, folder_experts, get_family, pipeline_experts, video_defaults
 from blade.pipelines.hints import (
     HINT_KEYS,
     MODEL_HINTS_FILE,  # noqa: F401 - re-exported (its name before the move)
@@ -416,8 +416,13 @@ def _check_blade_config(config: BladeConfig, lora_file: Path) -> None:
         raise LoraError(f"blade_config.json beside {lora_file} is invalid: {err}") from None
 
 
+def _speed_flags(args: argparse.Namespace) -> bool:
+    """Whether any flag served by blade.speed is set."""
+    return bool(args.compile or args.vae_dtype or args.channels_last or args.vae_decode_chunk)
+
+
 def _check_speed_flags(args: argparse.Namespace) -> None:
-    if not (args.compile or args.vae_dtype or args.channels_last or args.vae_decode_chunk):
+    if not _speed_flags(args):
         return
     try:
         from blade.speed import speed_up_pipeline  # noqa: F401
@@ -648,7 +653,6 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
         handle = enable_asa(pipe, config, dense_steps=job.dense_steps)
         handle.mask_reuse_steps = job.mask_reuse_steps
     if job.offload_idle_expert:  # after the LoRA is fused: the host copies are taken once
-        from blade.families import pipeline_experts
         from blade.offload import offload_idle_experts
 
         experts = {id(model) for _, model in pipeline_experts(pipe)}
@@ -657,13 +661,12 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
                 module.to(job.device)
         offload_idle_experts(pipe, job.device)
     if job.world > 1:
-        from blade.families import pipeline_experts
         from blade.parallel import enable_context_parallel
 
         for _, transformer in pipeline_experts(pipe):
             enable_context_parallel(transformer, job.world)
     speed_report = None
-    if args.compile or args.vae_dtype or args.channels_last or args.vae_decode_chunk:
+    if _speed_flags(args):
         from blade.speed import speed_up_pipeline
 
         vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None

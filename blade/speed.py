@@ -311,12 +311,17 @@ def decode_latent_frames_in_chunks(vae: torch.nn.Module, latent_frames: int) -> 
         return DecoderOutput(sample=out) if return_dict else (out,)
 
     vae._decode = _decode
-    vae._blade_decode_chunk = latent_frames
 
 
 # torch versions whose dynamo traces a tensor compared with a string (diffusers' Wan VAE tests its feature cache with
 # `cache == "Rep"`; `Tensor.__eq__(str)` returns NotImplemented, which torch 2.11's dynamo breaks the graph on).
 _VAE_COMPILE_CLEAN_FROM = (2, 13)
+
+
+def vae_compile_traces_cleanly() -> bool:
+    """Whether this torch's dynamo compiles the Wan VAE decoder without graph breaks (torch >= 2.13)."""
+    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    return version >= _VAE_COMPILE_CLEAN_FROM
 
 
 def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
@@ -327,9 +332,7 @@ def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
     tensor, and dynamo then compiles the causal convolution's forward once per channel count until its recompile
     limit: 27 graphs on a small 4-level VAE (CPU, 2026-12-07), the full Wan VAE on an H100 still compiling after 112 s
     and 79 s decodes measured earlier (BENCHMARKS.md). A warning says so on older torch."""
-    major, minor = (int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
-    version = (major, minor)
-    if version < _VAE_COMPILE_CLEAN_FROM:
+    if not vae_compile_traces_cleanly():
         logger.warning(
             "compiling the VAE decoder with torch %s: its dynamo graph-breaks on the Wan VAE's feature-cache test "
             "and recompiles per convolution shape (clean from torch %d.%d; BENCHMARKS.md)", torch.__version__,
