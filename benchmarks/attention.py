@@ -5,6 +5,7 @@ Triton block-sparse kernel at several kept fractions, forward and forward+backwa
     python benchmarks/attention.py                      # all shapes, all densities (< 4 min on an H100)
     python benchmarks/attention.py --quick --out attn.json   # wan + cog, 10% and 50% (< 90 s)
     python benchmarks/attention.py --shapes wan --densities 0.1 0.5
+    python benchmarks/attention.py --quick --overhead_only     # the ASA overhead rows alone (< 1 min)
 
 Variants of our kernel: "ours" (current launch configs, Triton mask -> list builder), "ours_v1" (the first
 GPU-tuned config set and the torch list builder, kept to make regressions visible), "ours_kernel_only" (the
@@ -18,7 +19,13 @@ ASA overhead rows, each in ms and % of the dense cuDNN forward of the same shape
   raster-order tokens) and reorder_amortized (what the model adapters do: permute the hidden states once per
   transformer forward and restore once, divided over the model's layers);
 - mask_to_lists_fwd / _fwd+bwd (and the torch builder's, "_v1");
-- asa_total_per_layer = prober + mask_to_lists_fwd + reorder_amortized (the goal: <= 3%).
+- asa_total_per_layer = prober + mask_to_lists_fwd + reorder_amortized, each part timed alone (a launch-bound
+  part is timed at its host cost);
+- asa_in_stream_per_layer: what a model step pays. `ASA_STREAM_LAYERS` calls of the ASA module itself (prober,
+  one-launch selection, pooled global tokens, kernel; the model's defaults for that shape: keep clamps, pool window)
+  back to back, minus the same calls given the prober's mask (global tokens + kernel), divided by the layer count.
+  The kernels outlast their launches, so the host runs ahead as in a compiled step and the difference is the
+  overhead's GPU time plus any launch time the GPU did not hide (the goal: <= 3% Wan, <= 5% CogVideoX).
 
 FLOPs: forward 4*B*H*Lq*Lk*D, forward+backward 3.5x that; "eff." TFLOP/s multiply by the kept block fraction.
 Every variant is fail-soft: an error is printed and recorded, the rest still runs.
@@ -310,6 +317,51 @@ def run_shape(bench: Bench, name: str, densities: list[float], with_bwd: bool, e
                      (kept20 + n_global / seq) * dense_flops, ref_fwd)
 
     asa_overhead(bench, name, q, k, v, grid, n_text, n_layers, ref_fwd)
+    asa_in_stream(bench, name, q, k, v, n_text, ref_fwd)
+
+
+ASA_STREAM_LAYERS = 10
+SHAPE_MODELS = {"wan": "wan2.1-t2v-1.3b", "cog": "cogvideox-5b", "cog2": "cogvideox-5b"}  # whose ASA defaults
+
+
+def asa_in_stream(bench: Bench, name: str, q, k, v, n_text: int, ref_fwd, layers: int = ASA_STREAM_LAYERS) -> None:
+    """ASA's per-layer overhead as a model step sees it (module docstring): `layers` prober+kernel calls back to
+    back against `layers` kernel calls with the prober's mask given; q, k, v ``[B, H, L, D]`` in block order."""
+    try:
+        from blade.attention import AdaptiveBlockSparseAttention, ASAConfig
+        from blade.families import get_model
+
+        config = ASAConfig(**get_model(SHAPE_MODELS[name]).asa_defaults(), dense_tail_tokens=n_text)
+        asa = AdaptiveBlockSparseAttention(config)
+    except Exception as err:  # noqa: BLE001
+        print(f"  [FAIL] ASA in-stream imports: {err!r}", flush=True)
+        bench.rows.append(dict(shape=name, mode="overhead", density=0.0, backend="asa_in_stream", error=repr(err)))
+        return
+    with torch.no_grad():
+        mask = asa.estimate_mask(q, k)
+        kept = float(mask.kept_blocks(q.shape[0], q.shape[1])) / (q.shape[0] * q.shape[1] * mask.shape[-2]
+                                                                   * mask.shape[-1])
+
+        def with_prober():
+            for _ in range(layers):
+                asa(q, k, v, pre_reordered=True)
+
+        def mask_given():
+            for _ in range(layers):
+                asa(q, k, v, pre_reordered=True, block_mask=mask)
+
+        print(f"  {name}: ASA in stream ({config.max_keep=}, {config.pool_size=}, kept {kept:.3f}), {layers} "
+              "layers back to back", flush=True)
+        bench.record(name, "overhead", kept, "asa_stream_prober+kernel", with_prober, 0.0)
+        bench.record(name, "overhead", kept, "asa_stream_kernel_only", mask_given, 0.0)
+    full, bare = bench.rows[-2], bench.rows[-1]
+    if "ms" in full and "ms" in bare:
+        row = dict(shape=name, mode="overhead", density=0.0, backend="asa_in_stream_per_layer",
+                   ms=(full["ms"] - bare["ms"]) / layers, tflops=0.0, layers=layers, kept=kept,
+                   max_keep=config.max_keep, pool_size=config.pool_size)
+        bench.rows.append(row)
+        print(f"  {name:5s} overhead asa_in_stream_per_layer {row['ms']:9.3f} ms", flush=True)
+        _add_pct(row, ref_fwd)
 
 
 def asa_overhead(bench: Bench, name: str, q, k, v, grid, n_text: int, n_layers: int, ref_fwd) -> None:
@@ -454,6 +506,8 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer points: wan + cog, kept 10%% and 50%%")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--overhead_only", action="store_true",
+                        help="only the checks, the dense baselines and the ASA overhead rows (no sparse kernel sweep)")
     parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="stop timing new points after this")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the prober")
@@ -467,6 +521,8 @@ def main() -> None:
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
     shapes = args.shapes or (["wan", "cog"] if args.quick else list(SHAPES))
     densities = args.densities or ([0.1, 0.5] if args.quick else [0.05, 0.1, 0.2, 0.5, 1.0])
+    if args.overhead_only:
+        densities, args.no_backward = [], True
     import triton
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
