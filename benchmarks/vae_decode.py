@@ -1,4 +1,5 @@
-"""Wan VAE decode speed: the stock one-latent-frame-per-call decode against decoding N latent frames per call.
+"""VAE decode speed: Wan's stock one-latent-frame-per-call decode against decoding N latent frames per call, and
+the compiled decoder (Wan, CogVideoX).
 
 Full-size VAEs with random weights from the published configs (Wan2.1's for Wan2.1-1.3B / 14B / Wan2.2-A14B; Wan2.2's
 for TI2V-5B), each at its model's default video, in bf16 (the BLADE arms' VAE dtype), cuDNN autotuning on, optionally
@@ -6,9 +7,12 @@ channels-last-3D convolutions. Every arm decodes the same latents once to warm u
 the table gives the median seconds, the speed-up over the stock decode, the peak memory and the largest pixel
 difference from the stock decode of the same run (rounding only: the chunked decode computes the same video).
 ``--compile_chunks N ...`` adds arms with the decoder compiled (inductor) at those chunks; their warm-up (two decodes:
-the graphs for the first chunks, the steady state and a ragged last chunk) is reported as ``warmup_s``.
+the graphs for the first chunks, the steady state and a ragged last chunk) is reported as ``warmup_s``. CogVideoX-5B's
+VAE (49 x 480 x 720) decodes in its own batches of two latent frames: `--chunks` does not apply to it, and any
+`--compile_chunks` value adds its compiled arm.
 
     python benchmarks/vae_decode.py --models wan2.1-t2v-1.3b --chunks 2 4 7 10 20 --out vae.json
+    python benchmarks/vae_decode.py --models cogvideox-5b --compile_chunks 1 --out vae_cog.json
     python benchmarks/vae_decode.py --tiny   # CPU smoke test (tiny random VAE)
 """
 
@@ -26,17 +30,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blade.families import get_model  # noqa: E402
+from blade.families import get_family, get_model  # noqa: E402
 from blade.speed import compile_vae_decoder, conv3d_channels_last_, decode_latent_frames_in_chunks  # noqa: E402
 from blade.testing import full_size, tiny  # noqa: E402
 
-WAN_VAE_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b")
+VAE_MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b", "cogvideox-5b")
 
 
 def latent_shape(vae, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
-    """[1, z_dim, T, H, W] of a video: 4x temporal, the VAE's spatial factor (8 for Wan2.1, 16 for Wan2.2)."""
+    """[1, C, T, H, W] of a video: 4x temporal, the VAE's spatial factor (8 for Wan2.1 and CogVideoX, 16 for
+    Wan2.2); C is Wan's z_dim or CogVideoX's latent_channels."""
     spatial = int(vae.config.get("scale_factor_spatial", 8) or 8)
-    return (1, vae.config.z_dim, (num_frames - 1) // 4 + 1, height // spatial, width // spatial)
+    channels = vae.config.get("z_dim") or vae.config.latent_channels
+    return (1, channels, (num_frames - 1) // 4 + 1, height // spatial, width // spatial)
 
 
 def _sync(device: torch.device) -> None:
@@ -77,11 +83,16 @@ def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
     shape = latent_shape(vae, video["num_frames"], video["height"], video["width"])
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     rows, reference = [], None
-    for chunk, compiled in [(1, False), *((c, False) for c in args.chunks), *((c, True) for c in args.compile_chunks)]:
-        decode_latent_frames_in_chunks(vae, chunk)
+    family = get_family(get_model(name).family)
+    arms = [(1, False), *((c, False) for c in args.chunks), *((c, True) for c in args.compile_chunks)]
+    if not family.vae_decode_chunks:  # CogVideoX: its own frame batches; stock and (if asked) compiled
+        arms = [(1, False)] + ([(1, True)] if args.compile_chunks else [])
+    for chunk, compiled in arms:
+        if family.vae_decode_chunks:
+            decode_latent_frames_in_chunks(vae, chunk)
         if compiled:
             torch._dynamo.reset()
-            compile_vae_decoder(vae)
+            compile_vae_decoder(vae, family.vae_compile_clean_from)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -129,7 +140,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["wan2.1-t2v-1.3b"], choices=WAN_VAE_MODELS,
+    parser.add_argument("--models", nargs="+", default=["wan2.1-t2v-1.3b"], choices=VAE_MODELS,
                         help="whose VAE and default video (default: wan2.1-t2v-1.3b, 81x480x832)")
     parser.add_argument("--chunks", nargs="+", type=int, default=[2, 4, 7, 10, 20],
                         help="latent frames per decoder call to time beside the stock 1 (default: 2 4 7 10 20)")

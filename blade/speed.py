@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from blade.families import pipeline_experts
+from blade.families import family_of_pipeline, get_family, pipeline_experts
 from blade.models.common import ASAHandle, get_asa_handle
 
 logger = logging.getLogger(__name__)
@@ -313,30 +313,32 @@ def decode_latent_frames_in_chunks(vae: torch.nn.Module, latent_frames: int) -> 
     vae._decode = _decode
 
 
-# torch versions whose dynamo traces a tensor compared with a string (diffusers' Wan VAE tests its feature cache with
-# `cache == "Rep"`; `Tensor.__eq__(str)` returns NotImplemented, which torch 2.11's dynamo breaks the graph on).
-_VAE_COMPILE_CLEAN_FROM = (2, 13)
+def torch_at_least(version: tuple[int, int]) -> bool:
+    """Whether the running torch is at least ``(major, minor)``."""
+    running = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    return running >= tuple(version)
 
 
-def vae_compile_traces_cleanly() -> bool:
-    """Whether this torch's dynamo compiles the Wan VAE decoder without graph breaks (torch >= 2.13)."""
-    version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
-    return version >= _VAE_COMPILE_CLEAN_FROM
+def vae_compile_traces_cleanly(family: str = "wan") -> bool:
+    """Whether this torch's dynamo compiles ``family``'s VAE decoder without graph breaks (the registry's
+    ``vae_compile_clean_from``: torch >= 2.13 for Wan, any for CogVideoX)."""
+    clean_from = get_family(family).vae_compile_clean_from
+    return clean_from is None or torch_at_least(clean_from)
 
 
-def compile_vae_decoder(vae: torch.nn.Module, **kwargs) -> None:
-    """`torch.compile` the VAE decoder module. Experimental, not offered by the inference scripts: the causal VAEs
-    decode frame by frame with a Python-list feature cache, and dynamo specialises on the cache's state: three graphs
-    for Wan (empty cache, one cached frame, two), reused afterwards, with torch 2.13 (`tests/test_speed.py`). With
-    torch 2.11 (the GPU machine's) the decoder graph-breaks twice per call on diffusers' `cache == "Rep"` test of a
-    tensor, and dynamo then compiles the causal convolution's forward once per channel count until its recompile
-    limit: 27 graphs on a small 4-level VAE (CPU, 2026-12-07), the full Wan VAE on an H100 still compiling after 112 s
-    and 79 s decodes measured earlier (BENCHMARKS.md). A warning says so on older torch."""
-    if not vae_compile_traces_cleanly():
+def compile_vae_decoder(vae: torch.nn.Module, clean_from: tuple[int, int] | None = None, **kwargs) -> None:
+    """`torch.compile` the VAE decoder module (experimental). The causal VAEs decode in pieces (Wan: a latent frame
+    or `decode_latent_frames_in_chunks` frames a call; CogVideoX: batches of two latent frames) with a feature cache,
+    and dynamo specialises on the cache's state: three graphs, reused afterwards, for Wan with torch 2.13 and for
+    CogVideoX with torch 2.11 and 2.13 (`tests/test_speed.py`). With torch 2.11 (the GPU machine's) the Wan decoder
+    graph-breaks twice per call on diffusers' `cache == "Rep"` test of a tensor, and dynamo then compiles the causal
+    convolution's forward once per channel count until its recompile limit: 27 graphs on a small 4-level VAE (CPU,
+    2026-12-07), the full Wan VAE on an H100 still compiling after 112 s and 79 s decodes measured earlier
+    (BENCHMARKS.md). `clean_from` (the family registry's `vae_compile_clean_from`): warn below that torch."""
+    if clean_from is not None and not torch_at_least(clean_from):
         logger.warning(
-            "compiling the VAE decoder with torch %s: its dynamo graph-breaks on the Wan VAE's feature-cache test "
-            "and recompiles per convolution shape (clean from torch %d.%d; BENCHMARKS.md)", torch.__version__,
-            *_VAE_COMPILE_CLEAN_FROM,
+            "compiling the VAE decoder with torch %s: its dynamo graph-breaks on this VAE's feature-cache test and "
+            "recompiles per convolution shape (clean from torch %d.%d; BENCHMARKS.md)", torch.__version__, *clean_from,
         )
     vae.decoder.compile(**kwargs)
 
@@ -444,6 +446,7 @@ def speed_up_pipeline(
     report["compile_transformer"] = bool(compile_transformer)
 
     if vae is not None and compile_vae:
-        compile_vae_decoder(vae, **compile_kwargs)
+        family = family_of_pipeline(pipe)
+        compile_vae_decoder(vae, family.vae_compile_clean_from if family is not None else None, **compile_kwargs)
     report["compile_vae"] = bool(vae is not None and compile_vae)
     return report

@@ -103,6 +103,53 @@ def test_compiled_wan_decoder_makes_three_graphs_not_one_per_frame(chunk):
     torch.testing.assert_close(second, reference, rtol=0, atol=0)
 
 
+def test_compiled_cogvideox_decoder_makes_three_graphs_on_every_torch():
+    """CogVideoX's decoder runs on batches of two latent frames (the last batch takes the odd one) with a
+    convolution cache: compiled, dynamo makes one graph for the first batch (empty cache), one for the middle
+    batches and one for the last, reused by a second decode, without graph breaks and with the eager output, on
+    torch 2.11 as on 2.13 (unlike the Wan decoder under 2.11; the registry's `vae_compile_clean_from` is None)."""
+    from diffusers import AutoencoderKLCogVideoX
+    from torch._dynamo.utils import counters
+
+    from blade.families import get_family
+    from blade.speed import compile_vae_decoder
+
+    assert get_family("cogvideox").vae_compile_clean_from is None and vae_compile_traces_cleanly("cogvideox")
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                                 norm_num_groups=8, temporal_compression_ratio=4).eval()  # fmt: skip
+    z = torch.randn(1, 4, 13, 4, 4, generator=torch.Generator().manual_seed(0))  # [B, C, T, H, W], 13 as at 49 frames
+    with torch.no_grad():
+        reference = vae.decode(z).sample
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_vae_decoder(vae, backend="eager")
+        with torch.no_grad():
+            first, second = vae.decode(z).sample, vae.decode(z).sample
+        assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+
+
+def test_compile_vae_decoder_warns_below_the_familys_clean_torch(caplog, monkeypatch):
+    """The warning names the torch floor the registry gives (Wan: 2.13); no floor, no warning."""
+    import blade.speed as speed
+
+    vae = torch.nn.Module()
+    vae.decoder = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(speed.torch, "__version__", "2.11.0+cu130")
+    with caplog.at_level("WARNING", logger=speed.logger.name):
+        speed.compile_vae_decoder(vae, (2, 13), backend="eager")
+        assert "clean from torch 2.13" in caplog.text
+        caplog.clear()
+        speed.compile_vae_decoder(vae, None, backend="eager")
+        assert not caplog.text
+    assert not speed.vae_compile_traces_cleanly("wan") and speed.vae_compile_traces_cleanly("cogvideox")
+
+
 @pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
 def test_chunked_wan_decode_equals_the_stock_decode(layout):
     """Decoding N latent frames per decoder call computes the stock frame-by-frame video (float64: equal to rounding),
