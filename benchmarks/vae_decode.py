@@ -148,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chunks to time again with the decoder compiled (inductor) (default: none)")
     parser.add_argument("--repeats", type=int, default=3, help="measured decodes per arm (median reported)")
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
+    parser.add_argument("--recompile_limit", type=int, default=None,
+                        help="dynamo's recompile limit for the compiled arms (torch 2.11 needs ~31 graphs for a "
+                             "chunked Wan decoder, over its default 8: the rest would run eager)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random VAE in float32 (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.recompile_limit is not None:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
     rows: list[dict[str, Any]] = []
     for name in args.models[:1] if args.tiny else args.models:
         rows.extend(run_model(name, args, device))
