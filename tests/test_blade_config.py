@@ -17,7 +17,7 @@ def test_bundled_file_loads_and_saves_back_unchanged(tmp_path):
     assert config.asa_config().block_size == 128 and config.resolved_prediction_type == "flow"
     raw = json.loads((BUNDLED / CONFIG_NAME).read_text())
     assert config["k_step"] == 8 and config.get("asa")["max_keep"] == raw["asa"]["max_keep"]  # the dict it was before
-    assert raw["asa"]["max_keep"] == 0.17 and raw["shift"] == 3.0  # the call-10 student, sampling at the paper clamp (session 12)
+    assert raw["asa"]["max_keep"] == 0.17 and raw["shift"] == 3.0  # call-10 student at the paper clamp (session 12)
     config.save(tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text()) == json.loads((BUNDLED / CONFIG_NAME).read_text())
 
