@@ -214,12 +214,6 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def family_of_pipeline(pipe: Any) -> Family | None:
-    """The registered family whose pipeline class ``pipe`` is an instance of (by class name), else None."""
-    names = {cls.__name__ for cls in type(pipe).__mro__}
-    return next((family for family in FAMILIES.values() if family.pipeline_class in names), None)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Published models (one family can have several): configs under blade/configs/<config_dir>, default video, experts
 # ----------------------------------------------------------------------------------------------------------------

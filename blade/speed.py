@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from blade.families import family_of_pipeline, get_family, pipeline_experts
+from blade.families import get_family, pipeline_experts
 from blade.models.common import ASAHandle, get_asa_handle
+from blade.pipelines.loading import family_of_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +447,10 @@ def speed_up_pipeline(
     report["compile_transformer"] = bool(compile_transformer)
 
     if vae is not None and compile_vae:
-        family = family_of_pipeline(pipe)
-        compile_vae_decoder(vae, family.vae_compile_clean_from if family is not None else None, **compile_kwargs)
+        try:
+            clean_from = get_family(family_of_transformer(first)).vae_compile_clean_from
+        except TypeError:  # not a registered family's transformer: no known torch floor to warn about
+            clean_from = None
+        compile_vae_decoder(vae, clean_from, **compile_kwargs)
     report["compile_vae"] = bool(vae is not None and compile_vae)
     return report

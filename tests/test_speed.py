@@ -67,6 +67,28 @@ def test_cogvideox_decode_needs_and_gets_the_latent_cast():
         _video(pipe, num_inference_steps=1)
 
 
+def _assert_compiled_decoder_makes_three_graphs(vae: torch.nn.Module, z: torch.Tensor) -> None:
+    """Compile `vae`'s decoder (eager backend) and decode `z` twice: exactly three graphs, no graph break, and both
+    decodes equal to the uncompiled decode."""
+    from torch._dynamo.utils import counters
+
+    from blade.speed import compile_vae_decoder
+
+    with torch.no_grad():
+        reference = vae.decode(z).sample
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_vae_decoder(vae, backend="eager")
+        with torch.no_grad():
+            first, second = vae.decode(z).sample, vae.decode(z).sample
+        assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(
     not vae_compile_traces_cleanly(),
     reason="torch 2.11's dynamo graph-breaks on the Wan VAE's tensor == 'Rep' cache test (BENCHMARKS.md)",
@@ -79,28 +101,15 @@ def test_compiled_wan_decoder_makes_three_graphs_not_one_per_frame(chunk):
     has a different channel count per level (a break would recompile the causal convolution per count, as torch
     2.11 does: 27 graphs; the tests' tiny VAE, one count everywhere, would hide that)."""
     from diffusers import AutoencoderKLWan
-    from torch._dynamo.utils import counters
 
-    from blade.speed import compile_vae_decoder, decode_latent_frames_in_chunks
+    from blade.speed import decode_latent_frames_in_chunks
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                            temperal_downsample=[False, True, True]).eval()  # fmt: skip
     decode_latent_frames_in_chunks(vae, chunk)
     z = torch.randn(1, vae.config.z_dim, 7, 4, 4, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = vae.decode(z).sample
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_vae_decoder(vae, backend="eager")
-        with torch.no_grad():
-            first, second = vae.decode(z).sample, vae.decode(z).sample
-        assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(first, reference, rtol=0, atol=0)
-    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+    _assert_compiled_decoder_makes_three_graphs(vae, z)
 
 
 def test_compiled_cogvideox_decoder_makes_three_graphs_on_every_torch():
@@ -109,29 +118,15 @@ def test_compiled_cogvideox_decoder_makes_three_graphs_on_every_torch():
     batches and one for the last, reused by a second decode, without graph breaks and with the eager output, on
     torch 2.11 as on 2.13 (unlike the Wan decoder under 2.11; the registry's `vae_compile_clean_from` is None)."""
     from diffusers import AutoencoderKLCogVideoX
-    from torch._dynamo.utils import counters
 
     from blade.families import get_family
-    from blade.speed import compile_vae_decoder
 
     assert get_family("cogvideox").vae_compile_clean_from is None and vae_compile_traces_cleanly("cogvideox")
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4,
                                  norm_num_groups=8, temporal_compression_ratio=4).eval()  # fmt: skip
     z = torch.randn(1, 4, 13, 4, 4, generator=torch.Generator().manual_seed(0))  # [B, C, T, H, W], 13 as at 49 frames
-    with torch.no_grad():
-        reference = vae.decode(z).sample
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_vae_decoder(vae, backend="eager")
-        with torch.no_grad():
-            first, second = vae.decode(z).sample, vae.decode(z).sample
-        assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(first, reference, rtol=0, atol=0)
-    torch.testing.assert_close(second, reference, rtol=0, atol=0)
+    _assert_compiled_decoder_makes_three_graphs(vae, z)
 
 
 def test_compile_vae_decoder_warns_below_the_familys_clean_torch(caplog, monkeypatch):
@@ -148,6 +143,15 @@ def test_compile_vae_decoder_warns_below_the_familys_clean_torch(caplog, monkeyp
         speed.compile_vae_decoder(vae, None, backend="eager")
         assert not caplog.text
     assert not speed.vae_compile_traces_cleanly("wan") and speed.vae_compile_traces_cleanly("cogvideox")
+    # speed_up_pipeline reads the floor from the registry through the pipeline's transformer: Wan warns, CogVideoX not
+    with caplog.at_level("WARNING", logger=speed.logger.name):
+        caplog.clear()
+        speed_up_pipeline(build_tiny_wan_pipeline(seed=0), compile_vae=True, compile_kwargs={"backend": "eager"})
+        assert "clean from torch 2.13" in caplog.text
+        caplog.clear()
+        speed_up_pipeline(build_tiny_cogvideox_pipeline(seed=0), compile_vae=True,
+                          compile_kwargs={"backend": "eager"})
+        assert "clean from torch" not in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
