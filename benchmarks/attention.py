@@ -7,11 +7,12 @@ Triton block-sparse kernel at several kept fractions, forward and forward+backwa
     python benchmarks/attention.py --shapes wan --densities 0.1 0.5
     python benchmarks/attention.py --quick --overhead_only     # the ASA overhead rows alone (< 1 min)
 
-Variants of our kernel: "ours" (current launch configs, Triton mask -> list builder), "ours_v1" (the first
-GPU-tuned config set and the torch list builder, kept to make regressions visible), "ours_kernel_only" (the
-forward kernel without the list building), and with `--extra_sets tma tma_ws` "ours_tma" / "ours_tma_ws" (the
-forward through tensor-descriptor (TMA) loads, and with Triton's warp specialization; each checked against flex
-first, its forward+backward timed too: the backward is v2's).
+Variants of our kernel: "ours" (the default launch configs, `tma_ws` since session 13, Triton mask -> list
+builder), "ours_v1" (the first GPU-tuned config set and the torch list builder, kept to make regressions visible),
+"ours_kernel_only" (the forward kernel without the list building), and with `--extra_sets v2 tma tma_ws` "ours_v2"
+(the pointer-load forward, the default before session 13) / "ours_tma" / "ours_tma_ws" (the forward through
+tensor-descriptor (TMA) loads, and with Triton's warp specialization; each checked against flex first, its
+forward+backward timed too: the backward is v2's in every set).
 
 ASA overhead rows, each in ms and % of the dense cuDNN forward of the same shape:
 - prober (the fused Triton prober, what runs on CUDA) and prober_torch (the reference path);
@@ -511,7 +512,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=TIME_BUDGET_S, help="stop timing new points after this")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the prober")
-    parser.add_argument("--extra_sets", nargs="*", default=[], choices=["tma", "tma_ws"],
+    parser.add_argument("--extra_sets", nargs="*", default=[], choices=["v2", "tma", "tma_ws"],
                         help="also time our kernel with these launch-configuration sets (rows ours_<set>)")
     args = parser.parse_args()
     global PROFILE_PROBER

@@ -92,7 +92,7 @@ def run_model(name: str, args, device: torch.device) -> list[dict[str, Any]]:
             decode_latent_frames_in_chunks(vae, chunk)
         if compiled:
             torch._dynamo.reset()
-            compile_vae_decoder(vae, family.vae_compile_clean_from)
+            compile_vae_decoder(vae)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:

@@ -90,9 +90,6 @@ class Family:
     vae_float32: bool = False  # the model card runs the VAE in float32 (else in the pipeline's dtype)
     # the VAE can decode several latent frames per decoder call (blade.speed.decode_latent_frames_in_chunks)
     vae_decode_chunks: bool = False
-    # (major, minor) of the first torch whose dynamo compiles the VAE decoder without graph breaks (None: every
-    # supported torch; blade.speed.compile_vae_decoder warns below it)
-    vae_compile_clean_from: tuple[int, int] | None = None
     size_rules_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[int, int, int]] | None = field(
         default=None, repr=False, compare=False
     )
@@ -177,8 +174,6 @@ FAMILIES: dict[str, Family] = {
                           "TinyWorld preset: model assets/tinyworld/pipeline and its video size."),),
         vae_float32=True,
         vae_decode_chunks=True,
-        # torch 2.11's dynamo breaks on the Wan VAE's `cache == "Rep"` test of a tensor (blade.speed)
-        vae_compile_clean_from=(2, 13),
         size_rules_fn=_wan_size_rules,
         vae_scales_fn=_wan_vae_scales,
     ),

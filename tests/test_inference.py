@@ -361,8 +361,36 @@ def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monk
 
     monkeypatch.setitem(sys.modules, "blade.speed", None)  # as if blade/speed.py were absent: its import fails
     assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite", "--compile"]) == 2
-    assert "--compile / --vae_dtype / --channels_last need blade.speed" in capsys.readouterr().err
+    assert "--compile / --compile_vae / --vae_dtype / --channels_last / --vae_decode_chunk need blade.speed" in (
+        capsys.readouterr().err
+    )
     assert _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3)) == [sidecar]  # untouched
+
+
+def test_compile_vae_flag_compiles_the_decoder_and_keeps_the_video(assets, tmp_path, monkeypatch, capsys):
+    """--compile_vae reaches blade.speed (the sidecar says so, the decoder is compiled once) and the video is the
+    stock decode's. The test compiles with aot_eager (same ATen ops, no C++ build on the CPU); the script's own
+    default backend, inductor, is what the GPU timing used (BENCHMARKS.md)."""
+    from blade import speed
+
+    cog_script = _load_script(COG_SCRIPT)
+    compiled = []
+    real_compile = speed.compile_vae_decoder
+
+    def compile_with_aot_eager(vae, **kwargs):
+        compiled.append(type(vae).__name__)
+        return real_compile(vae, backend="aot_eager")
+
+    monkeypatch.setattr(speed, "compile_vae_decoder", compile_with_aot_eager)
+    base = ["--model_path", str(assets["cogvideox"]), "--prompt", "a dog", *COG_SIZE, "--seed", "3"]
+    assert cog_script.main(cog_script.SPEC, [*base, "--output_dir", str(tmp_path / "stock")]) == 0
+    assert compiled == []
+    assert cog_script.main(cog_script.SPEC, [*base, "--output_dir", str(tmp_path / "c"), "--compile_vae"]) == 0
+    assert compiled == ["AutoencoderKLCogVideoX"], capsys.readouterr().err
+    sidecar = json.loads(next((tmp_path / "c").glob("*.json")).read_text())
+    assert sidecar["speed"]["compile_vae"] is True and sidecar["speed"]["compile_transformer"] is False
+    stock = read_mp4(next((tmp_path / "stock").glob("*.mp4"))).astype(np.int16)
+    assert np.abs(read_mp4(next((tmp_path / "c").glob("*.mp4"))).astype(np.int16) - stock).max() <= 2
 
 
 def test_cogvideox_script_refuses_the_wan_vae_decode_chunk(assets, tmp_path, capsys):

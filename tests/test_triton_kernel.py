@@ -187,8 +187,9 @@ def test_triton_list_builder_matches_hand_lists_on_any_strides(view):
 
 def test_config_sets_switch_and_restore():
     mask = torch.rand(1, 2, 3, 4, generator=torch.Generator().manual_seed(9)) < 0.5
-    default = triton_bsa._ACTIVE[0]  # "v2", or the set BLADE_BSA_CONFIG_SET names for the process
-    assert triton_bsa.DEFAULT_CONFIG_SET == "v2" and default == (os.environ.get("BLADE_BSA_CONFIG_SET") or "v2")
+    default = triton_bsa._ACTIVE[0]  # "tma_ws", or the set BLADE_BSA_CONFIG_SET names for the process
+    assert triton_bsa.DEFAULT_CONFIG_SET == "tma_ws"
+    assert default == (os.environ.get("BLADE_BSA_CONFIG_SET") or "tma_ws")
     with triton_bsa.config_set("v1"):
         assert triton_bsa._ACTIVE[0] == "v1"
         v1_lists = triton_bsa.kernel_lists(BlockMask.from_dense(mask.to(DEVICE)), 1, 2)
@@ -203,9 +204,9 @@ def test_config_sets_switch_and_restore():
             pass
 
 
-@pytest.mark.parametrize("value, expected", [("tma_ws", "tma_ws"), ("", "v2"), ("v9", None)])
+@pytest.mark.parametrize("value, expected", [("v2", "v2"), ("", "tma_ws"), ("v9", None)])
 def test_the_process_default_set_comes_from_the_environment(value, expected):
-    """BLADE_BSA_CONFIG_SET picks the default set at import (e.g. the GPU tier with the TMA forward everywhere); an
+    """BLADE_BSA_CONFIG_SET picks the default set at import (e.g. v2's pointer forward everywhere); an
     unknown name stops the import with a message naming the known sets."""
     import subprocess
     import sys

@@ -18,9 +18,10 @@ launch short when heads have very different densities.
 A mask made by the prober already holds its index lists. For one that holds only a dense mask (static masks, the
 backward's transposed mask), `block_lists` builds them with one small Triton kernel (a per-row prefix sum that
 compacts the kept columns): one launch instead of a segmented sort, the same lists as `dense_to_lists`. Launch
-configurations come in named sets: "v2" (the default), "v1" (the first GPU-tuned set with the torch list builder,
-kept so a benchmark can show regressions), "tma" and "tma_ws" (v2 with the forward's loads through tensor
-descriptors, the latter warp-specialized); see `config_set` and `BLADE_BSA_CONFIG_SET`.
+configurations come in named sets: "tma_ws" (the default: v2 with the forward's loads through tensor descriptors and
+the kept-block loop warp-specialized, on Hopper or newer; elsewhere v2's pointer kernel), "tma" (the same without
+warp specialization), "v2" (pointer loads everywhere) and "v1" (the first GPU-tuned set with the torch list builder,
+kept so a benchmark can show regressions); see `config_set` and `BLADE_BSA_CONFIG_SET`.
 
 `torch.compile`: the Triton launches run inside opaque custom operators (``blade::bsa_block_lists``,
 ``blade::bsa_forward`` with its autograd formula, ``blade::bsa_backward``), whose fake implementations give the
@@ -1057,9 +1058,12 @@ _CONFIG_SETS["tma_ws"] = dict(
     _CONFIG_SETS["v2"],
     fwd_tma=[(128, 128, 4, 3, True), (128, 128, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
 )
-# The default set, for a whole process: `BLADE_BSA_CONFIG_SET` (read once, at import) picks another, e.g. the GPU tier
-# with the TMA forward as every call's kernel: `BLADE_BSA_CONFIG_SET=tma_ws pytest -m gpu` (`config_set` for a block).
-DEFAULT_CONFIG_SET = "v2"
+# The default set, for a whole process: `BLADE_BSA_CONFIG_SET` (read once, at import) picks another, e.g.
+# `BLADE_BSA_CONFIG_SET=v2` for the pointer forward everywhere (`config_set` for a block). tma_ws since session 13: its
+# forward was never slower than v2's on an H100 (+1-8% Wan, +6-8% CogVideoX; BENCHMARKS.md "The TMA forward on a GPU")
+# and the whole GPU tier (training, resume, both families' inference, compiled ASA) passed with it as every call's
+# kernel. The backward is v2's in every set; GPUs before Hopper and layouts TMA cannot read take v2's forward.
+DEFAULT_CONFIG_SET = "tma_ws"
 
 
 def _config_set_from_env() -> str:
