@@ -3,8 +3,13 @@
     python benchmarks/plot_speed.py --end_to_end benchmarks/results/end_to_end_v2_h200_2026-11-28.json \\
         --attention benchmarks/results/attention_v3_h200_2026-11-28.json --out_dir benchmarks/results
 
-Writes ``end_to_end_stages.png`` (seconds per stage, stock 50-step CFG / dense 8-step / BLADE, both models; one run,
-so the ratios are comparable) and ``kernel_tflops.png`` (effective TFLOP/s of our block-sparse kernel, and of the
+    python benchmarks/plot_speed.py --end_to_end benchmarks/results/session13_gpu_2026-12-07_h100/e2e_wan_vae.json \
+        benchmarks/results/session13_gpu_2026-12-07_h100/e2e_cog_vae.json \
+        --stages_png end_to_end_stages_h100_2026-12-07.png --out_dir benchmarks/results
+
+Writes ``end_to_end_stages.png`` (or ``--stages_png``: seconds per stage, stock 50-step CFG / dense 8-step / BLADE,
+one panel per model; each panel from one run, so its ratios are comparable; several JSONs of one card, one panel per
+model) and ``kernel_tflops.png`` (effective TFLOP/s of our block-sparse kernel, and of the
 paper's kernel when the JSON has its rows, against the kept fraction of key blocks, forward and forward+backward,
 with cuDNN's dense attention as the line to reach). Either chart alone: pass only its JSON.
 """
@@ -21,6 +26,20 @@ ARMS = (("baseline", "stock, 50 steps CFG"), ("dense", "dense 8-step student"), 
 # Sparse kernels drawn when the JSON has their rows: ours, and the paper's (when benchmarks/build_bsa.sh built it)
 KERNELS = (("ours", "ours", "C0"), ("bsa", "mit-han-lab BSA (paper's kernel)", "C3"))
 SHAPES = {"wan": "Wan2.1-1.3B [1,12,32760,128]", "cog": "CogVideoX-5B [1,48,17776,64]"}
+
+
+def merge_end_to_end(reports: list[dict]) -> dict:
+    """One report from several `end_to_end.py` JSONs of one card: their rows together. Refuses a model present in
+    two of them (its arms would mix runs) and JSONs from different cards."""
+    devices = {r["device"] for r in reports}
+    if len(devices) > 1:
+        raise ValueError(f"the JSONs come from different cards {sorted(devices)}: chart each card on its own")
+    seen: dict[str, int] = {}
+    for i, report in enumerate(reports):
+        for family in {r["family"] for r in report["results"]}:
+            if seen.setdefault(family, i) != i:
+                raise ValueError(f"{family} is in two JSONs: a panel must come from one run")
+    return {"device": devices.pop(), "results": [row for r in reports for row in r["results"]]}
 
 
 def plot_end_to_end(report: dict, out: Path, plt) -> None:
@@ -42,10 +61,11 @@ def plot_end_to_end(report: dict, out: Path, plt) -> None:
                     va="bottom", fontsize=8)
         ax.set_xticks(range(len(arms)), [label for _, label in arms], fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(top=max(bottoms) * 4)  # room for the labels above the tallest bar
         ax.set_ylabel("seconds per video (log)")
         ax.set_title(f"{family} ({report['device']})", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("End to end, per stage (* denoising extrapolated from 5-6 measured steps)", fontsize=9)
+    fig.suptitle("End to end, per stage (* stock denoising scaled to 50 steps from the measured ones)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)
 
@@ -79,7 +99,10 @@ def plot_kernel(report: dict, out: Path, plt) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--end_to_end", help="benchmarks/end_to_end.py --out JSON (end_to_end_stages.png)")
+    parser.add_argument("--end_to_end", nargs="+", help="benchmarks/end_to_end.py --out JSON(s) of one card "
+                        "(end_to_end_stages.png); several: one panel per model, each model from one JSON")
+    parser.add_argument("--stages_png", default="end_to_end_stages.png", help="file name of the stages chart "
+                        "(default: end_to_end_stages.png)")
     parser.add_argument("--attention", help="benchmarks/attention.py JSON (kernel_tflops.png)")
     parser.add_argument("--out_dir", required=True)
     args = parser.parse_args()
@@ -92,8 +115,9 @@ def main() -> None:
         parser.error("nothing to draw: pass --end_to_end JSON and/or --attention JSON")
     out_dir = Path(args.out_dir)
     if args.end_to_end:
-        plot_end_to_end(json.loads(Path(args.end_to_end).read_text()), out_dir / "end_to_end_stages.png", plt)
-        print(f"wrote {out_dir / 'end_to_end_stages.png'}")
+        report = merge_end_to_end([json.loads(Path(path).read_text()) for path in args.end_to_end])
+        plot_end_to_end(report, out_dir / args.stages_png, plt)
+        print(f"wrote {out_dir / args.stages_png}")
     if args.attention:
         plot_kernel(json.loads(Path(args.attention).read_text()), out_dir / "kernel_tflops.png", plt)
         print(f"wrote {out_dir / 'kernel_tflops.png'}")
