@@ -322,6 +322,7 @@ def run_arm(arm: str, family: str, spec: FamilySpec, factory: PipelineFactory, a
             compile_kwargs=compile_kwargs(args),
             compile_scope=args.compile_scope,
             vae_decode_chunk=args.vae_decode_chunk if vae_chunks else None,
+            postprocess_on_device=args.postprocess_on_device,
         )
     offload = None
     if args.offload_idle_expert and len(pipeline_experts(pipe)) > 1:
@@ -504,10 +505,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compile_vae", action="store_true",
-        help="also compile the VAE decoder (experimental and slow: on an H100, 2026-12-06, Wan's decode took 79 s "
-             "instead of 3.2 s, still compiling in the measured run; BENCHMARKS.md)",
+        help="the student arms also compile the VAE decoder (~100 s of compiling in the warm-up; H100, 2026-12-07: "
+             "CogVideoX's decode 2.27 -> 1.11 s, Wan's 0.83 s with --vae_decode_chunk 5 --channels_last; "
+             "BENCHMARKS.md); the baseline keeps the stock decode",
     )
     parser.add_argument("--channels_last", action="store_true", help="channels-last-3D VAE convolutions")
+    parser.add_argument(
+        "--postprocess_on_device", action="store_true",
+        help="the student arms lay the output frames out on the GPU and copy them to the host once (the same "
+        "array; blade.speed.postprocess_video_on_device) instead of diffusers' host-side strided copies; the "
+        "baseline keeps the stock post-processing",
+    )
     parser.add_argument(
         "--vae_decode_chunk", type=int, default=None, metavar="N",
         help="the student arms' Wan VAE decodes N latent frames per decoder call instead of one (same video; "

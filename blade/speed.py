@@ -256,6 +256,33 @@ def cast_latents_on_decode(vae: torch.nn.Module) -> None:
     vae._blade_casts_latents = True
 
 
+def postprocess_video_on_device(pipe) -> bool:
+    """Make the pipeline's ``output_type="np"`` post-processing lay the frames out on the video's device.
+
+    diffusers' `VideoProcessor.postprocess_video` copies the decoded video ``[B, C, F, H, W]`` to the host frame
+    batch by frame batch as a permuted (strided) view, converts it to float32 there and stacks the batches with
+    NumPy: host-side strided copies of the whole video (0.32-0.35 s of an 81x480x832 Wan video on an H100 host,
+    BENCHMARKS.md). Here the same steps run on the video's device (denormalise in the video's dtype, as diffusers
+    does, then float32, then ``[B, F, H, W, C]`` contiguous) and one contiguous copy reaches the host: the same array,
+    value for value. Other output types keep the stock path. Returns False when the pipeline has no video processor.
+    """
+    processor = getattr(pipe, "video_processor", None)
+    if processor is None:
+        return False
+    stock = getattr(processor, "_blade_stock_postprocess_video", None) or processor.postprocess_video
+    processor._blade_stock_postprocess_video = stock
+
+    def postprocess_video(video: torch.Tensor, output_type: str = "np", **kwargs):
+        if output_type != "np" or kwargs:
+            return stock(video, output_type, **kwargs)
+        if processor.config.do_normalize:
+            video = processor.denormalize(video)
+        return video.float().permute(0, 2, 3, 4, 1).contiguous().cpu().numpy()  # [B, F, H, W, C]
+
+    processor.postprocess_video = postprocess_video
+    return True
+
+
 @torch.no_grad()
 def conv3d_channels_last_(module: torch.nn.Module) -> int:
     """Store the weights of every `nn.Conv3d` in `module` channels-last-3D (NDHWC), so cuDNN picks its NDHWC kernels.
@@ -422,6 +449,7 @@ def speed_up_pipeline(
     compile_kwargs: dict[str, Any] | None = None,
     compile_scope: str = "blocks",
     vae_decode_chunk: int | None = None,
+    postprocess_on_device: bool = False,
 ) -> dict[str, Any]:
     """Apply standard speed-ups to a Wan / CogVideoX pipeline in place; returns a dict of what was enabled. The
     transformer speed-ups apply to every denoiser (``transformer_2`` of a two-expert pipeline reports under its name).
@@ -440,6 +468,8 @@ def speed_up_pipeline(
             CUDA graphs, `compile_kwargs={"mode": "reduce-overhead"}`, need; see `compile_transformer_forward`).
         vae_decode_chunk: Wan's VAE decodes this many latent frames per decoder call instead of one (same video;
             see `decode_latent_frames_in_chunks`); None keeps the stock decode.
+        postprocess_on_device: ``output_type="np"`` frames laid out on the GPU and copied once (same array; see
+            `postprocess_video_on_device`).
     """
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
@@ -485,4 +515,5 @@ def speed_up_pipeline(
     if vae is not None and compile_vae:
         compile_vae_decoder(vae, **compile_kwargs)
     report["compile_vae"] = bool(vae is not None and compile_vae)
+    report["postprocess_on_device"] = bool(postprocess_on_device and postprocess_video_on_device(pipe))
     return report

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,33 @@ def test_gpu_compiled_cogvideox_decoder_matches_eager_bf16():
     assert compiled.shape == reference.shape == (1, 3, 49, 128, 128)
     error = (compiled - reference).abs().max().item()
     assert error <= 0.05 * reference.abs().max().item(), error  # bf16 rounding of fused kernels, not a wrong video
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_postprocess_on_device_returns_the_stock_array(family):
+    """`postprocess_video_on_device`: with output_type "np" the pipeline returns the array diffusers' host-side
+    post-processing returns, value for value (a bf16 video denormalised in bf16, as diffusers does, then float32),
+    shape [B, F, H, W, 3]; other output types keep the stock path."""
+    from blade.speed import postprocess_video_on_device
+
+    build = build_tiny_wan_pipeline if family == "wan" else build_tiny_cogvideox_pipeline
+    processor = build(seed=0).video_processor
+    video = torch.randn(2, 3, 5, 8, 12, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 1.3
+    stock_np = processor.postprocess_video(video, output_type="np")
+    stock_pt = processor.postprocess_video(video, output_type="pt")
+    pipe = types.SimpleNamespace(video_processor=processor)
+    assert postprocess_video_on_device(pipe) and postprocess_video_on_device(pipe)  # twice: still one stock path
+    def host_path(*args, **kwargs):
+        raise AssertionError("the np output went through diffusers' per-batch host post-processing")
+
+    processor.postprocess = host_path  # the stock np path calls it per batch; the device path must not
+    fast = processor.postprocess_video(video, output_type="np")
+    del processor.postprocess
+    assert fast.dtype == stock_np.dtype == np.float32 and fast.shape == stock_np.shape == (2, 5, 8, 12, 3)
+    np.testing.assert_array_equal(fast, stock_np)
+    assert fast.min() >= 0 and fast.max() <= 1 and (fast == 1).any()  # the clamp was exercised
+    assert torch.equal(processor.postprocess_video(video, output_type="pt"), stock_pt)
+    assert not postprocess_video_on_device(types.SimpleNamespace())
 
 
 @pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
@@ -328,9 +356,10 @@ def test_fused_qkv_keeps_the_wan_output():
 def test_end_to_end_benchmark_tiny_smoke(tmp_path):
     module = _benchmark_module()
     out = tmp_path / "e2e.json"
-    report = module.main(["--family", "wan", "--tiny", "--no_compile", "--out", str(out)])
+    report = module.main(["--family", "wan", "--tiny", "--no_compile", "--postprocess_on_device", "--out", str(out)])
     results = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"baseline", "blade", "dense"}
+    assert results["blade"]["speed_up"]["postprocess_on_device"] is True and "speed_up" not in results["baseline"]
     for arm, r in results.items():
         assert "error" not in r, (arm, r.get("error"))
         stages = r["stages"]
