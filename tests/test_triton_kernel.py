@@ -91,8 +91,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("config", ["tma_ws", "v2"])  # the default (TMA forward) and the pointer forward
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_gradients_match_float64_reference(name):
+def test_forward_and_gradients_match_float64_reference(name, config, monkeypatch):
+    calls = []
+    original = triton_bsa._forward_tma
+    monkeypatch.setattr(triton_bsa, "_forward_tma", lambda *a: calls.append(1) or original(*a))
     q, k, v, mask, globals_ = _random_case(*CASES[name])
     block_size = CASES[name][5]
     if name == "ragged_perhead":
@@ -101,7 +105,9 @@ def test_forward_and_gradients_match_float64_reference(name):
     for t in leaves:
         t.requires_grad_(True)
 
-    out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    with triton_bsa.config_set(config):
+        out = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    assert bool(calls) == (config == "tma_ws")  # the set's own forward ran (tensors aligned: no fallback)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     ref_globals = dict(globals_)
     if "global_k" in globals_:
@@ -312,7 +318,10 @@ def test_tma_forward_matches_float64_reference_and_the_pointer_kernel(name, layo
     assert calls and "tma" not in triton_bsa._TMA_FAILED  # the descriptor kernel ran, no fallback
     ref = dense_reference(q, k, v, mask, block_size, **globals_)
     _assert_close(out, ref, _tolerance(q.dtype), "out")
-    pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    tma_calls = len(calls)
+    with triton_bsa.config_set("v2"):  # the pointer kernel (the default set reads through descriptors too)
+        pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, block_size=block_size, **globals_)
+    assert len(calls) == tma_calls
     torch.testing.assert_close(out, pointer, rtol=0, atol=1e-6)
 
 
@@ -351,7 +360,8 @@ def test_gpu_tma_forward_full_size_bf16(shape, config):
     q_blocks = [0, 7, n // 2, n - 1]
     rows, ref = _sampled_rows_reference(q, k, v, mask, 128, q_blocks, gk, gv, bias)
     _assert_close(out[:, :, rows], ref, 2e-2, "out")
-    pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
+    with triton_bsa.config_set("v2"):  # the pointer kernel (the default set reads through descriptors too)
+        pointer = triton_bsa.triton_block_sparse_attention(q, k, v, mask, global_k=gk, global_v=gv, global_bias=bias)
     _assert_close(out, pointer.double(), 1e-2, "tma vs pointer kernel")
 
 
