@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         code = evaluation.main(rest)
     finally:
         evaluation.configure_attention = configure
-    out = argparse.ArgumentParser(add_help=False)
-    out.add_argument("--out")
-    path = out.parse_known_args(rest)[0].out
+    path = evaluation.build_parser().parse_known_args(rest)[0].out  # where the evaluation wrote its report
     if code == 0 and path:  # the report says how its videos were sampled
         report = json.loads(Path(path).read_text())
         report["settings"]["early_context"] = {"early_steps": args.early_steps, "max_keep": args.early_max_keep,

@@ -68,9 +68,10 @@ def test_cogvideox_decode_needs_and_gets_the_latent_cast():
         _video(pipe, num_inference_steps=1)
 
 
-def _assert_compiled_decoder_makes_three_graphs(vae: torch.nn.Module, z: torch.Tensor) -> None:
-    """Compile `vae`'s decoder (eager backend) and decode `z` twice: exactly three graphs, no graph break, and both
-    decodes equal to the uncompiled decode."""
+def _decode_eager_then_compiled(vae: torch.nn.Module, z: torch.Tensor, **compile_kwargs):
+    """Decode `z` eagerly, then compile `vae`'s decoder (`compile_vae_decoder`) and decode it twice, asserting the
+    compiled decoder made exactly three graphs and no graph break. Returns (eager, first compiled, second compiled,
+    Wan temporal upsamplers made traceable)."""
     from torch._dynamo.utils import counters
 
     from blade.speed import compile_vae_decoder
@@ -80,12 +81,19 @@ def _assert_compiled_decoder_makes_three_graphs(vae: torch.nn.Module, z: torch.T
     torch._dynamo.reset()
     counters.clear()
     try:
-        compile_vae_decoder(vae, backend="eager")
+        patched = compile_vae_decoder(vae, **compile_kwargs)
         with torch.no_grad():
             first, second = vae.decode(z).sample, vae.decode(z).sample
         assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+    return reference, first, second, patched
+
+
+def _assert_compiled_decoder_makes_three_graphs(vae: torch.nn.Module, z: torch.Tensor) -> None:
+    """Compile `vae`'s decoder (eager backend) and decode `z` twice: exactly three graphs, no graph break, and both
+    decodes equal to the uncompiled decode."""
+    reference, first, second, _ = _decode_eager_then_compiled(vae, z, backend="eager")
     torch.testing.assert_close(first, reference, rtol=0, atol=0)
     torch.testing.assert_close(second, reference, rtol=0, atol=0)
 
@@ -133,9 +141,8 @@ def test_gpu_compiled_decoder_matches_eager_bf16(family):
     as the end-to-end settings), and the decode stays within bf16 rounding of the eager one (full-size timings in
     BENCHMARKS.md)."""
     from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
-    from torch._dynamo.utils import counters
 
-    from blade.speed import compile_vae_decoder, conv3d_channels_last_, decode_latent_frames_in_chunks
+    from blade.speed import conv3d_channels_last_, decode_latent_frames_in_chunks
 
     torch.manual_seed(0)
     if family == "wan":
@@ -152,18 +159,9 @@ def test_gpu_compiled_decoder_matches_eager_bf16(family):
         conv3d_channels_last_(vae)
     z = torch.randn(1, z_channels, frames, 16, 16, generator=torch.Generator().manual_seed(0))
     z = z.to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        reference = vae.decode(z).sample.float()
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        assert compile_vae_decoder(vae) == (2 if family == "wan" else 0)  # Wan's temporal upsamplers patched
-        with torch.no_grad():
-            vae.decode(z)
-            compiled = vae.decode(z).sample.float()
-        assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
-    finally:
-        torch._dynamo.reset()
+    reference, _, compiled, patched = _decode_eager_then_compiled(vae, z)  # inductor: compile_vae_decoder's default
+    assert patched == (2 if family == "wan" else 0)  # Wan's temporal upsamplers made traceable
+    reference, compiled = reference.float(), compiled.float()
     assert compiled.shape == reference.shape == (1, 3, 1 + 4 * (frames - 1), 128, 128)
     error = (compiled - reference).abs().max().item()
     assert error <= 0.05 * reference.abs().max().item(), error  # bf16 rounding of fused kernels, not a wrong video
