@@ -8,8 +8,8 @@
 #
 # Arguments: `teacher`, or NAME=LORA_FOLDER[,FLAG=VALUE...]: extra `blade.tinyworld.evaluate` flags after commas, e.g.
 # `bundled_pool10=assets/tinyworld/blade_lora,--pool_size=10` (the student with three times ASA's global tokens).
-# An arm with an `--early_...` flag runs through benchmarks/tinyworld_early_context.py (its first steps with more
-# global context), e.g. `early1=assets/tinyworld/blade_lora,--early_steps=1,--max_keep=0.15`.
+# e.g. `early1=assets/tinyworld/blade_lora,--early_context_steps=1,--max_keep=0.15` (its first step with more global
+# context: `EarlyContext`).
 # Wheels in .whl/ (diffusers, imageio) are installed first when present.
 set -uo pipefail
 source benchmarks/carried_wheels.sh
@@ -17,19 +17,15 @@ install_carried_wheels || exit 1
 PROMPTS=${PROMPTS:?PROMPTS}; SEEDS=${SEEDS:-2000 2001}; OUT=${OUT:?OUT}; DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 for arm in "$@"; do
-  runner=(python -m blade.tinyworld.evaluate)
   if [ "$arm" = teacher ]; then
     name=teacher; flags=(--steps 50 --guidance 5.0 --attention dense)
   else
     name=${arm%%=*}; rest=${arm#*=}
     IFS=, read -r -a parts <<< "$rest"
     flags=(--lora "${parts[0]}" "${parts[@]:1}")
-    for part in "${parts[@]:1}"; do
-      case $part in --early_*) runner=(python benchmarks/tinyworld_early_context.py) ;; esac
-    done
   fi
   # shellcheck disable=SC2086
-  "${runner[@]}" --prompts "$PROMPTS" --seeds $SEEDS --device "$DEVICE" "${flags[@]}" \
+  python -m blade.tinyworld.evaluate --prompts "$PROMPTS" --seeds $SEEDS --device "$DEVICE" "${flags[@]}" \
     --out "$OUT/heldout_$name.json" > "$OUT/heldout_$name.log" 2>&1
   echo "$name: rc=$? $(tail -1 "$OUT/heldout_$name.log")"
 done

@@ -59,7 +59,7 @@ def asa_handle(pipe):
     return getattr(pipe, _HANDLE_ATTR, None)
 
 
-def enable_asa(pipe, config: Any = None, dense_steps: int = 0):
+def enable_asa(pipe, config: Any = None, dense_steps: int = 0, early_context: Any = None):
     """Patch every transformer of the pipeline with adaptive block-sparse attention (ASA) in every self-attention.
 
     Args:
@@ -69,6 +69,8 @@ def enable_asa(pipe, config: Any = None, dense_steps: int = 0):
             published model (`blade.families.MODELS`, pool window scaled with its default video's token count),
             else the family's.
         dense_steps: the first `dense_steps` sampling steps run dense attention (counted over the whole pipeline).
+        early_context: an `EarlyContext` (or a dict of its fields): its first `steps` sampling steps run ASA with
+            its `max_keep` / `pool_size` over `config` (more global context where the video is laid out); None: off.
 
     Returns:
         The `ASAHandle` (`.stats()`, `.reset()`, `.enabled`, `.remove()`), or for two experts a `PipelineASAHandle`
@@ -81,6 +83,8 @@ def enable_asa(pipe, config: Any = None, dense_steps: int = 0):
     for _, transformer in pipeline_experts(pipe):
         family_of_transformer(transformer)  # a clear TypeError for an unsupported transformer
     handle = apply_asa_pipeline(pipe, config, dense_steps=dense_steps)
+    if early_context is not None:
+        handle.early_context = early_context
     setattr(pipe, _HANDLE_ATTR, handle)
     return handle
 
@@ -153,7 +157,8 @@ def load_blade_lora(pipe, path: str | os.PathLike, *, fuse: bool = True, asa: bo
 
     pipe.scheduler = BladeStudentScheduler.from_blade_config(config)
     if asa and config.asa:
-        enable_asa(pipe, config.asa_config(), dense_steps=config.dense_steps)
+        early = config.early_context_config()
+        enable_asa(pipe, config.asa_config(), dense_steps=config.dense_steps, early_context=early)
     return config
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from blade.attention.asa import ASAConfig
+from blade.attention.asa import ASAConfig, EarlyContext
 from blade.config import BladeConfig
 from blade.families import ModelSpec, folder_experts, get_family, pipeline_experts, video_defaults
 from blade.pipelines.hints import (
@@ -192,6 +192,26 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "tokens and a lower paper sparsity) in place of the config's (default: the config's)",
     )
     p.add_argument(
+        "--early_context_steps",
+        type=int,
+        default=None,
+        help="with ASA, the first N sampling steps run with more global context (--early_max_keep, "
+        "--early_pool_size over the config), where the video is laid out; 0 turns it off (default: the LoRA's "
+        "early_context, else 0; BENCHMARKS.md, 'more global context at the first step')",
+    )
+    p.add_argument(
+        "--early_max_keep",
+        type=float,
+        default=None,
+        help="the prober's largest kept fraction at the early steps (default: the LoRA's early_context, else 0.25)",
+    )
+    p.add_argument(
+        "--early_pool_size",
+        type=int,
+        default=None,
+        help="the global-token pool window at the early steps (default: the LoRA's early_context, else 5)",
+    )
+    p.add_argument(
         "--gpu", type=int, default=0, help="CUDA device index; -1 (or no CUDA available) runs on the CPU (default: 0)"
     )
     p.add_argument(
@@ -316,6 +336,7 @@ class Job:
     dense_steps: int
     mask_reuse_steps: int  # sampling steps one ASA prober mask serves (1: fresh every step)
     asa_overrides: dict[str, Any]  # ASAConfig fields replaced at sampling (--asa_max_keep, --asa_pool_size)
+    early_context: EarlyContext | None  # more global context at the first steps (--early_context_steps ...)
     lora_file: Path | None
     blade_config: BladeConfig | None
     pipeline_kwargs: dict[str, Any]
@@ -527,6 +548,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         raise CLIError("--mask_reuse_steps reuses the ASA prober's masks; this run's attention is dense "
                        "(pass --attention asa, or drop --mask_reuse_steps)")
     asa_overrides = _asa_overrides(args, attention)
+    early_context = _early_context(args, cfg, attention)
     if args.vae_decode_chunk is not None:
         if not get_family(spec.family).vae_decode_chunks:
             raise CLIError(f"--vae_decode_chunk is for Wan's causal VAE; the {spec.family} VAE decodes its own way "
@@ -576,6 +598,7 @@ def prepare_job(spec: ScriptSpec, args: argparse.Namespace) -> Job:
         dense_steps=dense_steps,
         mask_reuse_steps=args.mask_reuse_steps,
         asa_overrides=asa_overrides,
+        early_context=early_context,
         lora_file=lora_file,
         blade_config=blade_config,
         pipeline_kwargs=pipeline_kwargs,
@@ -600,6 +623,22 @@ def _asa_overrides(args: argparse.Namespace, attention: str) -> dict[str, Any]:
     except ValueError as err:
         raise CLIError(f"--asa_max_keep / --asa_pool_size: {err}") from None
     return overrides
+
+
+def _early_context(args: argparse.Namespace, cfg: BladeConfig, attention: str) -> EarlyContext | None:
+    """The early steps' context: the LoRA's ``early_context`` with the --early_... flags over it
+    (``EarlyContext.resolve``), checked before any weights load."""
+    flags = {"steps": args.early_context_steps, "max_keep": args.early_max_keep, "pool_size": args.early_pool_size}
+    names = "--early_context_steps / --early_max_keep / --early_pool_size"
+    if all(value is None for value in flags.values()):
+        return cfg.early_context_config() if attention == "asa" else None
+    if attention != "asa":
+        raise CLIError(f"{names} change ASA's settings at the first steps; this run's attention is {attention} "
+                       "(pass --attention asa, or drop them)")
+    try:
+        return EarlyContext.resolve(cfg.early_context_config(), **flags)
+    except ValueError as err:
+        raise CLIError(f"{names}: {err}") from None
 
 
 def _check_context_parallel(family: str, model_path: Path, num_frames: int, height: int, width: int) -> tuple[int, int]:
@@ -656,7 +695,7 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
 
             base = config or default_pipeline_asa_config(pipe) or get_family(job.family).adapter().default_asa_config()
             config = base.with_sampling_overrides(**job.asa_overrides)
-        handle = enable_asa(pipe, config, dense_steps=job.dense_steps)
+        handle = enable_asa(pipe, config, dense_steps=job.dense_steps, early_context=job.early_context)
         handle.mask_reuse_steps = job.mask_reuse_steps
     if job.offload_idle_expert:  # after the LoRA is fused: the host copies are taken once
         from blade.offload import offload_idle_experts
@@ -808,6 +847,7 @@ def _run(job: Job, args: argparse.Namespace) -> None:
             "dense_steps": job.dense_steps if job.attention == "asa" else None,
             "mask_reuse_steps": job.mask_reuse_steps if job.attention == "asa" else None,
             "asa_overrides": job.asa_overrides or None,  # --asa_max_keep / --asa_pool_size over blade_config's
+            "early_context": job.early_context.to_dict() if job.early_context else None,
             "sparsity": info["sparsity"],
             "asa_stats": info["asa_stats"],
             "timings": info["timings"],

@@ -42,7 +42,7 @@ def _is_number(value: Any) -> bool:
 
 LORA_TARGET_PRESETS = ("attn", "attn_ffn", "all")  # blade.distill.lora's presets (no import: config stays light)
 # fields newer than the files already in use: written only when set
-_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2", "cfg_boundary", "boundary_ratio")
+_WRITTEN_WHEN_SET = ("lora_targets", "cfg_2", "cfg_boundary", "boundary_ratio", "early_context")
 
 
 @dataclass(eq=True)
@@ -58,13 +58,16 @@ class BladeConfig(Mapping):
         shift: flow-matching sigma shift (Wan); None = 1.0.
         asa: the ``ASAConfig`` fields as a dict, or None for a dense student.
         dense_steps: leading student steps run with dense attention.
+        early_context: the ``EarlyContext`` fields as a dict (``{"steps": 1, "max_keep": 0.25, "pool_size": 5}``):
+            the first sampling steps run ASA with more global context; None = every sparse step runs ``asa``.
         lora_rank, lora_alpha, cfg, num_frames, height, width, fps: what the student was trained at.
         lora_targets: the trainer's ``--lora_targets`` preset (``"attn"``, ``"attn_ffn"``, ``"all"``); the LoRA file's
             keys say the same, this names the choice. cfg_2: the teacher's low-noise-expert guidance (two experts),
             or with ``cfg_boundary`` (one transformer) its guidance below that model timestep (a guidance interval).
             boundary_ratio: a two-expert student's routing (WanPipeline's ``boundary_ratio``: anchors at
             ``t >= boundary_ratio * 1000`` go to ``transformer``), which the pipeline it is loaded into must share.
-            These four are written only when set, so files from before them round-trip unchanged.
+            These four and ``early_context`` are written only when set, so files from before them round-trip
+            unchanged.
         extra: keys this type does not know (kept, and written back by ``save``), e.g. the DDPM ``beta_*`` keys.
     """
 
@@ -87,6 +90,7 @@ class BladeConfig(Mapping):
     cfg_2: float | None = None
     cfg_boundary: float | None = None
     boundary_ratio: float | None = None
+    early_context: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,18 @@ class BladeConfig(Mapping):
                     ASAConfig.from_dict(dict(self.asa))
                 except (TypeError, ValueError) as err:
                     yield f"asa: {err}"
+        if self.early_context is not None:
+            if self.asa is None:
+                yield "early_context needs asa (it changes ASA's settings at the first steps); set asa or drop it"
+            elif not isinstance(self.early_context, Mapping):
+                yield f"early_context must be an object of EarlyContext fields or null, got {self.early_context!r}"
+            else:
+                from blade.attention.asa import ASAConfig, EarlyContext
+
+                try:  # the early steps' config must be valid too (e.g. a max_keep that ASAConfig refuses)
+                    EarlyContext.from_dict(dict(self.early_context)).config_for(ASAConfig.from_dict(dict(self.asa)))
+                except (TypeError, ValueError) as err:
+                    yield f"early_context: {err}"
         if not _is_int(self.dense_steps) or self.dense_steps < 0:
             yield f"dense_steps must be an int >= 0, got {self.dense_steps!r}"
         for name in ("num_frames", "height", "width", "lora_rank"):
@@ -161,6 +177,14 @@ class BladeConfig(Mapping):
 
         return ASAConfig.from_dict(dict(self.asa))
 
+    def early_context_config(self):
+        """The stored ``EarlyContext`` (``blade.attention.EarlyContext``), or None."""
+        if not self.early_context:
+            return None
+        from blade.attention.asa import EarlyContext
+
+        return EarlyContext.from_dict(dict(self.early_context))
+
     # ---------------------------------------------------------------------------------------------- dict / JSON
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BladeConfig:
@@ -183,6 +207,8 @@ class BladeConfig(Mapping):
             out["anchors"] = [int(a) for a in out["anchors"]]
         if out["asa"] is not None:
             out["asa"] = dict(out["asa"])
+        if out.get("early_context") is not None:
+            out["early_context"] = dict(out["early_context"])
         return {**out, **self.extra}
 
     def save(self, folder: str | os.PathLike) -> Path:

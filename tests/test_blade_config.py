@@ -48,6 +48,11 @@ def test_older_and_hand_written_files(tmp_path):
         ({"cfg_2": "three"}, "cfg_2 must be a number"),
         ({"boundary_ratio": 1.5}, "boundary_ratio must be a number in"),
         ({"boundary_ratio": "high"}, "boundary_ratio must be a number in"),
+        ({"early_context": {"steps": 1}}, "early_context needs asa"),
+        ({"asa": {}, "early_context": {"steps": -1}}, "early_context: EarlyContext.steps must be an int >= 0"),
+        ({"asa": {}, "early_context": {"steps": 1, "size": 3}}, "unknown EarlyContext fields"),
+        ({"asa": {"block_size": 16}, "early_context": {"steps": 1, "max_keep": 0}}, "EarlyContext.max_keep must be"),
+        ({"asa": {}, "early_context": [1]}, "early_context must be an object"),
     ],
 )
 def test_invalid_values_are_refused_with_the_key(data, message):
@@ -85,3 +90,32 @@ def test_training_choices_are_written_only_when_set(tmp_path):
     BladeConfig(family="wan").save(tmp_path)
     written = set(json.loads((tmp_path / CONFIG_NAME).read_text()))
     assert not {"lora_targets", "cfg_2", "cfg_boundary", "boundary_ratio"} & written
+
+
+def test_early_context_round_trips_and_is_written_only_when_set(tmp_path):
+    from blade.attention import ASAConfig, EarlyContext
+
+    config = BladeConfig(family="wan", asa={"max_keep": 0.17, "pool_size": 20},
+                         early_context={"steps": 1, "max_keep": 0.25, "pool_size": 5})  # fmt: skip
+    config.save(tmp_path)
+    assert BladeConfig.load(tmp_path) == config
+    early = BladeConfig.load(tmp_path).early_context_config()
+    assert early == EarlyContext(steps=1, max_keep=0.25, pool_size=5)
+    assert early.config_for(config.asa_config()) == ASAConfig(max_keep=0.25, pool_size=5)
+    assert BladeConfig(family="wan").early_context_config() is None
+    BladeConfig(family="wan", asa={}).save(tmp_path)
+    assert "early_context" not in json.loads((tmp_path / CONFIG_NAME).read_text())
+
+
+def test_early_context_resolve_puts_the_given_fields_over_the_stored_ones():
+    from blade.attention import EarlyContext
+
+    stored = EarlyContext(steps=2, max_keep=0.3, pool_size=4)
+    assert EarlyContext.resolve(stored) is stored and EarlyContext.resolve(None) is None
+    assert EarlyContext.resolve(stored, max_keep=0.5) == EarlyContext(steps=2, max_keep=0.5, pool_size=4)
+    assert EarlyContext.resolve(None, steps=1) == EarlyContext(steps=1, max_keep=0.25, pool_size=5)  # the defaults
+    assert EarlyContext.resolve(stored, steps=0) is None
+    with pytest.raises(ValueError, match="number of steps"):
+        EarlyContext.resolve(None, pool_size=3)
+    with pytest.raises(ValueError, match="max_keep"):
+        EarlyContext.resolve(stored, max_keep=2.0)

@@ -308,6 +308,11 @@ def _bad_cases(assets, tmp: Path) -> dict[str, tuple[list[str], str]]:
                                            "set the ASA prober"),
         "asa pool window 0": ([*wan, "--attention", "asa", "--asa_pool_size", "0"], "pool_size must be"),
         "asa clamp above 1": ([*wan, "--attention", "asa", "--asa_max_keep", "1.5"], "max_keep"),
+        "early context with dense attention": ([*wan, "--attention", "dense", "--early_context_steps", "1"],
+                                               "change ASA's settings at the first steps"),
+        "early window without steps": ([*wan, "--attention", "asa", "--early_pool_size", "4"], "number of steps"),
+        "early window 0": ([*wan, "--attention", "asa", "--early_context_steps", "1", "--early_pool_size", "0"],
+                           "pool_size must be"),
         "vae decode chunk 0": ([*wan, "--vae_decode_chunk", "0"], "--vae_decode_chunk must be >= 1"),
         "offload with one expert": ([*wan, "--offload_idle_expert"], "nothing to offload"),
     }
@@ -344,6 +349,34 @@ def test_asa_overrides_set_the_clamp_and_the_global_window_of_the_loras_config(a
     assert n_k >= 2 and n_k == pytest.approx(round(n_k), abs=1e-9)
     assert sidecar["asa_stats"]["sparsity_paper"] == pytest.approx(max(0.0, sidecar["sparsity"] - 0.25))
     assert sidecar["blade_config"]["asa"]["threshold"] == ASA["threshold"]
+
+
+def test_early_context_flags_reach_the_asa_handle_and_the_sidecar(assets, tmp_path, monkeypatch):
+    """--early_context_steps 1 with --early_max_keep / --early_pool_size: the handle `enable_asa` returns carries
+    that context over the LoRA's config (which stays the main one), the sidecar records it; the model-level switch
+    itself is checked in test_models_wan.py."""
+    from blade import api
+    from blade.attention import EarlyContext
+
+    handles = []
+    real_enable = api.enable_asa
+
+    def recording_enable(*args, **kwargs):
+        handles.append(real_enable(*args, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(api, "enable_asa", recording_enable)
+    wan_script = _load_script(WAN_SCRIPT)
+    out_dir = tmp_path / "out"
+    argv = ["--model_path", str(assets["wan"]), "--lora_path", str(assets["wan_lora"]), "--prompt", "a red ball",
+            *WAN_SIZE, "--output_dir", str(out_dir), "--early_context_steps", "1", "--early_max_keep", "0.5",
+            "--early_pool_size", "2"]  # fmt: skip
+    assert wan_script.main(wan_script.SPEC, argv) == 0
+    (handle,) = handles
+    assert handle.early_context == EarlyContext(steps=1, max_keep=0.5, pool_size=2)
+    assert handle.config.threshold == ASA["threshold"] and handle.config.pool_size == ASA.get("pool_size")
+    sidecar = json.loads(next(out_dir.glob("*.json")).read_text())
+    assert sidecar["early_context"] == {"steps": 1, "max_keep": 0.5, "pool_size": 2}
 
 
 def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monkeypatch, capsys):

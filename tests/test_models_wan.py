@@ -214,6 +214,69 @@ def test_mask_reuse_steps_probes_every_nth_step_and_replays_each_layers_mask():
     assert probes[0] == 2 * layers  # training forwards never reuse
 
 
+def test_early_context_runs_its_config_at_the_first_steps_only():
+    """An early context of 2 steps over a 4-step run (CFG: two forwards a step): steps 0-1 give exactly what a model
+    patched with the early config throughout gives, steps 2-3 exactly what the main config gives (same prober seeds,
+    so the same masks); `config` stays the main one, `reset` restores it; None turns it off. With mask reuse every 2
+    steps, the first main step probes afresh (never an early step's mask, probed at other settings): reference, a
+    main-config model reusing from step 2 on."""
+    from blade.attention import EarlyContext
+
+    main, early = sparse_config(seed=0), EarlyContext(steps=2, max_keep=1.0, pool_size=2)
+    early_config = early.config_for(main)
+    assert early_config.max_keep == 1.0 and early_config.pool_size == 2 and early_config.min_keep == main.min_keep
+    base = tiny_wan_transformer()
+    models = {name: copy.deepcopy(base) for name in ("switched", "early", "main")}
+    handles = {"switched": apply_asa(models["switched"], main), "early": apply_asa(models["early"], early_config),
+               "main": apply_asa(models["main"], main)}
+    handles["switched"].early_context = early
+    x, _, cond = inputs(2, 8, 12)
+    uncond = inputs(2, 8, 12, seed=1)[2]
+    times = (999.0, 874.0, 749.0, 624.0)
+
+    def sample(name):
+        with torch.no_grad():
+            return [run(models[name], x, torch.tensor([t]), e) for t in times for e in (cond, uncond)]
+
+    switched, reference_early, reference_main = sample("switched"), sample("early"), sample("main")
+    assert len(switched) == 8
+    for i, out in enumerate(switched):
+        reference = reference_early if i < 4 else reference_main
+        assert torch.equal(out, reference[i]), i
+    assert not torch.equal(reference_early[4], reference_main[4])  # the two configs differ on this input
+    assert handles["switched"].config == main and handles["switched"].early_context == early
+    assert handles["switched"].asa.config == main  # after a main step
+
+    with torch.no_grad():  # a run cut after its first step leaves the early config in place until reset
+        handles["switched"].reset()
+        run(models["switched"], x, torch.tensor([999.0]), cond)
+    assert handles["switched"].asa.config == early_config
+    handles["switched"].reset()
+    assert handles["switched"].asa.config == main
+    handles["switched"].early_context = None
+    handles["switched"].reset()
+    assert all(torch.equal(a, b) for a, b in zip(sample("switched"), reference_main, strict=True))
+
+    # mask reuse every 2 steps after 1 early step: probes at steps 0 (early), 1 (first main: fresh) and 3, never
+    # step 2; step 1 equals the same model without reuse (the prober's draws consumed alike up to there)
+    handles["switched"].early_context = {"steps": 1, "max_keep": 1.0, "pool_size": 2}  # a dict of its fields
+    handles["switched"].reset()  # the prober's generator restarts too
+    without_reuse = sample("switched")
+    handles["switched"].reset()
+    handles["switched"].mask_reuse_steps = 2
+    probes, estimate = [], handles["switched"].asa.estimate_mask
+
+    def counting_estimate(*args, **kwargs):
+        probes.append(handles["switched"].step)
+        return estimate(*args, **kwargs)
+
+    handles["switched"].asa.estimate_mask = counting_estimate
+    with_reuse = sample("switched")
+    layers = len(base.blocks)
+    assert probes == [0] * 2 * layers + [1] * 2 * layers + [3] * 2 * layers
+    assert all(torch.equal(with_reuse[i], without_reuse[i]) for i in range(4))
+
+
 def test_mask_reuse_under_compiled_fullgraph_blocks_equals_eager():
     """The slot counter and the refresh decision live in the opaque op `blade::asa_reused_mask`: blocks compiled with
     fullgraph=True (one graph for all layers, as `speed_up_pipeline` compiles them) run reuse without recompiling per

@@ -125,6 +125,67 @@ def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
+@dataclass(frozen=True)
+class EarlyContext:
+    """More global context at the first sampling steps: ASA's prober clamp ``max_keep`` and global-token window
+    ``pool_size`` replaced (``ASAConfig.with_sampling_overrides``) for the first ``steps`` sampling steps, the rest
+    sampled with the config as it is.
+
+    Why: a student's first steps lay the video out (where each object is); TinyWorld's x0 trajectories show the
+    objects a sparse student draws twice appear there, and more kept blocks and a finer global-token pool at the first
+    step alone remove most of them at little cost in sparsity (BENCHMARKS.md, issue 16). ``steps`` counts sampling
+    steps from the first, as ``dense_steps`` does (a dense step stays dense). None in a field keeps the config's.
+    """
+
+    steps: int
+    max_keep: float | None = 0.25
+    pool_size: int | None = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"EarlyContext.steps must be an int >= 0, got {self.steps!r}")
+        if self.max_keep is not None and (isinstance(self.max_keep, bool) or not isinstance(self.max_keep, (int, float))
+                                          or not 0.0 < self.max_keep <= 1.0):
+            raise ValueError(f"EarlyContext.max_keep must be in (0, 1] or None, got {self.max_keep!r}")
+        if self.pool_size is not None and (isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int)
+                                           or self.pool_size < 1):
+            raise ValueError(f"EarlyContext.pool_size must be an int >= 1 or None, got {self.pool_size!r}")
+
+    @classmethod
+    def resolve(
+        cls, stored: EarlyContext | None, *, steps: int | None = None, max_keep: float | None = None,
+        pool_size: int | None = None,
+    ) -> EarlyContext | None:
+        """What to sample with: ``stored`` (a LoRA's) with the given fields over it, this class's defaults for what
+        neither gives; None when the result has no steps. Setting ``max_keep`` / ``pool_size`` with neither a stored
+        context nor ``steps`` is a ValueError (how many steps is not guessed); so is a value the config refuses."""
+        given = {name: value for name, value in (("steps", steps), ("max_keep", max_keep), ("pool_size", pool_size))
+                 if value is not None}
+        if not given:
+            return stored
+        if stored is None and "steps" not in given:
+            raise ValueError("an early context's max_keep / pool_size without its number of steps: give the steps too "
+                             "(--early_context_steps N)")
+        early = cls.from_dict({**(stored.to_dict() if stored is not None else {}), **given})
+        early.config_for(ASAConfig())  # the config's own range checks, on its defaults
+        return early if early.steps > 0 else None
+
+    def config_for(self, config: ASAConfig) -> ASAConfig:
+        """The config the early steps run: ``config`` with this context's overrides."""
+        return config.with_sampling_overrides(max_keep=self.max_keep, pool_size=self.pool_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EarlyContext:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown EarlyContext fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
 class AdaptiveBlockSparseAttention(nn.Module):
     """ASA (ASA_GT with ``config.pool_size``) over ``[B, H, L, D]`` tensors; parameter-free.
 

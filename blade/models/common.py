@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from blade.attention import AdaptiveBlockSparseAttention, ASAConfig, gilbert_permutation, inverse_permutation
+from blade.attention import (
+    AdaptiveBlockSparseAttention,
+    ASAConfig,
+    EarlyContext,
+    gilbert_permutation,
+    inverse_permutation,
+)
 from blade.models.mask_reuse import MaskReuse
 
 Grid = tuple[int, int, int]
@@ -185,6 +191,11 @@ class ASAState:
     parallel_config: Any = None
     # Prober masks kept across sampling steps (``ASAHandle.mask_reuse_steps``; 1 = a fresh mask every call).
     reuse: MaskReuse | None = None
+    # More global context at the first sampling steps (``ASAHandle.early_context``); ``main_config`` is the config
+    # the other steps run, saved when it was set: the ASA module's config is switched between the two per step.
+    early: EarlyContext | None = None
+    main_config: ASAConfig | None = None
+    early_config: ASAConfig | None = None
     _contexts: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -210,9 +221,25 @@ class ASAState:
             mode = MODE_DENSE
         else:
             mode = MODE_SPARSE
-            self.reuse.begin(step, self.dense_steps)
+            first = self.sparse_steps_from()
+            self.reuse.begin(step, step if step < first else first)  # an early step probes afresh
+            if self.early is not None:
+                self.asa.config = self.early_config if step < self.early.steps else self.main_config
         self.current = self._context(grid, mode, device)
         return self.current
+
+    def sparse_steps_from(self) -> int:
+        """The first step sampled with the main config: after the dense and the early steps. Mask reuse counts its
+        period from here (an early step's mask, probed at other settings, is never reused by a later step)."""
+        return max(self.dense_steps, self.early.steps if self.early is not None else 0)
+
+    def set_early_context(self, early: EarlyContext | None) -> None:
+        """Sample the first ``early.steps`` steps with ``early``'s overrides of the current config (None: off)."""
+        if self.main_config is not None:  # undo a previous setting first: its main config is the real one
+            self.asa.config = self.main_config
+        self.early = early
+        self.main_config = self.asa.config if early is not None else None
+        self.early_config = early.config_for(self.main_config) if early is not None else None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def transformer_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -386,7 +413,18 @@ class ASAHandle:
 
     @property
     def config(self) -> ASAConfig:
-        return self._state.asa.config
+        """The config the sparse steps run (with an early context: the later steps')."""
+        return self._state.main_config or self._state.asa.config
+
+    @property
+    def early_context(self) -> EarlyContext | None:
+        """More global context at the first sampling steps (``EarlyContext``: its ``max_keep`` / ``pool_size`` over
+        ``config`` for its first ``steps`` steps), or None (every sparse step runs ``config``)."""
+        return self._state.early
+
+    @early_context.setter
+    def early_context(self, early: EarlyContext | dict | None) -> None:
+        self._state.set_early_context(EarlyContext.from_dict(early) if isinstance(early, dict) else early)
 
     @property
     def dense_steps(self) -> int:
@@ -438,6 +476,8 @@ class ASAHandle:
     def reset(self) -> None:
         """Start a new sampling run: the step counter restarts (dense steps apply again) and the stats are cleared."""
         self._state.tracker.reset()
+        if self._state.main_config is not None:
+            self._state.asa.config = self._state.main_config
         self._state.asa.reset_stats()
         self._state.reuse.clear()
         self._state.current = None
@@ -450,6 +490,7 @@ class ASAHandle:
             hook.remove()
         for attn, processor in self._originals:
             attn.set_processor(processor)
+        self._state.set_early_context(None)  # the ASA module keeps its main config
         self._state.unwrap_checkpointing(self._transformer)
         if getattr(self._transformer, HANDLE_ATTR, None) is self:
             delattr(self._transformer, HANDLE_ATTR)
@@ -541,6 +582,15 @@ class PipelineASAHandle:
     @property
     def config(self) -> ASAConfig:
         return self._first.config
+
+    @property
+    def early_context(self) -> EarlyContext | None:
+        return self._first.early_context
+
+    @early_context.setter
+    def early_context(self, early: EarlyContext | dict | None) -> None:
+        for h in self.handles.values():  # both experts switch the one shared ASA module
+            h.early_context = early
 
     @property
     def dense_steps(self) -> int:

@@ -37,10 +37,12 @@ import torch
 from tqdm.auto import tqdm
 
 from blade import api
+from blade.attention.asa import EarlyContext
 from blade.attention.static_masks import random_block_mask, window_block_mask
 from blade.config import BladeConfig
 from blade.models.mask_reuse import check_mask_reuse_steps
 from blade.models.wan import default_asa_config
+from blade.pipelines.loading import resolve_lora
 from blade.tinyworld import metrics
 from blade.tinyworld.model import TINYWORLD_DEFAULTS, load_pipeline
 from blade.tinyworld.world import PromptError, Scene, read_prompts, render_prompt
@@ -70,9 +72,27 @@ def sampling_settings(
     return steps, guidance, attention, dense_steps
 
 
+def resolve_early_context(
+    lora: str | None, attention: str | None, steps: int | None, max_keep: float | None, pool_size: int | None
+) -> EarlyContext | None:
+    """The early context to sample with (before anything loads): the LoRA's stored one with the given fields over
+    it (``EarlyContext.resolve``) when the evaluation samples with ASA, else None; the fields without ASA, or values
+    the context refuses, are a ValueError."""
+    stored = resolve_lora(lora)[1] if lora else None
+    attention = sampling_settings(stored, attention=attention)[2]
+    given = {"steps": steps, "max_keep": max_keep, "pool_size": pool_size}
+    if attention != "asa":
+        if any(value is not None for value in given.values()):
+            raise ValueError(f"--early_context_steps / --early_max_keep / --early_pool_size change ASA's first steps; "
+                             f"this evaluation's attention is {attention} (--attention asa)")
+        return None
+    return EarlyContext.resolve(stored.early_context_config() if stored else None, **given)
+
+
 def configure_attention(
     pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None,
     mask_reuse_steps: int = 1, pool_size: int | None = None, max_keep: float | None = None,
+    early_context: EarlyContext | None = None,
 ) -> Any:
     """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense).
 
@@ -80,7 +100,8 @@ def configure_attention(
     ``pool_size`` (ASA only): the global-token pool window in place of the LoRA's (or the default config's), to ask
     at inference alone whether a student wants more or less global context than it was distilled with.
     ``max_keep`` (ASA only): the prober's largest kept fraction of a query block row in place of the config's, to
-    sample a student sparser (or denser) than it was distilled (min_keep is lowered to it if above)."""
+    sample a student sparser (or denser) than it was distilled (min_keep is lowered to it if above).
+    ``early_context`` (ASA only): the first steps' overrides of the resulting config (``EarlyContext``)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
     if mode in ("window", "random") and sparsity is None:
@@ -90,6 +111,8 @@ def configure_attention(
     if max_keep is not None and (mode != "asa" or sparsity is not None):
         raise ValueError(f"--max_keep is the ASA prober's clamp (--attention asa without --sparsity, which pins both "
                          f"clamps), not {mode} with sparsity {sparsity}")
+    if early_context is not None and mode != "asa":
+        raise ValueError(f"an early context changes ASA's first steps (--attention asa), not {mode}")
     if mode == "dense":
         api.disable_asa(pipe)
         return None
@@ -101,7 +124,7 @@ def configure_attention(
     # after the pinning: a pool asked for gives global tokens even with --sparsity (ASAConfig validates both)
     config = config.with_sampling_overrides(max_keep=max_keep, pool_size=pool_size)
     api.disable_asa(pipe)
-    handle = api.enable_asa(pipe, config, dense_steps=dense_steps)
+    handle = api.enable_asa(pipe, config, dense_steps=dense_steps, early_context=early_context)
     if mask_reuse_steps != 1:
         if mode != "asa":
             raise ValueError(f"--mask_reuse_steps applies to the prober's masks (--attention asa), not {mode}")
@@ -172,11 +195,17 @@ def evaluate(
     guidance_boundary: float | None = None,
     pool_size: int | None = None,
     max_keep: float | None = None,
+    early_steps: int | None = None,
+    early_max_keep: float | None = None,
+    early_pool_size: int | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
 
     ``guidance_2`` with ``guidance_boundary`` (the teacher only): a guidance interval, ``guidance`` at model timesteps
     >= the boundary and ``guidance_2`` below (``set_guidance_interval``; the trainer's --cfg_2 / --cfg_boundary).
+
+    ``early_steps`` / ``early_max_keep`` / ``early_pool_size`` (ASA only): the student's first steps with more global
+    context, over the LoRA's own ``early_context`` (``EarlyContext.resolve``; ``early_steps=0`` turns it off).
 
     ``dense_cache``: with ``compare_dense``, a dict that keeps the dense reference videos between calls (keyed by
     model, LoRA, prompt, seed, steps and guidance), so comparing several attention modes renders each reference once.
@@ -188,6 +217,7 @@ def evaluate(
     if max_keep is not None and (attention not in (None, "asa") or not 0.0 < max_keep <= 1.0):
         raise ValueError(f"--max_keep is the ASA prober's largest kept fraction, in (0, 1] with --attention asa; got "
                          f"{max_keep!r} with --attention {attention}")
+    early_context = resolve_early_context(lora, attention, early_steps, early_max_keep, early_pool_size)
     if (guidance_2 is None) != (guidance_boundary is None):
         raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
     if guidance_2 is not None and lora:
@@ -224,7 +254,8 @@ def evaluate(
             if dense_key(prompt, seed) not in dense_frames:
                 dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config,
-                        mask_reuse_steps=mask_reuse_steps, pool_size=pool_size, max_keep=max_keep)
+                        mask_reuse_steps=mask_reuse_steps, pool_size=pool_size, max_keep=max_keep,
+                        early_context=early_context)
 
     videos = []
     for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
@@ -284,6 +315,7 @@ def evaluate(
                 "mask_reuse_steps": mask_reuse_steps,
                 "pool_size_override": pool_size,
                 "max_keep_override": max_keep,
+                "early_context": early_context.to_dict() if early_context else None,
                 "lora": str(lora) if lora else None,
                 "model": str(model) if model else "bundled",
                 "device": device,
@@ -329,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_keep", type=float, default=None,
                         help="with ASA, the prober's largest kept fraction of a query block row (e.g. 0.17, the "
                              "paper's Wan clamp) in place of the LoRA's or the default config's")
+    parser.add_argument("--early_context_steps", type=int, default=None,
+                        help="with ASA, the first N sampling steps run with more global context (--early_max_keep, "
+                             "--early_pool_size over the config); 0 turns it off (default: the LoRA's early_context)")
+    parser.add_argument("--early_max_keep", type=float, default=None,
+                        help="the prober's largest kept fraction at the early steps (default: the LoRA's, else 0.25)")
+    parser.add_argument("--early_pool_size", type=int, default=None,
+                        help="the global-token pool window at the early steps (default: the LoRA's, else 5)")
     parser.add_argument("--lora", default=None, help="BLADE LoRA (.safetensors or its folder with blade_config.json)")
     parser.add_argument("--model", default=None, help="TinyWorld pipeline folder (default: the bundled one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -350,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             sparsity=args.sparsity, lora=args.lora, model=args.model, device=args.device,
             dense_steps=args.dense_steps, mask_reuse_steps=args.mask_reuse_steps, compare_dense=args.compare_dense,
             save_videos=args.save_videos, guidance_2=args.guidance_2, guidance_boundary=args.guidance_boundary,
-            pool_size=args.pool_size, max_keep=args.max_keep,
+            pool_size=args.pool_size, max_keep=args.max_keep, early_steps=args.early_context_steps,
+            early_max_keep=args.early_max_keep, early_pool_size=args.early_pool_size,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
