@@ -355,13 +355,16 @@ def test_asa_module_matches_reference_backend_fwd_bwd(name):
 # e. Mask reuse through compiled blocks (the speed path: regional inductor compile, fullgraph), realistic tokens
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_mask_reuse_through_compiled_blocks_matches_eager():
+@pytest.mark.parametrize("early_steps", [0, 1])
+def test_mask_reuse_through_compiled_blocks_matches_eager(early_steps):
     """Wan's heads and head dim (12 x 128) over 14,040 video tokens (CPU dry run: 2 x 128 over 768), 2 layers,
     4 sampling steps with mask_reuse_steps = 2: blocks compiled by inductor with fullgraph=True (as
-    speed_up_pipeline compiles them) give the eager reuse run's outputs, and the prober runs for steps 0 and 2 only."""
+    speed_up_pipeline compiles them) give the eager reuse run's outputs, and the prober runs for steps 0 and 2 only.
+    With an early context of 1 step (keep <= 0.25, pool window 5 at step 0; the config switch recompiles), the same,
+    the prober running at steps 0, 1 (the first main step probes afresh) and 3."""
     import copy
 
-    from blade.attention import ASAConfig
+    from blade.attention import ASAConfig, EarlyContext
     from blade.models.wan import apply_asa
     from blade.testing.tiny import tiny_wan_transformer
 
@@ -374,6 +377,7 @@ def test_mask_reuse_through_compiled_blocks_matches_eager():
     probes = []
     for handle in handles:
         handle.mask_reuse_steps = 2
+        handle.early_context = EarlyContext(steps=early_steps) if early_steps else None
         estimate = handle.asa.estimate_mask
         handle.asa.estimate_mask = lambda *a, _e=estimate, **kw: (probes.append(1), _e(*a, **kw))[1]
     for block in model.blocks:
@@ -390,6 +394,7 @@ def test_mask_reuse_through_compiled_blocks_matches_eager():
             torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     seconds = _sync() - start
     layers = len(model.blocks)
-    assert len(probes) == 2 * 2 * layers, len(probes)  # steps 0 and 2, both models
-    _record(test="mask_reuse_compiled", tokens=frames * height * width // 4, seconds=round(seconds, 2),
+    assert len(probes) == (3 if early_steps else 2) * 2 * layers, len(probes)  # steps 0 and 2 (0, 1, 3), both models
+    _record(test="mask_reuse_compiled", early_steps=early_steps, tokens=frames * height * width // 4,
+            seconds=round(seconds, 2),
             sparsity=handles[0].stats()["sparsity"])
