@@ -123,6 +123,29 @@ def test_two_expert_sparse_runs_and_dense_steps_count_over_the_pipeline(a14b):
         disable_asa(a14b)
 
 
+def test_two_expert_early_context_switches_the_shared_config_on_both_experts(a14b):
+    """An early context over all 4 steps (steps 0-1 on `transformer`, 2-3 on `transformer_2`) gives exactly the
+    latents of the early config enabled throughout, so both experts switch; over none, the main config's."""
+    from blade.attention import EarlyContext
+
+    early = EarlyContext(steps=4, max_keep=0.25, pool_size=4)
+    try:
+        enable_asa(a14b, early.config_for(SPARSE))
+        reference_early = _latents(a14b, 64)
+        enable_asa(a14b, SPARSE)
+        reference_main = _latents(a14b, 64)
+        handle = enable_asa(a14b, SPARSE, early_context=early)
+        assert all(h.early_context == early for h in handle.handles.values())
+        assert torch.equal(_latents(a14b, 64), reference_early)
+        assert handle.config == SPARSE
+        handle.early_context = None
+        handle.reset()
+        assert torch.equal(_latents(a14b, 64), reference_main)
+        assert not torch.equal(reference_main, reference_early)
+    finally:
+        disable_asa(a14b)
+
+
 def test_ti2v_pipeline_keep_all_equals_stock_and_removal_restores(ti2v):
     assert ti2v.config.expand_timesteps and ti2v.vae.config.z_dim == 48 and ti2v.vae_scale_factor_spatial == 16
     reference = _latents(ti2v, 128)  # 3 x 8 x 8 latent, 3 x 4 x 4 = 48 tokens (3 blocks of 16)

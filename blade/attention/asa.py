@@ -131,10 +131,12 @@ class EarlyContext:
     ``pool_size`` replaced (``ASAConfig.with_sampling_overrides``) for the first ``steps`` sampling steps, the rest
     sampled with the config as it is.
 
-    Why: a student's first steps lay the video out (where each object is); TinyWorld's x0 trajectories show the
-    objects a sparse student draws twice appear there, and more kept blocks and a finer global-token pool at the first
-    step alone remove most of them at little cost in sparsity (BENCHMARKS.md, issue 16). ``steps`` counts sampling
-    steps from the first, as ``dense_steps`` does (a dense step stays dense). None in a field keeps the config's.
+    Why an option: a student's first steps lay the video out (where each object is), and TinyWorld's x0 trajectories
+    show the objects a sparse student draws twice appear there. Measured on TinyWorld's bundled student (one step at
+    window 5 / keep <= 0.25), it did not reduce them on the GPU's 192 videos (BENCHMARKS.md, "Session 14"), so nothing
+    ships with it on; it is a knob for students and models where the layout steps need more context. ``steps``
+    counts sampling steps from the first, as ``dense_steps`` does (a dense step stays dense). None in a field keeps
+    the config's.
     """
 
     steps: int

@@ -217,11 +217,11 @@ def evaluate(
     if max_keep is not None and (attention not in (None, "asa") or not 0.0 < max_keep <= 1.0):
         raise ValueError(f"--max_keep is the ASA prober's largest kept fraction, in (0, 1] with --attention asa; got "
                          f"{max_keep!r} with --attention {attention}")
-    early_context = resolve_early_context(lora, attention, early_steps, early_max_keep, early_pool_size)
     if (guidance_2 is None) != (guidance_boundary is None):
         raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
     if guidance_2 is not None and lora:
         raise ValueError("a guidance interval is for the teacher: a BLADE student samples without CFG")
+    early_context = resolve_early_context(lora, attention, early_steps, early_max_keep, early_pool_size)
     pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     lora_config = (api.load_blade_lora(pipe, lora, asa=False) or None) if lora else None
