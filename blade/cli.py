@@ -197,7 +197,7 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         default=None,
         help="with ASA, the first N sampling steps run with more global context (--early_max_keep, "
         "--early_pool_size over the config), where the video is laid out; 0 turns it off (default: the LoRA's "
-        "early_context, else 0; BENCHMARKS.md, 'more global context at the first step')",
+        "early_context, else 0; on TinyWorld's bundled student it did not help: BENCHMARKS.md, 'Session 14')",
     )
     p.add_argument(
         "--early_max_keep",
