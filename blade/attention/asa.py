@@ -22,6 +22,15 @@ from .kernels import BACKENDS, block_sparse_attention
 from .prober import GLOBAL_RNG, SeededGenerators, _estimate_block_mask
 
 
+def _from_known_fields(cls: type, data: dict):
+    """``cls(**data)`` for a dataclass, refusing keys that are not its fields with a message naming both."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known fields: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class ASAConfig:
     """Settings of adaptive block-sparse attention (JSON-serialisable; stored in a BLADE LoRA's config)."""
@@ -73,11 +82,7 @@ class ASAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ASAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ASAConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**data)
+        return _from_known_fields(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -181,11 +186,7 @@ class EarlyContext:
 
     @classmethod
     def from_dict(cls, data: dict) -> EarlyContext:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown EarlyContext fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**data)
+        return _from_known_fields(cls, data)
 
 
 class AdaptiveBlockSparseAttention(nn.Module):
