@@ -629,16 +629,10 @@ def _early_context(args: argparse.Namespace, cfg: BladeConfig, attention: str) -
     """The early steps' context: the LoRA's ``early_context`` with the --early_... flags over it
     (``EarlyContext.resolve``), checked before any weights load."""
     flags = {"steps": args.early_context_steps, "max_keep": args.early_max_keep, "pool_size": args.early_pool_size}
-    names = "--early_context_steps / --early_max_keep / --early_pool_size"
-    if all(value is None for value in flags.values()):
-        return cfg.early_context_config() if attention == "asa" else None
-    if attention != "asa":
-        raise CLIError(f"{names} change ASA's settings at the first steps; this run's attention is {attention} "
-                       "(pass --attention asa, or drop them)")
     try:
-        return EarlyContext.resolve(cfg.early_context_config(), **flags)
+        return EarlyContext.resolve(cfg.early_context_config(), attention=attention, **flags)
     except ValueError as err:
-        raise CLIError(f"{names}: {err}") from None
+        raise CLIError(f"--early_context_steps / --early_max_keep / --early_pool_size: {err}") from None
 
 
 def _check_context_parallel(family: str, model_path: Path, num_frames: int, height: int, width: int) -> tuple[int, int]:

@@ -119,3 +119,6 @@ def test_early_context_resolve_puts_the_given_fields_over_the_stored_ones():
         EarlyContext.resolve(None, pool_size=3)
     with pytest.raises(ValueError, match="max_keep"):
         EarlyContext.resolve(stored, max_keep=2.0)
+    assert EarlyContext.resolve(stored, attention="dense") is None  # a stored context needs ASA to apply
+    with pytest.raises(ValueError, match="this run's attention is dense"):
+        EarlyContext.resolve(None, attention="dense", steps=1)

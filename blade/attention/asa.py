@@ -160,14 +160,21 @@ class EarlyContext:
 
     @classmethod
     def resolve(
-        cls, stored: EarlyContext | None, *, steps: int | None = None, max_keep: float | None = None,
-        pool_size: int | None = None,
+        cls, stored: EarlyContext | None, *, attention: str = "asa", steps: int | None = None,
+        max_keep: float | None = None, pool_size: int | None = None,
     ) -> EarlyContext | None:
-        """What to sample with: ``stored`` (a LoRA's) with the given fields over it, this class's defaults for what
-        neither gives; None when the result has no steps. Setting ``max_keep`` / ``pool_size`` with neither a stored
-        context nor ``steps`` is a ValueError (how many steps is not guessed); so is a value the config refuses."""
+        """What a run samples with (the inference scripts' and the evaluation's rule): ``stored`` (a LoRA's) with the
+        given fields over it, this class's defaults for what neither gives; None when the result has no steps, or when
+        the run's ``attention`` is not ``"asa"``. A ValueError: fields given for a run without ASA; ``max_keep`` /
+        ``pool_size`` with neither a stored context nor ``steps`` (how many steps is not guessed); a value the config
+        refuses."""
         given = {name: value for name, value in (("steps", steps), ("max_keep", max_keep), ("pool_size", pool_size))
                  if value is not None}
+        if attention != "asa":
+            if given:
+                raise ValueError(f"the early context's fields change ASA's settings at the first steps; this run's "
+                                 f"attention is {attention} (pass --attention asa, or drop them)")
+            return None
         if not given:
             return stored
         if stored is None and "steps" not in given:

@@ -80,13 +80,8 @@ def resolve_early_context(
     the context refuses, are a ValueError."""
     stored = resolve_lora(lora)[1] if lora else None
     attention = sampling_settings(stored, attention=attention)[2]
-    given = {"steps": steps, "max_keep": max_keep, "pool_size": pool_size}
-    if attention != "asa":
-        if any(value is not None for value in given.values()):
-            raise ValueError(f"--early_context_steps / --early_max_keep / --early_pool_size change ASA's first steps; "
-                             f"this evaluation's attention is {attention} (--attention asa)")
-        return None
-    return EarlyContext.resolve(stored.early_context_config() if stored else None, **given)
+    return EarlyContext.resolve(stored.early_context_config() if stored else None, attention=attention, steps=steps,
+                                max_keep=max_keep, pool_size=pool_size)
 
 
 def configure_attention(
