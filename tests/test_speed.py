@@ -194,6 +194,30 @@ def test_postprocess_on_device_returns_the_stock_array(family):
     assert not postprocess_video_on_device(types.SimpleNamespace())
 
 
+@pytest.mark.gpu
+def test_gpu_postprocess_on_device_copies_into_pinned_memory_and_keeps_each_array():
+    """On a GPU the frames reach the host through page-locked memory: the stock array value for value, and a second
+    video while the first array is still held gets its own block (the first array unchanged); once the first is
+    released, its block may serve again (the caching host allocator), still with the new video's values."""
+    from blade.speed import postprocess_video_on_device
+
+    processor = build_tiny_wan_pipeline(seed=0).video_processor
+    videos = [torch.randn(1, 3, 9, 64, 96, generator=torch.Generator().manual_seed(k)).to("cuda", torch.bfloat16)
+              for k in range(3)]  # fmt: skip
+    stock = [processor.postprocess_video(v, output_type="np") for v in videos]
+    postprocess_video_on_device(types.SimpleNamespace(video_processor=processor))
+    first = processor.postprocess_video(videos[0], output_type="np")
+    np.testing.assert_array_equal(first, stock[0])
+    second = processor.postprocess_video(videos[1], output_type="np")
+    np.testing.assert_array_equal(second, stock[1])
+    np.testing.assert_array_equal(first, stock[0])  # not overwritten by the second video
+    assert not np.shares_memory(first, second)
+    del first
+    third = processor.postprocess_video(videos[2], output_type="np")
+    np.testing.assert_array_equal(third, stock[2])
+    np.testing.assert_array_equal(second, stock[1])
+
+
 @pytest.mark.parametrize("layout", ["wan2.1", "wan2.2"])
 def test_traceable_wan_upsamplers_keep_the_video(layout):
     """`make_wan_decoder_traceable` swaps the temporal upsamplers' forward (first-chunk marker tested by type, not
