@@ -267,6 +267,13 @@ def build_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
         "larger kernels; memory grows with N) (default: the stock one-frame-at-a-time decode)",
     )
     p.add_argument(
+        "--postprocess_on_device",
+        action="store_true",
+        help="lay the decoded frames out on the GPU and copy them to the host once, into pinned memory (the same "
+        "frames; 0.32 s -> 0.01 s for an 81x480x832 Wan video on an H100, after the first video; keeps that much "
+        "pinned host memory cached) (default: off, diffusers' post-processing)",
+    )
+    p.add_argument(
         "--output_dir", default="outputs", help="folder for the videos and their JSON sidecars (default: outputs)"
     )
     p.add_argument(
@@ -446,7 +453,14 @@ def _check_blade_config(config: BladeConfig, lora_file: Path) -> None:
 
 def _speed_flags(args: argparse.Namespace) -> bool:
     """Whether any flag served by blade.speed is set."""
-    return bool(args.compile or args.compile_vae or args.vae_dtype or args.channels_last or args.vae_decode_chunk)
+    return bool(
+        args.compile
+        or args.compile_vae
+        or args.vae_dtype
+        or args.channels_last
+        or args.vae_decode_chunk
+        or args.postprocess_on_device
+    )
 
 
 def _check_speed_flags(args: argparse.Namespace) -> None:
@@ -455,7 +469,9 @@ def _check_speed_flags(args: argparse.Namespace) -> None:
     try:
         from blade.speed import speed_up_pipeline  # noqa: F401
     except ImportError as err:
-        flags = "--compile / --compile_vae / --vae_dtype / --channels_last / --vae_decode_chunk"
+        flags = (
+            "--compile / --compile_vae / --vae_dtype / --channels_last / --vae_decode_chunk / --postprocess_on_device"
+        )
         raise CLIError(f"{flags} need blade.speed, which cannot be imported: {err}") from None
 
 
@@ -712,6 +728,7 @@ def build_pipeline(job: Job, args: argparse.Namespace) -> tuple[Any, dict[str, A
         speed_report = speed_up_pipeline(
             pipe, compile_transformer=args.compile, vae_dtype=vae_dtype, compile_vae=args.compile_vae,
             channels_last=args.channels_last, vae_decode_chunk=args.vae_decode_chunk,
+            postprocess_on_device=args.postprocess_on_device,
         )
     return pipe, speed_report
 

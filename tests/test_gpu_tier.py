@@ -262,8 +262,9 @@ def _mp4_writer_problem(folder: Path) -> str | None:
     return None if (folder / "probe.mp4").stat().st_size > 0 else "the probe mp4 is empty"
 
 
+@pytest.mark.parametrize("postprocess_on_device", [False, True], ids=["stock_postprocess", "postprocess_on_device"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_eight_step_inference_script(tier_root, family, tmp_path, monkeypatch):
+def test_eight_step_inference_script(tier_root, family, tmp_path, monkeypatch, postprocess_on_device):
     from blade.cli import main as cli_main
 
     folder, _ = model_folder(tier_root, family)
@@ -284,6 +285,7 @@ def test_eight_step_inference_script(tier_root, family, tmp_path, monkeypatch):
         "--model_path", str(folder), "--lora_path", str(lora_dir), "--prompt", PROMPTS[0],
         "--num_frames", str(frames), "--height", str(height), "--width", str(width), "--output_dir", str(out),
         "--gpu", "0" if ON_GPU else "-1", "--dtype", "bfloat16", "--seed", "1",
+        *(["--postprocess_on_device"] if postprocess_on_device else []),
     ])
     seconds = _sync() - start
     assert code == 0
@@ -291,7 +293,8 @@ def test_eight_step_inference_script(tier_root, family, tmp_path, monkeypatch):
     assert len(sidecars) == 1
     info = json.loads(sidecars[0].read_text())
     _record(test="inference", family=family, seconds=round(seconds, 2), sparsity=info["sparsity"],
-            timings=info["timings"], mp4_writer_problem=problem)
+            timings=info["timings"], mp4_writer_problem=problem, postprocess_on_device=postprocess_on_device)
+    assert bool((info["speed"] or {}).get("postprocess_on_device")) == postprocess_on_device
     assert info["steps"] == 8 and info["transformer_calls"] == 8 and info["attention"] == "asa"
     assert info["scheduler"] == "BladeStudentScheduler"
     assert (info["num_frames"], info["height"], info["width"]) == (frames, height, width)

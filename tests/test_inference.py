@@ -394,7 +394,7 @@ def test_speed_flags_use_blade_speed_or_exit_2_without_it(assets, tmp_path, monk
 
     monkeypatch.setitem(sys.modules, "blade.speed", None)  # as if blade/speed.py were absent: its import fails
     assert wan_script.main(wan_script.SPEC, [*argv, "--overwrite", "--compile"]) == 2
-    assert "--compile / --compile_vae / --vae_dtype / --channels_last / --vae_decode_chunk need blade.speed" in (
+    assert "--channels_last / --vae_decode_chunk / --postprocess_on_device need blade.speed" in (
         capsys.readouterr().err
     )
     assert _check_outputs(out_dir, ["a dog"], (5, 32, 32, 3)) == [sidecar]  # untouched
@@ -424,6 +424,33 @@ def test_compile_vae_flag_compiles_the_decoder_and_keeps_the_video(assets, tmp_p
     assert sidecar["speed"]["compile_vae"] is True and sidecar["speed"]["compile_transformer"] is False
     stock = read_mp4(next((tmp_path / "stock").glob("*.mp4"))).astype(np.int16)
     assert np.abs(read_mp4(next((tmp_path / "c").glob("*.mp4"))).astype(np.int16) - stock).max() <= 2
+
+
+@pytest.mark.parametrize("script_path", [WAN_SCRIPT, COG_SCRIPT], ids=["wan", "cogvideox"])
+def test_postprocess_on_device_writes_the_stock_frames(assets, tmp_path, monkeypatch, script_path):
+    """`--postprocess_on_device` hands the mp4 writer the frames diffusers' own post-processing gives, value for value
+    (same seed, two runs), and the sidecar says it was on."""
+    import blade.video
+
+    script = _load_script(script_path)
+    family = "wan" if script_path == WAN_SCRIPT else "cogvideox"
+    written = []
+    stock_export = blade.video.export_mp4
+
+    def recording_export(frames, path, fps, **kwargs):
+        written.append(np.array(frames, copy=True))
+        return stock_export(frames, path, fps=fps, **kwargs)
+
+    monkeypatch.setattr(blade.video, "export_mp4", recording_export)
+    size = WAN_SIZE if family == "wan" else COG_SIZE
+    argv = ["--model_path", str(assets[family]), "--prompt", "a red ball", *size, "--steps", "2", "--seed", "3"]
+    assert script.main(script.SPEC, [*argv, "--output_dir", str(tmp_path / "stock")]) == 0
+    assert script.main(script.SPEC, [*argv, "--output_dir", str(tmp_path / "dev"), "--postprocess_on_device"]) == 0
+    stock, on_device = written
+    assert stock.dtype == on_device.dtype == np.float32 and stock.shape == (9, *[int(size[3])] * 2, 3)
+    np.testing.assert_array_equal(on_device, stock)
+    sidecar = json.loads(next((tmp_path / "dev").glob("*.json")).read_text())
+    assert sidecar["speed"]["postprocess_on_device"] is True
 
 
 def test_cogvideox_script_refuses_the_wan_vae_decode_chunk(assets, tmp_path, capsys):
