@@ -451,16 +451,13 @@ def _check_blade_config(config: BladeConfig, lora_file: Path) -> None:
         raise LoraError(f"blade_config.json beside {lora_file} is invalid: {err}") from None
 
 
+# The flags served by blade.speed: what `_speed_flags` tests and what the refusal without blade.speed names.
+SPEED_FLAGS = ("compile", "compile_vae", "vae_dtype", "channels_last", "vae_decode_chunk", "postprocess_on_device")
+
+
 def _speed_flags(args: argparse.Namespace) -> bool:
     """Whether any flag served by blade.speed is set."""
-    return bool(
-        args.compile
-        or args.compile_vae
-        or args.vae_dtype
-        or args.channels_last
-        or args.vae_decode_chunk
-        or args.postprocess_on_device
-    )
+    return any(getattr(args, name) for name in SPEED_FLAGS)
 
 
 def _check_speed_flags(args: argparse.Namespace) -> None:
@@ -469,9 +466,7 @@ def _check_speed_flags(args: argparse.Namespace) -> None:
     try:
         from blade.speed import speed_up_pipeline  # noqa: F401
     except ImportError as err:
-        flags = (
-            "--compile / --compile_vae / --vae_dtype / --channels_last / --vae_decode_chunk / --postprocess_on_device"
-        )
+        flags = " / ".join(f"--{name}" for name in SPEED_FLAGS)
         raise CLIError(f"{flags} need blade.speed, which cannot be imported: {err}") from None
 
 

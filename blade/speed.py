@@ -271,8 +271,8 @@ def postprocess_video_on_device(pipe) -> bool:
     0.32 s above on an H100; 0.01 s with this copy, BENCHMARKS.md "Wan2.1-1.3B at 21x"), while PyTorch's caching
     host allocator hands a freed pinned block back to the next call, so a session's later videos copy at full bus
     speed (the first pays the allocation). The array owns its block (it keeps the tensor alive): a block is reused
-    only after the caller has let go of the array. The cost: that much pinned host memory stays
-    cached by the process (``torch.cuda.host_memory_stats()`` shows it).
+    only after the caller has let go of the array. The cost: that much pinned host memory stays cached by the
+    process (``torch.cuda.host_memory_stats()`` shows it).
     """
     processor = getattr(pipe, "video_processor", None)
     if processor is None:

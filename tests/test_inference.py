@@ -447,7 +447,8 @@ def test_postprocess_on_device_writes_the_stock_frames(assets, tmp_path, monkeyp
     assert script.main(script.SPEC, [*argv, "--output_dir", str(tmp_path / "stock")]) == 0
     assert script.main(script.SPEC, [*argv, "--output_dir", str(tmp_path / "dev"), "--postprocess_on_device"]) == 0
     stock, on_device = written
-    assert stock.dtype == on_device.dtype == np.float32 and stock.shape == (9, *[int(size[3])] * 2, 3)
+    num_frames, height, width = (int(size[k]) for k in (1, 3, 5))  # the "--num_frames N --height H --width W" list
+    assert stock.dtype == on_device.dtype == np.float32 and stock.shape == (num_frames, height, width, 3)
     np.testing.assert_array_equal(on_device, stock)
     sidecar = json.loads(next((tmp_path / "dev").glob("*.json")).read_text())
     assert sidecar["speed"]["postprocess_on_device"] is True
