@@ -235,3 +235,23 @@ def test_max_keep_override_clamps_the_prober_and_the_paper_sparsity_subtracts_th
     (tmp_path / "report.json").unlink()
     code, report = _run(tmp_path, tmp_path / "no_such_model", "--attention", "dense", "--max_keep", "0.2")
     assert code == 2 and report is None
+
+
+def test_samples_per_block_override_reaches_the_prober_and_the_report(tmp_path, tiny_tinyworld):
+    """``--samples_per_block`` replaces the prober's sampled tokens per block in the config the handle runs with, is
+    recorded in the report, and is refused with dense attention or a bad value before anything loads."""
+    from blade.tinyworld.evaluate import configure_attention
+
+    pipe = tw.load_pipeline(str(tiny_tinyworld))
+    handle = configure_attention(pipe, "asa", sparsity=None, dense_steps=0, lora_config=None, samples_per_block=4)
+    assert handle.config.samples_per_block == 4
+    with pytest.raises(ValueError, match="samples_per_block"):
+        configure_attention(pipe, "dense", sparsity=None, dense_steps=0, lora_config=None, samples_per_block=4)
+
+    code, report = _run(tmp_path, tiny_tinyworld, "--attention", "asa", "--samples_per_block", "4")
+    assert code == 0 and report["settings"]["samples_per_block_override"] == 4
+    (tmp_path / "report.json").unlink()
+    for args in (("--attention", "dense", "--samples_per_block", "4"),
+                 ("--attention", "asa", "--samples_per_block", "0")):
+        code, report = _run(tmp_path, tmp_path / "no_such_model", *args)  # refused before the (missing) model loads
+        assert code == 2 and report is None

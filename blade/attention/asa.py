@@ -66,11 +66,14 @@ class ASAConfig:
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"ASAConfig.seed must be None or an int, got {self.seed!r}")
 
-    def with_sampling_overrides(self, *, max_keep: float | None = None, pool_size: int | None = None) -> ASAConfig:
-        """This config with the prober's upper clamp and/or the global-token window replaced (None keeps a field),
-        the way a student is sampled at another operating point than it was distilled: a ``max_keep`` below
-        ``min_keep`` lowers ``min_keep`` with it. Validated like any config."""
+    def with_sampling_overrides(self, *, max_keep: float | None = None, pool_size: int | None = None,
+                                samples_per_block: int | None = None) -> ASAConfig:
+        """This config with the prober's upper clamp, the global-token window and/or the prober's sampled tokens per
+        block replaced (None keeps a field), the way a student is sampled at another operating point than it was
+        distilled: a ``max_keep`` below ``min_keep`` lowers ``min_keep`` with it. Validated like any config."""
         changes: dict = {}
+        if samples_per_block is not None:
+            changes["samples_per_block"] = samples_per_block
         if max_keep is not None:
             changes.update(max_keep=max_keep, min_keep=min(self.min_keep, max_keep))
         if pool_size is not None:

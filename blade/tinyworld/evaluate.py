@@ -87,7 +87,7 @@ def resolve_early_context(
 def configure_attention(
     pipe, mode: str, *, sparsity: float | None, dense_steps: int, lora_config: BladeConfig | None,
     mask_reuse_steps: int = 1, pool_size: int | None = None, max_keep: float | None = None,
-    early_context: EarlyContext | None = None,
+    early_context: EarlyContext | None = None, samples_per_block: int | None = None,
 ) -> Any:
     """Set the pipeline's self-attention to ``mode``; returns the ASA handle (None for dense).
 
@@ -96,7 +96,9 @@ def configure_attention(
     at inference alone whether a student wants more or less global context than it was distilled with.
     ``max_keep`` (ASA only): the prober's largest kept fraction of a query block row in place of the config's, to
     sample a student sparser (or denser) than it was distilled (min_keep is lowered to it if above).
-    ``early_context`` (ASA only): the first steps' overrides of the resulting config (``EarlyContext``)."""
+    ``early_context`` (ASA only): the first steps' overrides of the resulting config (``EarlyContext``).
+    ``samples_per_block`` (ASA only): tokens the prober samples per block in place of the config's (16), to ask whether
+    a finer importance estimate selects better blocks (a prober cost about (samples / block size)^2 of dense Q K^T)."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {ATTENTION_MODES}")
     if mode in ("window", "random") and sparsity is None:
@@ -106,6 +108,8 @@ def configure_attention(
     if max_keep is not None and (mode != "asa" or sparsity is not None):
         raise ValueError(f"--max_keep is the ASA prober's clamp (--attention asa without --sparsity, which pins both "
                          f"clamps), not {mode} with sparsity {sparsity}")
+    if samples_per_block is not None and mode != "asa":
+        raise ValueError(f"--samples_per_block sets the ASA prober's sampled tokens (--attention asa), not {mode}")
     if early_context is not None and mode != "asa":
         raise ValueError(f"an early context changes ASA's first steps (--attention asa), not {mode}")
     if mode == "dense":
@@ -117,7 +121,8 @@ def configure_attention(
         keep = 1.0 - sparsity
         config = replace(config, min_keep=keep, max_keep=keep, threshold=1.0, pool_size=None)
     # after the pinning: a pool asked for gives global tokens even with --sparsity (ASAConfig validates both)
-    config = config.with_sampling_overrides(max_keep=max_keep, pool_size=pool_size)
+    config = config.with_sampling_overrides(max_keep=max_keep, pool_size=pool_size,
+                                            samples_per_block=samples_per_block)
     api.disable_asa(pipe)
     handle = api.enable_asa(pipe, config, dense_steps=dense_steps, early_context=early_context)
     if mask_reuse_steps != 1:
@@ -193,6 +198,7 @@ def evaluate(
     early_steps: int | None = None,
     early_max_keep: float | None = None,
     early_pool_size: int | None = None,
+    samples_per_block: int | None = None,
 ) -> dict[str, Any]:
     """Generate every (prompt, seed) video and score it; returns the report (see the module docstring).
 
@@ -212,6 +218,10 @@ def evaluate(
     if max_keep is not None and (attention not in (None, "asa") or not 0.0 < max_keep <= 1.0):
         raise ValueError(f"--max_keep is the ASA prober's largest kept fraction, in (0, 1] with --attention asa; got "
                          f"{max_keep!r} with --attention {attention}")
+    if samples_per_block is not None and (attention not in (None, "asa") or isinstance(samples_per_block, bool)
+                                          or samples_per_block < 1):
+        raise ValueError(f"--samples_per_block is the ASA prober's sampled tokens per block, an int >= 1 with "
+                         f"--attention asa; got {samples_per_block!r} with --attention {attention}")
     if (guidance_2 is None) != (guidance_boundary is None):
         raise ValueError("a guidance interval needs both guidance_2 and guidance_boundary")
     if guidance_2 is not None and lora:
@@ -250,7 +260,7 @@ def evaluate(
                 dense_frames[dense_key(prompt, seed)] = run(prompt, seed)[0]
     configure_attention(pipe, attention, sparsity=sparsity, dense_steps=dense_steps, lora_config=lora_config,
                         mask_reuse_steps=mask_reuse_steps, pool_size=pool_size, max_keep=max_keep,
-                        early_context=early_context)
+                        early_context=early_context, samples_per_block=samples_per_block)
 
     videos = []
     for index, (prompt, scene, seed) in enumerate(tqdm(jobs, desc=f"evaluate ({attention})")):
@@ -310,6 +320,7 @@ def evaluate(
                 "mask_reuse_steps": mask_reuse_steps,
                 "pool_size_override": pool_size,
                 "max_keep_override": max_keep,
+                "samples_per_block_override": samples_per_block,
                 "early_context": early_context.to_dict() if early_context else None,
                 "lora": str(lora) if lora else None,
                 "model": str(model) if model else "bundled",
@@ -356,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_keep", type=float, default=None,
                         help="with ASA, the prober's largest kept fraction of a query block row (e.g. 0.17, the "
                              "paper's Wan clamp) in place of the LoRA's or the default config's")
+    parser.add_argument("--samples_per_block", type=int, default=None,
+                        help="with ASA, tokens the prober samples per block to estimate block importance (default: "
+                             "the LoRA's or the default config's, 16); more cost more (~(samples / block size)^2 of "
+                             "dense Q K^T) and estimate finer")
     parser.add_argument("--early_context_steps", type=int, default=None,
                         help="with ASA, the first N sampling steps run with more global context (--early_max_keep, "
                              "--early_pool_size over the config); 0 turns it off (default: the LoRA's early_context)")
@@ -386,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             save_videos=args.save_videos, guidance_2=args.guidance_2, guidance_boundary=args.guidance_boundary,
             pool_size=args.pool_size, max_keep=args.max_keep, early_steps=args.early_context_steps,
             early_max_keep=args.early_max_keep, early_pool_size=args.early_pool_size,
+            samples_per_block=args.samples_per_block,
         )
     except (PromptError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
