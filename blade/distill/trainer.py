@@ -144,8 +144,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="Largest share of key blocks ASA keeps per query block (default: the family's, 0.17 = "
                    "sparsity >= 0.83); e.g. 0.25 for sparsity >= 0.75. Saved in blade_config.json for inference "
                    "(the inference scripts' --asa_max_keep overrides it). On TinyWorld, training at 0.25 and "
-                   "sampling at 0.17 beat training at 0.17 by 0.030 +- 0.011 adherence (one training seed each; "
-                   "BENCHMARKS.md, 'Session 16'); not measured at full size.")
+                   "sampling at 0.17 beat training at 0.17 by 0.030 +- 0.011 adherence on 192 GPU videos and "
+                   "0.007 +- 0.011 on 176 CPU videos (one training seed each; BENCHMARKS.md, 'Session 16'); not "
+                   "measured at full size.")
     p.add_argument("--asa_block_size", type=int, default=None,
                    help="Tokens per ASA block, a multiple of 16 (default: the family's, 128). Smaller blocks select "
                    "more finely on short videos (TinyWorld's 5,120 tokens are 40 blocks of 128, a full-size Wan video "
