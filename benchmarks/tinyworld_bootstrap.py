@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tinyworld_paired import ADHERENCE_MARGIN, FIDELITY_RATIO, load_videos, paired_keys  # noqa: E402
+from tinyworld_paired import load_videos, paired_keys, target_met  # noqa: E402
 
 Pair = tuple[float, float, float, float]  # (student adherence, teacher adherence, student fidelity, teacher fidelity)
 
@@ -47,8 +47,7 @@ def passes(draw: list[Pair]) -> tuple[bool, bool, float]:
     teacher_adherence = sum(p[1] for p in draw) / n
     fidelity = sum(p[2] for p in draw) / n
     teacher_fidelity = sum(p[3] for p in draw) / n
-    return (adherence >= teacher_adherence - ADHERENCE_MARGIN, fidelity <= FIDELITY_RATIO * teacher_fidelity,
-            fidelity / teacher_fidelity)
+    return (*target_met(adherence, teacher_adherence, fidelity, teacher_fidelity), fidelity / teacher_fidelity)
 
 
 def pass_rates(pairs: list[Pair], n: int, draws: int, rng: random.Random, swap: bool = False,

@@ -24,6 +24,13 @@ ADHERENCE_MARGIN = 0.02  # issue 16: adherence >= teacher - 0.02
 FIDELITY_RATIO = 1.2  # issue 16: fidelity distance <= 1.2 x the teacher's
 
 
+def target_met(adherence: float, teacher_adherence: float, fidelity: float, teacher_fidelity: float
+               ) -> tuple[bool, bool]:
+    """Issue 16's target on means over the same videos: (adherence >= teacher - ADHERENCE_MARGIN, fidelity distance
+    <= FIDELITY_RATIO x the teacher's)."""
+    return adherence >= teacher_adherence - ADHERENCE_MARGIN, fidelity <= FIDELITY_RATIO * teacher_fidelity
+
+
 def load_videos(paths: list[str]) -> dict[tuple[str, int], dict]:
     """(prompt, seed) -> the video's record, over several reports; a (prompt, seed) twice is an error."""
     videos: dict[tuple[str, int], dict] = {}
@@ -81,8 +88,8 @@ def compare(teacher: dict[tuple[str, int], dict], student: dict[tuple[str, int],
     out["fidelity_ratio"] = out["fidelity"] / out["teacher_fidelity"]
     out["adherence_line"] = out["teacher_adherence"] - ADHERENCE_MARGIN
     out["fidelity_line"] = FIDELITY_RATIO * out["teacher_fidelity"]
-    out["adherence_met"] = out["adherence"] >= out["adherence_line"]
-    out["fidelity_met"] = out["fidelity"] <= out["fidelity_line"]
+    out["adherence_met"], out["fidelity_met"] = target_met(out["adherence"], out["teacher_adherence"],
+                                                           out["fidelity"], out["teacher_fidelity"])
     return out
 
 
