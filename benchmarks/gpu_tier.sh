@@ -10,6 +10,7 @@
 #
 #   OUT=out bash benchmarks/gpu_tier.sh                   # all stages (~9-10 min on one H100: split if needed)
 #   OUT=out STAGES="tier launch" bash benchmarks/gpu_tier.sh; OUT=out STAGES=bench bash benchmarks/gpu_tier.sh
+#   TIER_K="not compiled_blocks" OUT=out STAGES=tier bash benchmarks/gpu_tier.sh   # a pytest -k filter on the tier stage
 #
 # Logs: $OUT/<stage>.log, $OUT/summary.txt (rc and seconds per stage), $OUT/train_step.json, $OUT/gpu_tier_facts.jsonl,
 # $OUT/launch_<family>/ (blade_config.json, trainer_state.json, file listing). Every stage runs even when an
@@ -117,7 +118,7 @@ launch_all() {
 
 for s in $STAGES; do
   case $s in
-    tier) stage tier python -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider tests/ ;;
+    tier) stage tier python -m pytest -m gpu -q -rs --durations=15 -p no:cacheprovider ${TIER_K:+-k "$TIER_K"} tests/ ;;
     launch) stage launch launch_all ;;
     bench) stage bench python benchmarks/train_step.py --models wan cogvideox --steps 3 --out "$OUT/train_step.json" ;;
     *) echo "unknown stage $s (tier, launch, bench)"; FAILED=1 ;;
