@@ -32,11 +32,12 @@ encode() {  # encode(prompt file, cache folder): the trainer's prompt cache, onc
     --device "${DEVICE:-cuda}" >> "$OUT/prompts.log" 2>&1
 }
 encode "${PROMPTS:-utils/tinyworld_train_prompts.txt}" "$RUN/prompts"
-# PROMPT_COUNT=N: also a list of N distinct grammar prompts (the held-out evaluation prompts and the fresh-check
-# prompts excluded) in RUN/prompts_N; a plan line selects it with --prompt_dir {RUN}/prompts_N.
+# PROMPT_COUNT=N: also a list of N distinct grammar prompts (Table 1's prompts and every held-out or fresh-check list
+# under benchmarks/results excluded; until 2026-12-08 only the sixth run's fresh list was) in RUN/prompts_N; a plan
+# line selects it with --prompt_dir {RUN}/prompts_N. A fresh check of such a run must exclude RUN/prompts_N.txt.
 if [ -n "${PROMPT_COUNT:-}" ]; then
   [ -f "$RUN/prompts_$PROMPT_COUNT.txt" ] || python3 -m blade.tinyworld.prompts --count "$PROMPT_COUNT" --seed 0 \
-    --exclude assets/tinyworld/eval_prompts.txt benchmarks/results/tinyworld_run6_fresh_prompts_2026-11-28.txt \
+    --exclude assets/tinyworld/eval_prompts.txt benchmarks/results/tinyworld_*prompts*.txt \
     --out "$RUN/prompts_$PROMPT_COUNT.txt" >> "$OUT/prompts.log" 2>&1
   encode "$RUN/prompts_$PROMPT_COUNT.txt" "$RUN/prompts_$PROMPT_COUNT"
 fi
